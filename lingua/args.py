@@ -1,0 +1,176 @@
+"""Configs: nested dataclasses are the schema; dataclass defaults < `config=file.yaml` < `key=value` on the command line.
+
+    cfg = load_config(TrainArgs, ["config=apps/main/configs/debug.yaml", "optim.lr=1e-3"])
+
+Every mistake is one line naming the full dotted key (with the closest valid key), the file and line, or the expected
+type: `unknown key 'optim.lrr' (did you mean 'optim.lr'?)`. `run_cli` turns those into a message and exit code 2.
+"""
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from lingua.errors import ConfigError, LinguaError
+
+T = TypeVar("T")
+
+
+def _unwrap_optional(tp):
+    """Optional[X] -> X; anything else unchanged."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _unwrap_optional(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every valid dotted key of a dataclass schema, for 'did you mean' hints."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, prefix + name + ".")
+    return keys
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_keys(cls, values: dict, prefix: str, root_cls) -> None:
+    """Fail on the first key that the schema does not have, naming it in full with the closest valid key."""
+    types = _field_types(cls)
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in types:
+            close = difflib.get_close_matches(full, _all_keys(root_cls), n=1, cutoff=0.6)
+            close = close or difflib.get_close_matches(str(key), list(types), n=1, cutoff=0.5)
+            if close and "." not in close[0] and prefix:
+                close = [prefix + close[0]]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint}")
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            if isinstance(value, dict):
+                _check_keys(tp, value, full + ".", root_cls)
+            elif value is not None:
+                raise ConfigError(f"invalid value for '{full}': expected a mapping of {tp.__name__} fields, got {type(value).__name__} {value!r}")
+
+
+def _expected_type(cls, dotted: str):
+    tp = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = _field_types(tp).get(part)
+    return tp
+
+
+def _load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}'{where}: invalid YAML ({problem})") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_dotlist(items: list[str]) -> dict:
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"expected key=value on the command line, got '{item}'")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse command line overrides: {str(e).splitlines()[0]}") from None
+
+
+def _merge(cls, layers: list[tuple[str, dict]]) -> DictConfig:
+    cfg = OmegaConf.structured(cls)
+    for origin, layer in layers:
+        _check_keys(cls, layer, "", cls)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            expected = _expected_type(cls, key)
+            value = OmegaConf.select(OmegaConf.create(layer), key, default=None) if key != "?" else None
+            want = f"expected {_type_name(expected)}, " if expected is not None else ""
+            raise ConfigError(
+                f"invalid value for '{key}' in {origin}: {want}got {type(value).__name__} {value!r}"
+            ) from None
+    return cfg
+
+
+def load_config(cls: type[T], argv: list[str] | None = None) -> T:
+    """Build a `cls` instance from defaults, an optional `config=path.yaml` and `key=value` overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_files = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    overrides = [a for a in argv if not a.startswith("config=")]
+    if len(config_files) > 1:
+        raise ConfigError(f"config= given {len(config_files)} times; give one file")
+    layers = []
+    if config_files:
+        layers.append((f"'{config_files[0]}'", _load_yaml(config_files[0])))
+    if overrides:
+        layers.append(("command line", _parse_dotlist(overrides)))
+    cfg = _merge(cls, layers)
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing value for '{e.full_key}'") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config at '{getattr(e, 'full_key', '?')}': {str(e).splitlines()[0]}") from None
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the fully merged config as YAML, atomically; `load_config(cls, [f"config={path}"])` gives it back."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def run_cli(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = None) -> Any:
+    """Entry point wrapper: parse the config, run `main(cfg)`, and turn user mistakes into one line + exit code."""
+    try:
+        cfg = load_config(cls, argv)
+        return main(cfg)
+    except LinguaError as e:
+        rank = os.environ.get("RANK")
+        who = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{who}error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
