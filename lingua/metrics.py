@@ -1,0 +1,373 @@
+"""What a person needs to trust a run: metrics.jsonl, a console line, a progress bar, MFU and memory.
+
+MFU = model FLOPs per second / peak FLOPs per second of the device. The peak comes from a table of common GPUs
+(dense, no sparsity), from a short matmul calibration of the chosen dtype on CPU (and on GPUs missing from the
+table), or from `logging.peak_flops`. On CPU the calibrated figure is what this machine's matmul achieves, so
+MFU there reads "fraction of the best matmul throughput", which is the figure a CPU run can be held to.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import torch
+
+from lingua.errors import require
+
+# Keys every logged train step carries in metrics.jsonl (the train loop fills them).
+TRAIN_KEYS = ("step", "tokens_seen", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb")
+
+
+@dataclass
+class LoggingArgs:
+    freq: int = 10  # log (file and console) every `freq` steps
+    peak_flops: Optional[float] = None  # FLOP/s used for MFU instead of the table / calibration
+    wandb: bool = False  # needs the 'wandb' extra; honours WANDB_MODE=offline
+    tensorboard: bool = False  # needs the 'tensorboard' extra; writes <dump_dir>/tensorboard/
+    progress: bool = True  # progress bar with ETA, only when stdout is a terminal
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics.jsonl (+ optional wandb / tensorboard)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-safe value: tensors and numpy scalars become numbers, nan/inf become null (strict JSON)."""
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricLogger:
+    """Appends one JSON object per call to <dump_dir>/metrics.jsonl (eval: metrics.eval.jsonl), rank 0 only.
+
+    Files are opened in append mode, so a resumed run continues the same files. Usable as a context manager.
+    """
+
+    def __init__(
+        self,
+        dump_dir: str | os.PathLike,
+        args: LoggingArgs,
+        rank: int = 0,
+        run_name: Optional[str] = None,
+        config_dict: Optional[dict] = None,
+    ):
+        self.dump_dir = Path(dump_dir)
+        self.args = args
+        self.rank = rank
+        self.run_name = run_name or self.dump_dir.name
+        self._files: dict[str, TextIO] = {}
+        self._wandb = None
+        self._tb = None
+        if rank != 0:
+            return
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        if args.wandb:
+            self._wandb = self._start_wandb(config_dict)
+        if args.tensorboard:
+            require("tensorboard", "tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.dump_dir / "tensorboard"))
+
+    def _start_wandb(self, config_dict: Optional[dict]):
+        wandb = require("wandb", "wandb")
+        # one wandb run per dump_dir: a resumed training run keeps logging into the same wandb run
+        id_file = self.dump_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "lingua"),
+            name=self.run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.dump_dir),
+            config=config_dict,
+        )
+
+    def _append(self, filename: str, row: dict) -> None:
+        f = self._files.get(filename)
+        if f is None:
+            f = self._files[filename] = open(self.dump_dir / filename, "a")
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+        f.flush()
+
+    def _backends(self, row: dict, prefix: str) -> None:
+        step = row.get("step")
+        scalars = {
+            prefix + k: v
+            for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, global_step=step)
+
+    def log(self, metrics: dict) -> None:
+        """One train row (see TRAIN_KEYS) to metrics.jsonl and the optional backends."""
+        if self.rank != 0:
+            return
+        row = {k: _plain(v) for k, v in metrics.items()}
+        self._append("metrics.jsonl", row)
+        self._backends(row, prefix="")
+
+    def log_eval(self, metrics: dict) -> None:
+        """One evaluation row to metrics.eval.jsonl (backends get the keys under 'eval/')."""
+        if self.rank != 0:
+            return
+        row = {k: _plain(v) for k, v in metrics.items()}
+        self._append("metrics.eval.jsonl", row)
+        self._backends(row, prefix="eval/")
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Console: one readable line per logged step, and a progress bar on terminals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_console_line(metrics: dict) -> str:
+    """e.g. 'step 120 | loss 3.2145 | lr 3.00e-04 | gnorm 0.842 | 12.30k tok/s | MFU 41.2% | 312 ms/step
+    (data 3.1 ms) | mem 1.23 GB'. Keys that are missing or None are left out."""
+    m = {k: _plain(v) for k, v in metrics.items()}
+    m = {k: (float("nan") if v is None and k == "loss" else v) for k, v in m.items()}  # a null loss is a nan
+    parts = []
+    fmt = [
+        ("step", lambda v: f"step {v}"),
+        ("loss", lambda v: f"loss {v:.4f}"),
+        ("lr", lambda v: f"lr {v:.2e}"),
+        ("grad_norm", lambda v: f"gnorm {v:.3f}"),
+        ("tok_per_s", lambda v: f"{_si(v)} tok/s"),
+        ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
+        ("step_ms", lambda v: f"{v:.0f} ms/step"),
+        ("data_ms", lambda v: f"data {v:.1f} ms"),
+        ("mem_gb", lambda v: f"mem {v:.2f} GB"),
+    ]
+    for key, f in fmt:
+        if m.get(key) is not None:
+            parts.append(f(m[key]))
+    return " | ".join(parts)
+
+
+def _hms(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """A one-line progress bar with ETA, redrawn in place; silent unless the stream is a terminal.
+
+    Print other lines through `write()` so they land above the bar instead of through it.
+    """
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream: Optional[TextIO] = None, width: int = 30):
+        self.stream = stream or sys.stdout
+        self.enabled = enabled and self.stream.isatty()
+        self.total, self.start, self.width = max(total, 1), start, width
+        self.t0 = time.perf_counter()
+        self._line = ""
+        self._last_draw = 0.0
+
+    def update(self, step: int, suffix: str = "") -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last_draw < 0.1 and step < self.total:  # at most ~10 redraws a second
+            return
+        self._last_draw = now
+        frac = min(step / self.total, 1.0)
+        done, elapsed = step - self.start, now - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else None
+        filled = int(self.width * frac)
+        bar = "#" * filled + "." * (self.width - filled)
+        self._line = f"[{bar}] {step}/{self.total} {100 * frac:3.0f}% {_hms(elapsed)} ETA {_hms(eta)}"
+        if suffix:
+            self._line += f"  {suffix}"
+        self.stream.write("\r" + self._line + "\x1b[K")
+        self.stream.flush()
+
+    def write(self, text: str) -> None:
+        """Print a full line; on a terminal it goes above the bar, which is redrawn below it."""
+        if not self.enabled:
+            print(text, file=self.stream, flush=True)
+            return
+        self.stream.write("\r\x1b[K" + text + "\n" + self._line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line = ""
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MFU: peak FLOP/s of the device, model FLOPs utilisation, memory
+# ---------------------------------------------------------------------------------------------------------
+
+# (substring of torch.cuda.get_device_name(), label, dense bf16 tensor-core FLOP/s, fp32 FLOP/s without tensor
+# cores). Checked in order, so a name that contains another (A100 / A10, L40S / L40 / L4) comes first.
+GPU_PEAK_FLOPS: list[tuple[str, str, Optional[float], float]] = [
+    ("H100 PCIe", "H100 PCIe", 756e12, 51.2e12),
+    ("H100 NVL", "H100 NVL", 835e12, 60e12),
+    ("H100", "H100 SXM", 989e12, 67e12),
+    ("H200 NVL", "H200 NVL", 835e12, 60e12),
+    ("H200", "H200", 989e12, 67e12),
+    ("A100", "A100", 312e12, 19.5e12),
+    ("A10G", "A10G", 70e12, 35e12),
+    ("A10", "A10", 125e12, 31.2e12),
+    ("L40S", "L40S", 362e12, 91.6e12),
+    ("L40", "L40", 181e12, 90.5e12),
+    ("L4", "L4", 121e12, 30.3e12),
+    ("V100", "V100", None, 15.7e12),  # no native bf16
+    ("RTX 4090", "RTX 4090", 165e12, 82.6e12),
+    ("RTX 3090", "RTX 3090", 71e12, 35.6e12),
+]
+
+
+def gpu_table_peak(name: str, dtype: torch.dtype) -> Optional[tuple[float, str]]:
+    """Peak FLOP/s for a GPU name from the table, or None when the GPU is not in it."""
+    for key, label, bf16, fp32 in GPU_PEAK_FLOPS:
+        if key.lower() in name.lower():
+            if dtype == torch.bfloat16 and bf16 is not None:
+                return bf16, f"table: {label} bf16"
+            note = " (no native bf16)" if dtype == torch.bfloat16 else ""
+            if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+                note = " (TF32 matmuls are on, so MFU can read high)"
+            return fp32, f"table: {label} fp32{note}"
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+@torch.no_grad()
+def calibrate_matmul(
+    dtype: torch.dtype, device: torch.device = torch.device("cpu"), size: Optional[int] = None, time_box_s: float = 1.0
+) -> tuple[float, str]:
+    """Best achieved FLOP/s of repeated square `size`^3 matmuls in `dtype`, measured for about `time_box_s`.
+
+    A 256^3 probe first estimates the speed; if one `size` matmul would take over a quarter of the time box
+    (bf16 emulated on an AVX2 CPU is ~100x slower than fp32), the size is halved until it fits, so the whole
+    calibration stays close to `time_box_s`.
+    """
+    device = torch.device(device)
+    size = size or (4096 if device.type == "cuda" else 1024)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def matrices(n):
+        return torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+
+    start = time.perf_counter()
+    a, b = matrices(256)
+    torch.mm(a, b)  # warms up the thread pool / CUDA context
+    sync()
+    t = time.perf_counter()
+    torch.mm(a, b)
+    sync()
+    probe = time.perf_counter() - t
+    while size > 128 and probe * (size / 256) ** 3 > time_box_s / 4:
+        size //= 2
+    a, b = matrices(size)
+    c = torch.empty(size, size, device=device, dtype=dtype)
+    t = time.perf_counter()
+    torch.mm(a, b, out=c)  # warm-up at the chosen size: kernel selection, caches
+    sync()
+    first = time.perf_counter() - t
+
+    reps = max(1, int(0.02 / max(first, 1e-9)))  # one sample lasts >= ~20 ms, so timer overhead is negligible
+    best, samples = math.inf, 0
+    while samples < 1 or time.perf_counter() - start < time_box_s:
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+        sync()
+        best = min(best, (time.perf_counter() - t) / reps)
+        samples += 1
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return 2 * size**3 / best, f"calibrated: {size}^3 {_dtype_name(dtype)} matmul, best of {samples}{threads}"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: Optional[float] = None) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for MFU: the override, the GPU table, or a calibration."""
+    if override:
+        return float(override), "logging.peak_flops override"
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = gpu_table_peak(name, dtype)
+        if found is not None:
+            return found
+        flops, source = calibrate_matmul(dtype, device)
+        return flops, f"{source} ('{name}' is not in the table)"
+    return calibrate_matmul(dtype, device)
+
+
+def mfu(flops_per_token: float, tok_per_s: float, peak: float) -> float:
+    """Model FLOPs utilisation as a fraction: flops_per_token (forward + backward) * tokens/s / peak FLOP/s."""
+    return flops_per_token * tok_per_s / peak if peak > 0 else 0.0
+
+
+def memory_gb(device: torch.device) -> float:
+    """GiB in use: CUDA's peak allocated memory, or on CPU the process's resident set size (RSS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS: bytes on macOS, kB elsewhere
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20

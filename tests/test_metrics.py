@@ -1,0 +1,157 @@
+import importlib.util
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lingua.errors import LinguaError
+from lingua.metrics import (
+    TRAIN_KEYS,
+    LoggingArgs,
+    MetricLogger,
+    Progress,
+    calibrate_matmul,
+    format_console_line,
+    gpu_table_peak,
+    memory_gb,
+    mfu,
+    peak_flops,
+)
+
+
+def _row(step):
+    return dict(
+        step=step,
+        tokens_seen=step * 1024,
+        loss=torch.tensor(3.5 - 0.01 * step),
+        lr=np.float32(3e-4),
+        grad_norm=0.75,
+        tok_per_s=12345.6,
+        mfu=0.42,
+        step_ms=310.0,
+        data_ms=2.5,
+        mem_gb=1.25,
+    )
+
+
+def test_metrics_jsonl(tmp_path):
+    with MetricLogger(tmp_path / "run", LoggingArgs()) as logger:
+        logger.log(_row(10))
+        logger.log(_row(20))
+        # flushed per line: readable while the run goes on
+        assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+        logger.log_eval({"step": 20, "val/loss": 3.1, "val/bpb": 1.9})
+        logger.log({**_row(30), "loss": float("nan")})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # strict JSON: no NaN tokens
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    for r in rows:
+        assert set(TRAIN_KEYS) <= set(r)
+    assert rows[0]["loss"] == pytest.approx(3.4) and rows[0]["tokens_seen"] == 10240
+    assert rows[0]["lr"] == pytest.approx(3e-4) and rows[1]["mfu"] == 0.42
+    assert rows[2]["loss"] is None  # nan -> null
+    eval_rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.eval.jsonl").read_text().splitlines()]
+    assert eval_rows == [{"step": 20, "val/loss": 3.1, "val/bpb": 1.9}]
+
+    # a resumed run appends to the same file
+    with MetricLogger(tmp_path / "run", LoggingArgs()) as logger:
+        logger.log(_row(40))
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_only_rank0_writes(tmp_path):
+    with MetricLogger(tmp_path / "run", LoggingArgs(), rank=1) as logger:
+        logger.log(_row(10))
+        logger.log_eval({"step": 10})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("backend", ["wandb", "tensorboard"])
+def test_optional_backends(tmp_path, monkeypatch, backend):
+    args = LoggingArgs(**{backend: True})
+    if importlib.util.find_spec(backend) is None:
+        with pytest.raises(LinguaError, match=rf"pip install -e '\.\[{backend}\]'"):
+            MetricLogger(tmp_path, args)
+        return
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with MetricLogger(tmp_path, args, run_name="t", config_dict={"a": 1}) as logger:
+        logger.log(_row(1))
+        logger.log_eval({"step": 1, "val/loss": 2.0})
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert (tmp_path / ("wandb" if backend == "wandb" else "tensorboard")).is_dir()
+
+
+def test_console_line_has_the_numbers():
+    line = format_console_line(_row(120))
+    for text in ("step 120", "loss 2.3000", "lr 3.00e-04", "gnorm 0.750", "12.35k tok/s", "MFU 42.0%", "310 ms/step",
+                 "data 2.5 ms", "mem 1.25 GB"):
+        assert text in line, (text, line)
+    assert "\n" not in line
+    assert format_console_line({"step": 3, "loss": float("nan")}) == "step 3 | loss nan"
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    out = io.StringIO()
+    p = Progress(total=100, stream=out)
+    p.update(50)
+    p.close()
+    assert out.getvalue() == ""
+
+    tty = _Tty()
+    p = Progress(total=100, stream=tty)
+    time.sleep(0.01)
+    p.update(50, suffix="loss 2.1")
+    drawn = tty.getvalue()
+    assert drawn.startswith("\r[" + "#" * 15 + "." * 15 + "] 50/100  50%")
+    assert "ETA 0m00s" in drawn and "loss 2.1" in drawn  # 50 steps in ~10 ms: ~10 ms to go
+    p.write("a console line")
+    assert "\r\x1b[Ka console line\n[" in tty.getvalue()  # the line goes above, then the bar again
+    p.update(100)
+    p.close()
+    assert "100/100 100%" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert Progress(total=10, stream=_Tty(), enabled=False).enabled is False  # logging.progress=false
+
+
+def test_calibration_is_time_boxed_and_positive():
+    t = time.perf_counter()
+    flops, source = calibrate_matmul(torch.float32, time_box_s=0.5)
+    elapsed = time.perf_counter() - t
+    assert elapsed < 0.5 + 1.0, elapsed  # one extra sample at most, plus slack for a shared machine
+    assert 1e8 < flops < 1e14, flops  # between 0.1 GFLOP/s and 100 TFLOP/s on any CPU
+    assert source.startswith("calibrated: 1024^3 fp32 matmul, best of ")
+    assert int(source.split("best of ")[1].split(",")[0]) >= 2
+
+
+def test_peak_flops_sources():
+    assert peak_flops(torch.device("cpu"), torch.float32, override=3e12) == (3e12, "logging.peak_flops override")
+    assert gpu_table_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == (989e12, "table: H100 SXM bf16")
+    assert gpu_table_peak("NVIDIA H100 PCIe", torch.bfloat16) == (756e12, "table: H100 PCIe bf16")
+    assert gpu_table_peak("NVIDIA A100-SXM4-80GB", torch.float32)[0] == 19.5e12  # not the A10
+    assert gpu_table_peak("NVIDIA A10G", torch.bfloat16)[1] == "table: A10G bf16"
+    assert gpu_table_peak("NVIDIA L40S", torch.bfloat16)[1] == "table: L40S bf16"  # not the L4
+    assert gpu_table_peak("NVIDIA L4", torch.bfloat16)[0] == 121e12
+    assert gpu_table_peak("Tesla V100-SXM2-16GB", torch.bfloat16) == (15.7e12, "table: V100 fp32 (no native bf16)")
+    assert gpu_table_peak("NVIDIA GeForce RTX 4090", torch.float32)[0] == 82.6e12
+    assert gpu_table_peak("Some Future GPU", torch.bfloat16) is None
+
+
+def test_mfu():
+    assert mfu(6e9, 1000.0, 12e12) == pytest.approx(0.5)
+    assert mfu(6e9, 1000.0, 0.0) == 0.0
+
+
+def test_memory_gb_is_this_process_rss():
+    before = memory_gb(torch.device("cpu"))
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = memory_gb(torch.device("cpu"))
+    assert 0.01 < before < 64
+    assert after - before == pytest.approx(1 / 16, abs=0.03)
+    del big
