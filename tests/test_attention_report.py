@@ -1,0 +1,122 @@
+"""The attention report tells the truth: the backend it names is the aten op the profiler sees run."""
+
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from lingua.attention_report import _why_not, format_report, main, report_attention
+from lingua.transformer import TransformerArgs, build_model, sdpa_inputs
+
+# what torch's CPU SDPA can dispatch to, by profiler op name (written out here, independently of the module's table)
+CPU_OPS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "FLASH_ATTENTION",
+    "aten::_scaled_dot_product_attention_math": "MATH",
+}
+
+
+def tiny(**kw) -> TransformerArgs:
+    return TransformerArgs(**{**dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seqlen=32), **kw})
+
+
+def ops_that_ran(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key in CPU_OPS}
+
+
+@pytest.mark.parametrize("allowed", [None, [SDPBackend.MATH]], ids=["default", "math-only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mask", ["causal", "block_causal"])
+def test_reported_backend_is_what_runs(mask, dtype, allowed):
+    args = tiny(mask=mask)
+    model = build_model(args).to(dtype)
+    tokens = torch.randint(0, 64, (2, 32))
+    tok_idx = torch.cat([torch.arange(12), torch.arange(20)]).repeat(2, 1)
+    with sdpa_kernel(allowed) if allowed else contextlib.nullcontext():
+        rows = {r["phase"]: r for r in report_attention(args, "cpu", dtype)}
+        train_ops = ops_that_ran(lambda: model(tokens, tokens, tok_idx=tok_idx).backward())
+        with torch.no_grad():
+            prefill_ops = ops_that_ran(lambda: model(tokens))
+            xq, xk, xv = torch.randn(1, 1, 4, 8, dtype=dtype), *torch.randn(2, 1, 32, 2, 8, dtype=dtype)
+            q, k, v, _, _ = sdpa_inputs(xq, xk, xv, None)  # one new token against a 32-entry KV cache
+            decode_ops = ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v))
+
+    assert rows["train"]["mask"] == mask and rows["train"]["q_shape"] == (1, 4, 32, 8)
+    assert rows["decode"]["q_shape"] == (1, 4, 1, 8) and rows["decode"]["kv_shape"] == (1, 4, 32, 8)
+    for phase, ran in (("train", train_ops), ("prefill", prefill_ops), ("decode", decode_ops)):
+        assert ran == {rows[phase]["op"]}, f"{phase}: report says {rows[phase]['op']}, profiler saw {ran}"
+        assert rows[phase]["backend"] == CPU_OPS[rows[phase]["op"]]
+    # on this CPU the fused kernel takes causal and boolean block masks, fp32 and bf16 alike, unless disabled
+    expected = "MATH" if allowed else "FLASH_ATTENTION"
+    assert {r["backend"] for r in rows.values()} == {expected}
+    if allowed:
+        assert rows["train"]["rejected"] == [("FLASH_ATTENTION", rows["train"]["rejected"][0][1])]
+        assert "disabled" in rows["train"]["rejected"][0][1]
+    else:
+        assert all(r["rejected"] == [] for r in rows.values())
+
+
+def test_rejection_reasons_come_from_torch():
+    q = torch.randn(1, 4, 16, 8)
+    v = torch.randn(1, 4, 16, 16)  # value head dim differs from query/key: torch's CPU flash kernel refuses
+    why = _why_not(SDPBackend.FLASH_ATTENTION, q, q, v, None, True)
+    assert "same last dimension" in why and "Triggered internally" not in why
+    assert _why_not(SDPBackend.FLASH_ATTENTION, q, q, q, None, True) == ""
+    assert torch.backends.cuda.flash_sdp_enabled()  # the probe restored the global switches
+
+
+def test_non_sdpa_impls_are_reported_as_such():
+    rows = report_attention(tiny(attn_impl="flex_attention"), "cpu", torch.float32)
+    assert [r["backend"] for r in rows] == ["flex_attention"] * 3
+    assert "training raises" in rows[0]["kernel"]
+
+
+def test_format_report_is_a_table():
+    with sdpa_kernel([SDPBackend.MATH]):
+        rows = report_attention(tiny(), "cpu", "bf16", seq_len=16)
+    text = format_report(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["phase", "dtype", "mask"]
+    assert lines[1].split()[:4] == ["train", "bfloat16", "causal", "(1,4,16,8)"]
+    assert lines[2].strip().startswith("FLASH_ATTENTION rejected: disabled")
+    assert len(lines) == 1 + 3 * 2
+
+
+def test_cli_reads_the_model_section_of_a_train_config(tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("name: x\nsteps: 10\nmodel:\n  dim: 48\n  n_heads: 4\n  n_kv_heads: 2\n  max_seqlen: 64\n")
+    assert main([f"config={cfg}", "model.n_heads=6", "dtype=fp32", "seq_len=16"]) == 0
+    out = capsys.readouterr().out
+    assert "n_heads=6, n_kv_heads=2" in out and "head_dim=8" in out
+    assert "(1,6,16,8)" in out and "bfloat16" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["dimm=64"], "unknown key 'model.dimm' (did you mean 'model.dim'?)"),
+        (["n_heads=x"], "model.n_heads"),
+        (["config=/nonexistent/train.yaml"], "config file not found: /nonexistent/train.yaml"),
+        (["dim=64", "n_heads=3"], "model.n_heads=3 does not divide model.dim=64"),
+        (["n_heads=4", "dtype=int8"], "dtype='int8'"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_module_entry_point():
+    cmd = [sys.executable, "-m", "lingua.attention_report", "dim=64", "n_layers=2", "n_heads=4", "vocab_size=100"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("lingua attention report: torch") and "head_dim=16" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["train", "prefill", "decode"] * 2
