@@ -1,0 +1,280 @@
+"""DCP checkpoints in lingua's layout, atomic, with keep-N retention, resume and consolidation.
+
+    <dump_dir>/checkpoints/0000001000/
+        .metadata, __*.distcp        model + optimizer (torch.distributed.checkpoint, any layout loads into any other)
+        params.json                  the run's config
+        train_state_00000.json       per rank: step, scheduler, data loader state, RNG states
+        COMPLETE                     written last, by rank 0, after every rank finished: no marker, no checkpoint
+
+A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save is never resumed from.
+"""
+
+import base64
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from lingua.errors import LinguaError
+
+logger = logging.getLogger(__name__)
+
+CKPT_NAME = "{:010d}"
+COMPLETE = "COMPLETE"
+CONSOLIDATED = "consolidated.pth"
+
+
+@dataclass
+class SaveEvery:
+    every: int = 1000  # 0 disables
+    keep: int = 0  # keep the N most recent; 0 keeps all
+
+
+@dataclass
+class CheckpointArgs:
+    dump: SaveEvery = field(default_factory=SaveEvery)
+    eval: SaveEvery = field(default_factory=lambda: SaveEvery(every=0))
+    path: Optional[str] = None  # default <dump_dir>/checkpoints
+    init_ckpt_path: Optional[str] = None  # start from these weights (model only): DCP, consolidated or HF dir
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not folder.is_dir():
+        return []
+    steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and is_complete(p)]
+    return sorted(steps, key=lambda p: int(p.name))
+
+
+class CheckpointManager:
+    """Called from the train loop in two places: `load_latest` at start, `maybe_save` after each step."""
+
+    def __init__(self, args: CheckpointArgs, dump_dir: str):
+        self.args = args
+        self.folder = Path(args.path or os.path.join(dump_dir, "checkpoints"))
+
+    def clean_incomplete(self) -> None:
+        """Remove what killed saves left behind (a `.tmp` dir, a step dir without COMPLETE); rank 0 only."""
+        if _rank() != 0 or not self.folder.is_dir():
+            return
+        for p in self.folder.iterdir():
+            if p.is_dir() and (p.name.endswith(".tmp") or (p.name.isdigit() and not is_complete(p))):
+                logger.warning(f"removing incomplete checkpoint {p}")
+                shutil.rmtree(p, ignore_errors=True)
+
+    def latest(self) -> Optional[Path]:
+        done = list_checkpoints(self.folder)
+        return done[-1] if done else None
+
+    def kinds_due(self, step: int, last: bool = False) -> list[str]:
+        kinds = [k for k in ("dump", "eval") if getattr(self.args, k).every and step % getattr(self.args, k).every == 0]
+        if last and "dump" not in kinds:
+            kinds.append("dump")
+        return kinds
+
+    def save(self, step: int, model: nn.Module, optimizer, train_state: dict, config: dict, kinds=("dump",)) -> Path:
+        final = self.folder / CKPT_NAME.format(step)
+        if is_complete(final):
+            return final
+        tmp = self.folder / (CKPT_NAME.format(step) + ".tmp")
+        if _rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # the leftovers of a save that was killed
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        _write_json(tmp / f"train_state_{_rank():05d}.json", train_state)
+        _barrier()  # every rank has written its shards and train state
+        if _rank() == 0:
+            _write_json(tmp / "params.json", config)
+            _write_json(tmp / "kinds.json", list(kinds))
+            (tmp / COMPLETE).write_text(f"{step}\n")
+            if final.exists():
+                shutil.rmtree(final)  # an incomplete dir of the same step (no COMPLETE marker)
+            os.replace(tmp, final)
+            self._clean_up()
+        _barrier()
+        logger.info(f"saved checkpoint {final}")
+        return final
+
+    def _clean_up(self) -> None:
+        """Delete what neither the dump nor the eval retention keeps; only complete checkpoints are counted."""
+        done = list_checkpoints(self.folder)
+        keep = set()
+        for kind in ("dump", "eval"):
+            of_kind = [p for p in done if kind in _read_json(p / "kinds.json", default=["dump"])]
+            n = getattr(self.args, kind).keep
+            keep |= set(of_kind if n <= 0 else of_kind[-n:])
+        for p in done:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, path: Path, model: nn.Module, optimizer) -> list[dict]:
+        """Restore model + optimizer into whatever layout they have now; returns every rank's saved train state."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        _check_dcp_shapes(model_sd, path)
+        state = {"model": model_sd, "optim": optim_sd}
+        _dcp_load(state, path)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        states = [json.loads(p.read_text()) for p in sorted(path.glob("train_state_*.json"))]
+        if not states:
+            raise LinguaError(f"checkpoint '{path}' has no train_state_*.json")
+        return states
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    """dcp.load with a one-line error for a corrupt checkpoint or one from another model."""
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps per-rank failures (a BaseException)
+        msg = str(e)
+        for line in msg.splitlines():
+            if "size mismatch" in line or "Missing key" in line or "missing" in line.lower() or "shape" in line:
+                msg = line.strip()
+                break
+        else:
+            msg = msg.splitlines()[-1].strip() if msg.strip() else type(e).__name__
+        raise LinguaError(f"cannot load checkpoint '{path}': {msg}") from None
+
+
+def load_model_weights(path: str, model: nn.Module) -> None:
+    """Load weights only (no optimizer) from a DCP checkpoint dir or a consolidated dir, into any layout."""
+    p = Path(path)
+    if not p.exists():
+        raise LinguaError(f"checkpoint path '{path}' does not exist")
+    if (p / CONSOLIDATED).is_file():
+        sd = torch.load(p / CONSOLIDATED, map_location="cpu", weights_only=True)["model"]
+        _check_shapes(sd, model, path)
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+        return
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        from lingua.hf import load_hf_weights  # optional extra, lazily
+
+        load_hf_weights(p, model)
+        return
+    if not (p / ".metadata").is_file():
+        raise LinguaError(f"'{path}' is not a checkpoint (no .metadata, {CONSOLIDATED} or Hugging Face config.json)")
+    sd = get_model_state_dict(model)
+    _check_dcp_shapes(sd, p)
+    state = {"model": sd}
+    _dcp_load(state, p)
+    set_model_state_dict(model, state["model"])
+
+
+def _check_shapes(sd: dict, model: nn.Module, path) -> None:
+    want = get_model_state_dict(model)
+    for k, v in want.items():
+        if k not in sd:
+            raise LinguaError(f"checkpoint '{path}' is from another model: parameter '{k}' is missing")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(sd[k].shape)}, the model has {tuple(v.shape)}")
+
+
+def _check_dcp_shapes(sd: dict, path: Path) -> None:
+    """Name the mismatched parameter before DCP fails with a less readable error."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise LinguaError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}") from None
+    for k, v in sd.items():
+        item = meta.state_dict_metadata.get(f"model.{k}")
+        if item is None:
+            raise LinguaError(f"checkpoint '{path}' is from another model: parameter '{k}' is missing")
+        if hasattr(item, "size") and tuple(item.size) != tuple(v.shape):
+            raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(item.size)}, the model has {tuple(v.shape)}")
+
+
+def check_compatible(path: Path, model: nn.Module) -> None:
+    _check_dcp_shapes(get_model_state_dict(model), path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def consolidate(ckpt_dir: str, out_dir: str) -> Path:
+    """DCP -> one `consolidated.pth` holding {"model": state_dict} plus params.json, via DCP's own conversion."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src, out = Path(ckpt_dir), Path(out_dir)
+    if not (src / ".metadata").is_file():
+        raise LinguaError(f"'{ckpt_dir}' is not a DCP checkpoint (no .metadata)")
+    out.mkdir(parents=True, exist_ok=True)
+    full = out / "full.pth.tmp"
+    dcp_to_torch_save(str(src), str(full))
+    sd = torch.load(full, map_location="cpu", weights_only=True)
+    full.unlink()
+    tmp = out / (CONSOLIDATED + ".tmp")
+    torch.save({"model": sd["model"]}, tmp)
+    os.replace(tmp, out / CONSOLIDATED)
+    if (src / "params.json").is_file():
+        shutil.copy(src / "params.json", out / "params.json")
+    return out / CONSOLIDATED
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3 or argv[0] != "consolidate":
+        print("usage: python -m lingua.checkpoint consolidate <ckpt_dir> <out_dir>", file=sys.stderr)
+        sys.exit(2)
+    try:
+        path = consolidate(argv[1], argv[2])
+    except LinguaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

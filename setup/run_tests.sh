@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's test command: set up .venv (idempotent), prepare the small default corpus + tokenizer the
+# end-to-end tests train on, then run the whole suite (slow tests included) with coverage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LINGUA_EXTRAS=dev,hf,eval bash setup/setup_env.sh
+.venv/bin/python setup/prepare_data.py shakespeare --data_dir data
+.venv/bin/python setup/train_tokenizer.py --data_dir data --source shakespeare
+set +e
+.venv/bin/python -m pytest -ra --cov=lingua --cov=apps --cov-report=term "$@"
+rc=$?
+set -e
+# pytest's exit code 5 means no test was collected: that is a failure, never a pass.
+[ "$rc" -eq 5 ] && echo "no tests were collected" >&2
+exit "$rc"

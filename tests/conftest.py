@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny two-source corpus in lingua's layout and a helper to build a tiny training config."""
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests run many tiny models: one thread each keeps them fast and deterministic on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+WORDS = ("the king queen lord lady sword crown night day love death ROMEO JULIET speak hath thou thee art "
+         "doth shall not is and of to a my your his her").split()
+
+
+def _doc(rng: random.Random, n_lines: int) -> str:
+    lines = []
+    for _ in range(n_lines):
+        speaker = rng.choice(["ROMEO", "JULIET", "KING", "QUEEN"])
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10)))
+        lines.append(f"{speaker}: {words}.")
+    return "\n".join(lines)
+
+
+def write_corpus(root: Path, sources=("alpha", "beta"), n_docs=60, n_chunks=2, seed=0) -> Path:
+    """`<root>/<source>/<source>.chunk.<k>.jsonl` + `<source>.val.jsonl`, as setup/prepare_data.py writes them."""
+    rng = random.Random(seed)
+    for source in sources:
+        folder = root / source
+        folder.mkdir(parents=True, exist_ok=True)
+        docs = [{"text": _doc(rng, rng.randint(2, 8)), "source": source, "id": i} for i in range(n_docs)]
+        for k in range(n_chunks):
+            with open(folder / f"{source}.chunk.{k:02d}.jsonl", "w") as f:
+                for d in docs[k::n_chunks]:
+                    f.write(json.dumps(d) + "\n")
+        with open(folder / f"{source}.val.jsonl", "w") as f:
+            for i in range(8):
+                f.write(json.dumps({"text": _doc(rng, 4), "source": source, "id": 10_000 + i}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny_overrides(corpus: Path, dump_dir: Path, **extra) -> list[str]:
+    """key=value overrides for a ~30k-parameter model on the bytes tokenizer that trains in a few seconds."""
+    base = {
+        "dump_dir": str(dump_dir),
+        "steps": 8,
+        "model.dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "model.vocab_size": 258,
+        "model.max_seqlen": 64,
+        "model.mask": "block_causal",
+        "data.root_dir": str(corpus),
+        "data.sources.alpha": 1.0,
+        "data.batch_size": 4,
+        "data.seq_len": 32,
+        "data.load_async": False,
+        "data.tokenizer.name": "bytes",
+        "optim.lr": 3e-3,
+        "optim.warmup": 2,
+        "logging.freq": 1,
+        "logging.progress": False,
+        "logging.peak_flops": 1e11,
+        "checkpoint.dump.every": 4,
+        "eval.max_docs": 4,
+        "distributed.model_dtype": "fp32",
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

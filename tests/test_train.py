@@ -1,0 +1,225 @@
+"""The shared train loop end to end on a tiny model: learning, exact resume, atomic saves, preemption, bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from apps.main.train import TRANSFORMER_SPEC
+from lingua.args import load_config
+from lingua.checkpoint import consolidate, list_checkpoints
+from lingua.errors import ConfigError, LinguaError
+from lingua.train import TrainArgs, train
+from tests.conftest import ROOT, read_jsonl, tiny_overrides
+
+
+def run(corpus, dump_dir, **extra):
+    return train(load_config(TrainArgs, tiny_overrides(corpus, dump_dir, **extra)), TRANSFORMER_SPEC)
+
+
+def final_weights(dump_dir: Path) -> dict:
+    out = Path(dump_dir) / "consolidated"
+    consolidate(str(list_checkpoints(Path(dump_dir) / "checkpoints")[-1]), str(out))
+    return torch.load(out / "consolidated.pth", weights_only=True)["model"]
+
+
+def losses(dump_dir) -> dict:
+    return {m["step"]: m["loss"] for m in read_jsonl(Path(dump_dir) / "metrics.jsonl")}
+
+
+def test_loss_decreases_and_metrics_are_logged(tiny_corpus, tmp_path):
+    result = run(tiny_corpus, tmp_path, steps=40, checkpoint__dump__every=0, optim__lr=1e-2)
+    assert result["status"] == "done" and result["step"] == 40
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    for key in ("step", "tokens_seen", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb"):
+        assert key in rows[0], key
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last < first - 1.0, (first, last)  # bytes start at ln(258) = 5.55 nats
+    assert rows[-1]["tokens_seen"] == 40 * 4 * 32
+    evals = read_jsonl(tmp_path / "metrics.eval.jsonl")
+    assert evals[-1]["step"] == 40 and 0 < evals[-1]["alpha/bpb"] < 8
+    assert (tmp_path / "config.yaml").is_file()
+    # the last step always leaves a checkpoint, even with dump.every=0
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["0000000040"]
+
+
+def test_resume_is_bit_identical(tiny_corpus, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(tiny_corpus, full)
+    run(tiny_corpus, cut)
+    # "Interrupt" after step 4: drop the final checkpoint and the logs past step 4, then run the same command.
+    shutil.rmtree(cut / "checkpoints" / "0000000008")
+    rows = [r for r in read_jsonl(cut / "metrics.jsonl") if r["step"] <= 4]
+    (cut / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    run(tiny_corpus, cut)
+    a, b = losses(full), losses(cut)
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
+    wa, wb = final_weights(full), final_weights(cut)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_async_loader_resume_is_bit_identical(tiny_corpus, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(tiny_corpus, full, data__load_async=True, steps=6, checkpoint__dump__every=3)
+    run(tiny_corpus, cut, data__load_async=True, steps=6, checkpoint__dump__every=3)
+    shutil.rmtree(cut / "checkpoints" / "0000000006")
+    run(tiny_corpus, cut, data__load_async=True, steps=6, checkpoint__dump__every=3)
+    assert final_weights(full)["tok_embeddings.weight"].equal(final_weights(cut)["tok_embeddings.weight"])
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_corpus, tmp_path):
+    # The loader shuffles within a buffer of prefetch_size * batch_size sequences: keep that size equal so both runs
+    # see the same 4 sequences per step, in one batch or split in two micro-batches.
+    big = run(tiny_corpus, tmp_path / "big", steps=3, data__batch_size=4, data__prefetch_size=8, optim__warmup=0)
+    acc = run(tiny_corpus, tmp_path / "acc", steps=3, data__batch_size=2, data__prefetch_size=16, grad_acc_steps=2,
+              optim__warmup=0)
+    # Equal up to fp32 summation order.
+    assert abs(big["loss"] - acc["loss"]) < 1e-4, (big, acc)
+
+
+def test_interrupted_save_is_never_resumed_from(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=4)
+    ckpts = tmp_path / "checkpoints"
+    # A save killed mid-way leaves a .tmp dir; a dir without COMPLETE is not a checkpoint either.
+    shutil.copytree(ckpts / "0000000004", ckpts / "0000000006.tmp")
+    shutil.copytree(ckpts / "0000000004", ckpts / "0000000007")
+    (ckpts / "0000000007" / "COMPLETE").unlink()
+    assert [p.name for p in list_checkpoints(ckpts)] == ["0000000004"]
+    result = run(tiny_corpus, tmp_path, steps=8)
+    assert result["step"] == 8
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # resumed from 4, not from the broken 6 or 7
+    # the leftovers of the broken saves are cleared when the run starts
+    assert not (ckpts / "0000000006.tmp").exists() and not (ckpts / "0000000007").exists()
+
+
+def test_keep_n_most_recent(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=8, checkpoint__dump__every=2, checkpoint__dump__keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["0000000006", "0000000008"]
+
+
+def test_init_ckpt_path_loads_weights_only(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path / "a", steps=4)
+    src = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    run(tiny_corpus, tmp_path / "b", steps=1, checkpoint__init_ckpt_path=str(src), optim__lr=0.0)
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert read_jsonl(tmp_path / "b" / "metrics.jsonl")[0]["step"] == 1  # a fresh run, not a resume
+
+
+def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path):
+    with pytest.raises(LinguaError, match=r"loss is (nan|inf) at step \d+: stopping without saving"):
+        run(tiny_corpus, tmp_path, steps=50, optim__lr=1e9, optim__clip=0.0, optim__warmup=0,
+            checkpoint__dump__every=0)
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_profiler_writes_a_chrome_trace(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=5, profiling__run=True, profiling__profile_warmup=1, profiling__profile_steps=2)
+    traces = list((tmp_path / "profiling").glob("*.json"))
+    assert traces and traces[0].stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"data__seq_len": 128}, "data.seq_len=128 is above model.max_seqlen=64"),
+        ({"model__vocab_size": 100}, "has 258 tokens, more than model.vocab_size=100"),
+        ({"data__root_dir": "/nonexistent/data"}, "/nonexistent/data"),
+        ({"data__tokenizer__name": "sp", "data__tokenizer__path": "/nonexistent/tok.model"}, "/nonexistent/tok.model"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tiny_corpus, tmp_path, extra, message):
+    with pytest.raises(LinguaError) as e:
+        run(tiny_corpus, tmp_path, **extra)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_dump_dir_that_is_a_file(tiny_corpus, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(LinguaError, match="dump_dir '.*file' exists and is not a directory"):
+        run(tiny_corpus, f)
+
+
+def test_checkpoint_from_another_model_names_the_parameter(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=2, checkpoint__dump__every=2)
+    with pytest.raises(LinguaError, match=r"another model: '.*' has shape"):
+        run(tiny_corpus, tmp_path, steps=4, model__dim=48)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=2, checkpoint__dump__every=2)
+    ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
+    for f in ckpt.glob("*.distcp"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(LinguaError, match="cannot load checkpoint"):
+        run(tiny_corpus, tmp_path, steps=4)
+
+
+@pytest.mark.parametrize("name, low, high", [("llama_1B", 1.0e9, 2.0e9), ("llama_7B", 6.0e9, 8.0e9)])
+def test_cluster_configs_build_on_meta(name, low, high):
+    from lingua.transformer import Transformer, num_params
+
+    cfg = load_config(TrainArgs, [f"config={ROOT}/apps/main/configs/{name}.yaml"])
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    assert low < num_params(model) < high
+
+
+# ---------------------------------------------------------------- real processes: signals and kill -9
+
+
+def _cli(corpus, dump_dir, **extra):
+    return [sys.executable, "-m", "apps.main.train"] + tiny_overrides(corpus, dump_dir, **extra)
+
+
+def _wait_for(pred, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path, sig):
+    steps = dict(steps=400, checkpoint__dump__every=0, optim__warmup=0)
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(tiny_corpus, ref, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(tiny_corpus, run_dir, **steps), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 5)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1 and 5 <= int(saved[0].name) < 400, out
+    subprocess.run(_cli(tiny_corpus, run_dir, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    assert losses(ref)[400] == losses(run_dir)[400]
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_from_last_complete(tiny_corpus, tmp_path):
+    steps = dict(steps=300, checkpoint__dump__every=20, optim__warmup=0)
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(tiny_corpus, ref, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(tiny_corpus, run_dir, **steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: len(list_checkpoints(run_dir / "checkpoints")) >= 2)
+    proc.kill()
+    proc.wait()
+    subprocess.run(_cli(tiny_corpus, run_dir, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    assert losses(ref)[300] == losses(run_dir)[300]
