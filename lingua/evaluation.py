@@ -28,11 +28,13 @@ class EvalArgs:
 
 
 def _token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of NLL (nats, fp32) over scored targets, and how many were scored (targets < 0 are padding)."""
+    """Sum of NLL (nats, fp32) over scored targets, and how many were scored (padding: target < 0 or mask == 0)."""
     logits = model(batch["input"], tok_idx=batch["tok_idx"])
     if hasattr(logits, "full_tensor"):  # tensor parallel keeps logits sharded over the vocabulary
         logits = logits.full_tensor()
     target = batch["target"]
+    if "mask" in batch:  # val_iterator pads with token 0 and marks the real targets in `mask`
+        target = target.masked_fill(batch["mask"] == 0, -1)
     nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-1, reduction="sum")
     return nll, (target >= 0).sum()
 
