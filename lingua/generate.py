@@ -142,6 +142,14 @@ class Generator:
         stats = GenerationStats(len(prompts), sum(map(len, encoded)), generated, seconds, tok_per_s)
         return completions, stats
 
+    def _new_cache(self, bs: int, max_len: int, pad: list[int]):
+        """A model's own inference state (`model.make_cache`, e.g. a recurrent state), else the transformer KV cache.
+        Either way it has `.len`, the number of positions already consumed."""
+        make = getattr(self.model, "make_cache", None)
+        if make is not None:
+            return make(bs, max_len, pad, self.device, self.dtype)
+        return KVCache(self.model.args, bs, max_len, pad, self.device, self.dtype)
+
     def _generate_batch(self, prompts: list[list[int]], stop: list[str], max_gen_len: int,
                         rng: torch.Generator) -> tuple[list[str], int]:
         bs, longest = len(prompts), max(map(len, prompts))
@@ -150,9 +158,7 @@ class Generator:
         for b, p in enumerate(prompts):
             tokens[b, pad[b]: longest] = torch.tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
-        cache = None
-        if self.args.use_cache:
-            cache = KVCache(self.model.args, bs, longest + max_gen_len, pad, self.device, self.dtype)
+        cache = self._new_cache(bs, longest + max_gen_len, pad) if self.args.use_cache else None
         out: list[list[int]] = [[] for _ in range(bs)]
         texts: list[Optional[str]] = [None] * bs  # set when a row is finished
         n_words, eos = self.tokenizer.n_words, self.tokenizer.eos_id
@@ -161,7 +167,7 @@ class Generator:
             if cache is not None:  # prefill the prompts once, then one token per step
                 logits = self.model(tokens[:, cache.len: cur], cache=cache)[:, -1]  # (bs, vocab)
             else:  # the reference: the whole sequence again, through a fresh cache for the padded positions
-                fresh = KVCache(self.model.args, bs, cur, pad, self.device, self.dtype)
+                fresh = self._new_cache(bs, cur, pad)
                 logits = self.model(tokens[:, :cur], cache=fresh)[:, -1]
             logits[:, n_words:] = float("-inf")  # ids the tokenizer cannot decode (a vocabulary padded for speed)
             nxt = sample_next(logits, self.args.temperature, self.args.top_k, self.args.top_p, rng)

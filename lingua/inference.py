@@ -78,13 +78,13 @@ def read_params(ckpt_dir: Path) -> dict:
     return params
 
 
-def model_args_from_params(params: dict, where) -> TransformerArgs:
-    known = {f.name for f in dataclasses.fields(TransformerArgs)}
+def model_args_from_params(params: dict, where, args_cls=TransformerArgs):
+    known = {f.name for f in dataclasses.fields(args_cls)}
     unknown = sorted(set(params["model"]) - known)
     if unknown:
-        raise LinguaError(f"{where}: model.{unknown[0]} is not a TransformerArgs field "
+        raise LinguaError(f"{where}: model.{unknown[0]} is not a {args_cls.__name__} field "
                           "(a checkpoint of another model?)")
-    return TransformerArgs(**params["model"])
+    return args_cls(**params["model"])
 
 
 def _guess_tokenizer_name(path: str) -> str:
@@ -113,9 +113,10 @@ def resolve_tokenizer(ckpt_dir: Path, kind: str, params: Optional[dict], overrid
     return build_tokenizer(name, path)
 
 
-def load_model(ckpt_dir: str, device="cpu", dtype=None, tokenizer: Optional[TokenizerOverride] = None):
-    """-> (model in eval mode on `device`, TransformerArgs, tokenizer). dtype: None/'fp32', 'bf16' or a torch.dtype
-    (the RoPE tables stay fp32)."""
+def load_model(ckpt_dir: str, device="cpu", dtype=None, tokenizer: Optional[TokenizerOverride] = None,
+               model_cls=Transformer, args_cls=TransformerArgs):
+    """-> (model in eval mode on `device`, model args, tokenizer). dtype: None/'fp32', 'bf16' or a torch.dtype
+    (the RoPE tables stay fp32). Apps with other architectures pass their model class and its args dataclass."""
     path, kind = checkpoint_kind(ckpt_dir)
     params = None
     if kind == "hf":
@@ -124,10 +125,17 @@ def load_model(ckpt_dir: str, device="cpu", dtype=None, tokenizer: Optional[Toke
         model_args = model_args_from_hf(path)
     else:
         params = read_params(path)
-        model_args = model_args_from_params(params, path / "params.json")
+        model_args = model_args_from_params(params, path / "params.json", args_cls)
     tok = resolve_tokenizer(path, kind, params, tokenizer or TokenizerOverride())
     check_vocab_size(tok, model_args.vocab_size)
-    model: Transformer = build_model(model_args, device)  # the random init is overwritten just below
+    if model_cls is Transformer:
+        model = build_model(model_args, device)  # the random init is overwritten just below
+    else:
+        with torch.device("meta"):
+            model = model_cls(model_args)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_weights()
     with warnings.catch_warnings():  # DCP's "assuming the intent is to load in a single process" is expected here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_model_weights(str(path), model)
@@ -136,9 +144,10 @@ def load_model(ckpt_dir: str, device="cpu", dtype=None, tokenizer: Optional[Toke
             raise LinguaError(f"dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
         dtype = DTYPES[dtype]
     if dtype is not None and dtype != torch.float32:
-        cos, sin = model.freq_cos, model.freq_sin
+        fp32_buffers = {n: b for n, b in model.named_buffers() if n in ("freq_cos", "freq_sin")}
         model.to(dtype)
-        model.freq_cos, model.freq_sin = cos, sin  # positions need fp32 angles
+        for n, b in fp32_buffers.items():
+            setattr(model, n, b)  # positions need fp32 angles
     logger.info(f"loaded {kind} checkpoint {path} on {device}")
     return model.eval(), model_args, tok
 

@@ -124,7 +124,12 @@ def run_harness(model, tokenizer, args: HarnessArgs) -> Optional[dict]:
     )
 
 
-def main(args: EvalAppArgs) -> dict:
+def _model_kinds(model_cls, args_cls) -> dict:
+    return {k: v for k, v in (("model_cls", model_cls), ("args_cls", args_cls)) if v is not None}
+
+
+def main(args: EvalAppArgs, model_cls=None, args_cls=None) -> dict:
+    """Research apps reuse this with their own model class and args dataclass (default: the transformer)."""
     if not args.ckpt_dir:
         raise ConfigError("ckpt_dir is required (a checkpoint, consolidated or Hugging Face directory)")
     if not args.dump_dir:
@@ -137,7 +142,8 @@ def main(args: EvalAppArgs) -> dict:
         device = dist_state.device
         path, kind = checkpoint_kind(args.ckpt_dir)
         params = read_params(path) if kind != "hf" else {}
-        model, model_args, tokenizer = load_model(str(path), device, tokenizer=args.tokenizer)
+        model, model_args, tokenizer = load_model(str(path), device, tokenizer=args.tokenizer,
+                                                  **_model_kinds(model_cls, args_cls))
         dtype, _ = resolve_model_dtype(args.dtype, device)
         autocast = autocast_context(device, dtype)
         logger.info(f"evaluating {path} on {dist_state.world_size} process(es), {device}, {str(dtype)[6:]}")

@@ -48,8 +48,9 @@ def format_stats(stats: GenerationStats, args: GeneratorArgs) -> str:
             f"{stats.tok_per_s:.1f} tok/s (batch_size {args.batch_size}, KV cache {'on' if args.use_cache else 'off'})")
 
 
-def main(args: GenerateAppArgs, prompt: Optional[str] = None) -> tuple[list[str], GenerationStats]:
-    """`prompt`, when given, replaces args.prompt: the command line passes it verbatim (see `cli`)."""
+def main(args: GenerateAppArgs, prompt: Optional[str] = None, **model_kinds) -> tuple[list[str], GenerationStats]:
+    """`prompt`, when given, replaces args.prompt: the command line passes it verbatim (see `cli`). Research apps pass
+    `model_cls=` and `args_cls=` for their architecture (default: the transformer)."""
     if prompt is not None:
         args.prompt = prompt
     setup_logging(0)
@@ -58,7 +59,8 @@ def main(args: GenerateAppArgs, prompt: Optional[str] = None) -> tuple[list[str]
         raise ConfigError("ckpt_dir is required (a checkpoint, consolidated or Hugging Face directory)")
     prompts = read_prompts(args)
     gen_args = GeneratorArgs(**{f.name: getattr(args, f.name) for f in fields(GeneratorArgs)})
-    model, _, tokenizer = load_model(args.ckpt_dir, pick_device(args.device), gen_args.dtype, args.tokenizer)
+    model, _, tokenizer = load_model(args.ckpt_dir, pick_device(args.device), gen_args.dtype, args.tokenizer,
+                                     **model_kinds)
     completions, stats = Generator(model, tokenizer, gen_args).generate(prompts)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         print(f"=== [{i + 1}/{len(prompts)}] {prompt!r}")
@@ -67,13 +69,13 @@ def main(args: GenerateAppArgs, prompt: Optional[str] = None) -> tuple[list[str]
     return completions, stats
 
 
-def cli(argv: Optional[list[str]] = None):
+def cli(argv: Optional[list[str]] = None, **model_kinds):
     """Like run_cli, but `prompt=...` is taken verbatim rather than parsed as YAML, so `prompt=ROMEO:` stays a string
     (a YAML parse would read it as a mapping) and `prompt=42` is not a number."""
     argv = list(sys.argv[1:] if argv is None else argv)
     raw = [a.split("=", 1)[1] for a in argv if a.startswith("prompt=")]
     rest = [a for a in argv if not a.startswith("prompt=")]
-    return run_cli(functools.partial(main, prompt=raw[-1] if raw else None), GenerateAppArgs, rest)
+    return run_cli(functools.partial(main, prompt=raw[-1] if raw else None, **model_kinds), GenerateAppArgs, rest)
 
 
 if __name__ == "__main__":
