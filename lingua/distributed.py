@@ -1,10 +1,17 @@
-"""Who am I, on what device, in which mesh; and how the model is parallelized (applied from outside the model).
+"""Who am I, on what device, in which mesh (the parallelization itself is in lingua/parallelize.py).
 
 Launchers: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), SLURM srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master
 from the job's first host), or one plain process with no process group at all. Device and backend are picked at run
 time: CUDA -> nccl, CPU -> gloo. Nothing here touches CUDA unless a GPU is present.
+
+The mesh has three dims, outer to inner: dp_replicate x dp_shard x tp. `parallelize_model` applies, in torchtitan's
+order: tensor parallel (+ sequence parallel norms, loss parallel output), activation checkpointing, torch.compile per
+block, then data parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, or `replicate` for fsdp_type=no_shard).
+The model is built on the meta device and initialised after all that (`init_shard_` draws each shard's values so that
+a sharded init equals the unsharded one), so no rank ever holds the whole model.
 """
 
+import contextlib
 import datetime
 import logging
 import os
@@ -31,13 +38,16 @@ class DistributedArgs:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # full AC of every block
     selective_activation_checkpointing: bool = False  # save matmul outputs, recompute the rest
-    float8_recipe: Optional[str] = None  # torchao float8 (GPU only)
+    float8_recipe: Optional[str] = None  # torchao float8 (GPU only): tensorwise | rowwise | rowwise_with_gw_hp
     matmul_allow_tf32: bool = False
     fsdp_reshard_after_forward: bool = True
     loss_parallel: bool = True  # with TP: keep logits sharded over the vocabulary for the loss
     device: str = "auto"  # auto | cpu | cuda
     backend: Optional[str] = None  # override: gloo | nccl
     timeout_s: int = 600  # a collective that waits longer (e.g. a dead peer) raises instead of hanging
+
+
+FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
 @dataclass
@@ -100,6 +110,11 @@ def pick_backend(device: torch.device, override: Optional[str]) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+# What a collective raises when a peer died (connection closed) or hung (timeout), as gloo and nccl word it.
+PEER_FAILURE_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                        "socket closed", "nccl communicator was aborted", "watchdog")
+
+
 @dataclass
 class DistState:
     env: DistEnv
@@ -108,6 +123,9 @@ class DistState:
     dp_rank: int
     dp_size: int
     tp_size: int
+    tp_rank: int = 0
+    loss_parallel: bool = False  # TP keeps the logits sharded over the vocabulary: forward + backward in loss_context
+    timeout_s: int = 600
 
     @property
     def rank(self) -> int:
@@ -131,9 +149,36 @@ class DistState:
             dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
 
+    def loss_context(self):
+        """Where the loss is computed and differentiated: torch's loss_parallel under TP, else nothing."""
+        if self.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def peer_failures_as_errors(self):
+        """A collective that fails because a peer died or hung becomes one readable LinguaError on this rank."""
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as e:
+            msg = str(e).strip()
+            if self.world_size == 1 or not any(m in msg.lower() for m in PEER_FAILURE_MARKERS):
+                raise
+            first = next((line.strip() for line in msg.splitlines() if line.strip()), type(e).__name__)
+            raise LinguaError(
+                f"rank {self.rank}: a collective failed, another rank died or hung "
+                f"(distributed.timeout_s={self.timeout_s}): {first[:300]}"
+            ) from None
+
     def close(self):
+        """Tear the process group down; safe to call twice and after a failed collective."""
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # a broken group must not hide the error that broke it
+                logger.warning(f"destroy_process_group failed: {e}")
 
 
 def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> tuple[int, int, int]:
@@ -153,18 +198,28 @@ def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> tuple[int, int
         raise ConfigError(f"distributed.fsdp_type must be full_shard or no_shard, got '{args.fsdp_type}'")
     if args.fsdp_type == "no_shard" and shard > 1:
         raise ConfigError(f"distributed.fsdp_type=no_shard needs dp_shard=1 (got dp_shard={shard}); use dp_replicate")
+    if args.compile and tp > 1:
+        # torch 2.13: AOTAutograd's backward hands DTensor's redistribute a plain tensor in our TP blocks
+        # ("'Tensor' object has no attribute '_local_tensor'"), with or without sequence parallel.
+        raise ConfigError(f"distributed.compile=true with distributed.tp_size={tp} fails in backward under torch "
+                          f"{torch.__version__}: set distributed.compile=false or tp_size=1")
+    if args.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {args.timeout_s}")
+    if args.float8_recipe is not None and args.float8_recipe not in FLOAT8_RECIPES:
+        raise ConfigError(f"distributed.float8_recipe must be one of {', '.join(FLOAT8_RECIPES)} or null, "
+                          f"got '{args.float8_recipe}'")
     return rep, shard, tp
 
 
 def init_distributed(args: DistributedArgs, environ=None) -> DistState:
     env = detect_env(environ)
-    device = pick_device(args.device, env.local_rank)
     rep, shard, tp = resolve_mesh_shape(args, env.world_size)
+    device = pick_device(args.device, env.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.matmul_allow_tf32
         torch.backends.cudnn.allow_tf32 = args.matmul_allow_tf32
     if env.world_size == 1:
-        return DistState(env, device, None, 0, 1, 1)
+        return DistState(env, device, None, 0, 1, 1, timeout_s=args.timeout_s)
     os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(env.master_port or 29500))
     if not dist.is_initialized():
@@ -178,133 +233,52 @@ def init_distributed(args: DistributedArgs, environ=None) -> DistState:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-    # The data loader's rank counts over both data-parallel dims, never over tp (lingua issue #58).
+    # The data loader's rank counts over both data-parallel dims, never over tp (lingua issue #58): the tp ranks of
+    # one data-parallel group must read the same batches.
     dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
-    return DistState(env, device, mesh, dp_rank, rep * shard, tp)
+    return DistState(env, device, mesh, dp_rank, rep * shard, tp, tp_rank=mesh.get_local_rank("tp"),
+                     loss_parallel=tp > 1 and args.loss_parallel, timeout_s=args.timeout_s)
 
 
-# ---------------------------------------------------------------- parallelization, applied in torchtitan's order
+# ---------------------------------------------------------------- initialisation that does not depend on sharding
+
+INIT_BLOCK_ROWS = 256  # rows drawn per generator: bounds the scratch memory of one init call
 
 
-def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
-    """Megatron-style plan for our block convention: colwise q/k/v and w1/w3, rowwise wo and w2, sequence-parallel norms."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-        parallelize_module,
-    )
+def _local_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor this process holds of `weight` and its offset in the full tensor ((0, ...) when not sharded)."""
+    from torch.distributed.tensor import DTensor
 
-    if getattr(model, "output", None) is not None and model.output.weight is model.tok_embeddings.weight:
-        raise ConfigError("model.weight_tying=true cannot be combined with distributed.tp_size > 1")
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-            "output": ColwiseParallel(
-                input_layouts=Shard(1),
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
-    )
-    for block in model.layers:
-        plan = {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-            ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-            ),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        }
-        parallelize_module(block, tp_mesh, plan)
+    if not isinstance(weight, DTensor):
+        return weight, (0,) * weight.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return weight.to_local(), tuple(offset)
 
 
-def apply_ac(model: nn.Module, selective: bool) -> None:
-    """Wrap each block: full recomputation, or selective (keep matmul outputs, recompute pointwise ops)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+@torch.no_grad()
+def init_shard_(weight: torch.Tensor, fill: Callable[[torch.Tensor, torch.Generator], None]) -> None:
+    """Fill `weight` in place with random values that depend only on the global RNG's state and the weight's full
+    shape, not on how it is sharded (FSDP, TP, both, or not at all).
 
-    kwargs = {"preserve_rng_state": False}
-    if selective:
-        from functools import partial
-
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-        save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-        def policy(ctx, op, *args, **kw):
-            return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
-
-        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, **kwargs)
-
-
-def apply_compile(model: nn.Module) -> None:
-    for i, block in enumerate(model.layers):
-        model.layers[i] = torch.compile(block, fullgraph=False)
-
-
-def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype) -> None:
-    if args.fsdp_type == "no_shard":
-        from torch.distributed._composable.replicate import replicate
-
-        dp_mesh = mesh["dp_replicate"]
-        replicate(model, device_mesh=dp_mesh)
+    One seed is drawn from the global RNG (the same draw on every rank); the full tensor's rows are then split in
+    blocks of INIT_BLOCK_ROWS, block b drawn by `fill(block, generator seeded from (seed, b))`. A sharded weight (a
+    DTensor) draws only the blocks its shard overlaps and keeps its slice of them: no rank holds more than its shard
+    plus one block. DTensor's own random ops cannot do this on CPU (their offset-based RNG is CUDA only), and even
+    there a sharded draw need not equal the unsharded one."""
+    seed = int(torch.randint(0, 2**62, ()).item())
+    local, offset = _local_part(weight)
+    if local.numel() == 0:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
-    # HSDP when both dims > 1: FSDP's 2D mesh shards over dp_shard and replicates over dp_replicate.
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if rep > 1 and shard > 1 else mesh["dp_shard" if shard > 1 else "dp_replicate"]
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for i, block in enumerate(model.layers):
-        # The last block is resharded by the root anyway; keeping it unsharded saves one all-gather.
-        reshard = args.fsdp_reshard_after_forward and i < len(model.layers) - 1
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=args.fsdp_reshard_after_forward)
-
-
-def parallelize_model(
-    model: nn.Module,
-    mesh,
-    args: DistributedArgs,
-    param_dtype: torch.dtype = torch.float32,
-    tp_plan: Optional[Callable] = None,
-) -> nn.Module:
-    """TP -> activation checkpointing -> compile per block -> FSDP2/replicate. `mesh` is None on one process."""
-    if args.float8_recipe:
-        if not torch.cuda.is_available():
-            raise LinguaError("distributed.float8_recipe needs a CUDA GPU (float8 matmuls have no CPU kernels)")
-        from lingua.errors import require
-
-        require("torchao", "gpu")
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-        convert_to_float8_training(
-            model,
-            config=Float8LinearConfig.from_recipe_name(args.float8_recipe),
-            module_filter_fn=lambda mod, fqn: fqn != "output",
-        )
-    if mesh is not None and mesh["tp"].size() > 1:
-        (tp_plan or apply_tp)(model, mesh["tp"], args.loss_parallel)
-    if args.activation_checkpointing or args.selective_activation_checkpointing:
-        apply_ac(model, selective=args.selective_activation_checkpointing)
-    if args.compile:
-        apply_compile(model)
-    if mesh is not None and mesh["dp_replicate"].size() * mesh["dp_shard"].size() > 1:
-        apply_data_parallel(model, mesh, args, param_dtype)
-    return model
+    full = tuple(weight.shape)
+    r0, r1 = offset[0], offset[0] + local.shape[0]
+    rest = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:]))
+    gen = torch.Generator(device=local.device)
+    for b in range(r0 // INIT_BLOCK_ROWS, (r1 - 1) // INIT_BLOCK_ROWS + 1):
+        lo, hi = b * INIT_BLOCK_ROWS, min((b + 1) * INIT_BLOCK_ROWS, full[0])
+        gen.manual_seed((seed + b * 0x9E3779B97F4A7C15) % 2**63)
+        block = torch.empty((hi - lo, *full[1:]), device=local.device, dtype=torch.float32)
+        fill(block, gen)
+        a, z = max(lo, r0), min(hi, r1)
+        local[a - r0: z - r0].copy_(block[(slice(a - lo, z - lo), *rest)])

@@ -25,7 +25,8 @@ from torch import nn
 from lingua.args import config_to_dict, dump_config
 from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
 from lingua.data import DataArgs, DataLoader
-from lingua.distributed import DistributedArgs, DistState, init_distributed, parallelize_model
+from lingua.distributed import DistributedArgs, DistState, init_distributed
+from lingua.parallelize import parallelize_model
 from lingua.errors import ConfigError, LinguaError
 from lingua.evaluation import EvalArgs, evaluate
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
@@ -61,7 +62,7 @@ class ModelSpec:
 
     build: Callable[[Any], nn.Module]  # model args -> module; called on the meta device
     flops_per_token: Callable[[Any, int], float]  # (model args, seq_len) -> training FLOPs per token
-    tp_plan: Optional[Callable] = None  # (model, tp_mesh, loss_parallel) -> None; default: lingua.distributed.apply_tp
+    tp_plan: Optional[Callable] = None  # (model, tp_mesh, loss_parallel) -> None; default: lingua.parallelize.apply_tp
     describe: Optional[Callable] = None  # (model args, device, dtype, seq_len) -> str logged at start
 
 
@@ -130,6 +131,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A loss that loss_parallel returned as a replicated DTensor, as a plain tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _grad_sync(model: nn.Module, enabled: bool) -> None:
     """Skip FSDP's reduce-scatter on all but the last micro-batch of a gradient accumulation."""
     if hasattr(model, "set_requires_gradient_sync"):
@@ -147,7 +153,7 @@ def train(args: TrainArgs, spec: ModelSpec) -> dict:
     """Run (or resume) training; returns {"step", "status", "loss"} for callers such as tests."""
     dist_state = init_distributed(args.distributed)
     try:
-        with contextlib.ExitStack() as stack:
+        with dist_state.peer_failures_as_errors(), contextlib.ExitStack() as stack:
             return _train(args, spec, dist_state, stack)
     finally:
         dist_state.close()
@@ -231,10 +237,11 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             batch = _to_device(next(data_iter), device)
             data_s += time.perf_counter() - t0
             _grad_sync(model, micro == args.grad_acc_steps - 1)
-            with autocast:
-                loss = model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
-            (loss / args.grad_acc_steps).backward()
-            loss_sum += loss.detach()
+            with dist_state.loss_context():  # tensor parallel: the loss is computed on vocab-sharded logits
+                with autocast:
+                    loss = model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
+                (loss / args.grad_acc_steps).backward()
+            loss_sum += _local(loss.detach())
         # One small collective per step: the global mean loss, and whether any rank was asked to stop.
         flags = torch.stack([loss_sum / args.grad_acc_steps, torch.tensor(float(preempt.requested is not None), device=device)])
         dist_state.all_reduce(flags)

@@ -1,10 +1,10 @@
-"""A Llama-style decoder-only transformer, in reading order: args, RoPE, masks, attention, feed-forward, block, model.
+"""A Llama-style decoder-only transformer, in reading order: args, RoPE, masks, attention, KV cache, feed-forward,
+block, model.
 
 Plain PyTorch: no ranks, no meshes. Parallelism (FSDP, TP, activation checkpointing, compile) is applied from outside,
 block by block over `model.layers`. Build on the meta device, then `to_empty` + `init_weights()` (see `build_model`).
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,7 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lingua.errors import ConfigError, LinguaError, require
+from lingua.attention import (  # noqa: F401  (document_ids, repeat_kv, sdpa_inputs: re-exported for callers)
+    KVCache,
+    LayerKVCache,
+    attend,
+    attend_cached,
+    attention_mask,
+    document_ids,
+    repeat_kv,
+    sdpa_inputs,
+)
+from lingua.errors import ConfigError, LinguaError
 
 ATTN_IMPLS = ("sdpa", "flex_attention", "xformers")
 MASKS = ("causal", "block_causal")
@@ -101,104 +111,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-# ---------------------------------------------------------------- masks and the attention kernels
-
-
-def document_ids(tok_idx: torch.Tensor) -> torch.Tensor:
-    """(bs, seqlen) positions inside documents -> (bs, seqlen) document number: a new document starts at 0."""
-    return torch.cumsum(tok_idx == 0, dim=1)
-
-
-def attention_mask(attn_impl: str, tok_idx: Optional[torch.Tensor], bs: int, seqlen: int, device):
-    """What `attend` needs to mask, built once per forward and shared by every layer.
-
-    tok_idx None: plain causal. Otherwise block-causal: a token attends to earlier tokens of its own document.
-    sdpa: None (is_causal) or a bool (bs, 1, seqlen, seqlen) mask, True = may attend; flex_attention: a BlockMask;
-    xformers: the lengths of the causal segments once the batch is flattened into one sequence."""
-    if attn_impl == "sdpa":
-        if tok_idx is None:
-            return None  # is_causal=True lets every fused kernel run, including CUDA flash which takes no mask
-        docs = document_ids(tok_idx)  # (bs, seqlen)
-        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
-        return ((docs[:, :, None] == docs[:, None, :]) & causal).unsqueeze(1)  # (bs, 1, seqlen, seqlen)
-    if attn_impl == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        if tok_idx is None:
-            return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seqlen, seqlen, device=device)
-        docs = document_ids(tok_idx)
-        return create_block_mask(
-            lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv), bs, None, seqlen, seqlen, device=device
-        )
-    starts = torch.zeros(bs, seqlen, dtype=torch.bool) if tok_idx is None else (tok_idx == 0).cpu()
-    starts[:, 0] = True
-    bounds = starts.flatten().nonzero().flatten().tolist() + [bs * seqlen]
-    return [end - start for start, end in zip(bounds, bounds[1:])]
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(bs, seqlen, n_kv_heads, head_dim) -> (bs, seqlen, n_kv_heads * n_rep, head_dim): each KV head serves n_rep
-    query heads (grouped-query attention)."""
-    if n_rep == 1:
-        return x
-    bs, seqlen, n_kv_heads, head_dim = x.shape
-    return x[:, :, :, None, :].expand(bs, seqlen, n_kv_heads, n_rep, head_dim).reshape(bs, seqlen, -1, head_dim)
-
-
-def sdpa_inputs(xq, xk, xv, mask):
-    """The exact (q, k, v, attn_mask, is_causal) lingua hands to F.scaled_dot_product_attention; attention_report
-    asks torch which kernel it picks for these same tensors."""
-    # Repeat KV heads instead of enable_gqa=True: on CUDA the memory-efficient kernel, the only fused one that takes
-    # the block_causal mask, rejects grouped-query inputs, so enable_gqa would silently fall back to the math kernel.
-    n_rep = xq.shape[2] // xk.shape[2]
-    xk, xv = repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)
-    q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, n_heads, seqlen, head_dim)
-    return q, k, v, mask, mask is None
-
-
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)  # uncompiled, flex materialises the full score matrix
-
-
-def attend(xq, xk, xv, mask, attn_impl: str) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + mask) v with the configured kernel.
-
-    xq: (bs, seqlen, n_heads, head_dim); xk, xv: (bs, seqlen, n_kv_heads, head_dim); mask from `attention_mask`.
-    Returns (bs, seqlen, n_heads, head_dim)."""
-    if attn_impl == "sdpa":
-        q, k, v, attn_mask, is_causal = sdpa_inputs(xq, xk, xv, mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal).transpose(1, 2)
-    if attn_impl == "flex_attention":
-        if xq.device.type == "cpu" and torch.is_grad_enabled() and xq.requires_grad:
-            raise LinguaError(
-                f"model.attn_impl=flex_attention has no backward on CPU (torch {torch.__version__}): "
-                "train with model.attn_impl=sdpa, or run flex_attention under torch.no_grad() for inference"
-            )
-        from torch.nn.attention.flex_attention import flex_attention
-
-        fn = flex_attention if xq.device.type == "cpu" else _compiled_flex_attention()
-        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, n_heads or n_kv_heads, seqlen, head_dim)
-        return fn(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
-    if xq.device.type != "cuda":
-        raise LinguaError(f"model.attn_impl=xformers runs only on CUDA (got {xq.device.type}): use attn_impl=sdpa")
-    memory_efficient_attention = require("xformers.ops", "gpu").memory_efficient_attention
-    BlockDiagonalCausalMask = require("xformers.ops.fmha.attn_bias", "gpu").BlockDiagonalCausalMask
-    bs, seqlen, n_heads, head_dim = xq.shape
-    n_rep = n_heads // xk.shape[2]
-    # one flattened sequence of causal segments covers both masks: causal is one segment per batch row
-    q, k, v = (t.reshape(1, bs * seqlen, n_heads, head_dim) for t in (xq, repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)))
-    out = memory_efficient_attention(q, k, v, attn_bias=BlockDiagonalCausalMask.from_seqlens(mask))
-    return out.view(bs, seqlen, n_heads, head_dim)
-
-
 # ---------------------------------------------------------------- the blocks
 
 
 def _trunc_normal_(weight: torch.Tensor, std: float):
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+    """Truncated normal at +-3 std, drawn so that the values do not depend on how `weight` is sharded: the model is
+    initialised after FSDP/TP sharding and must equal the model initialised whole (see lingua.distributed.init_shard_)."""
+    from lingua.distributed import init_shard_
+
+    init_shard_(weight, lambda block, gen: nn.init.trunc_normal_(block, 0.0, std, -3 * std, 3 * std, generator=gen))
 
 
 class RMSNorm(nn.Module):
@@ -226,15 +147,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x, freq_cos, freq_sin, mask) -> torch.Tensor:
-        """x: (bs, seqlen, dim); freq_cos/sin: each token's RoPE angles; mask: from `attention_mask`."""
+    def forward(self, x, freq_cos, freq_sin, mask, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        """x: (bs, seqlen, dim); freq_cos/sin: each token's RoPE angles; mask: from `attention_mask`, or from
+        `KVCache.positions_and_mask` when decoding with a cache."""
         bs, seqlen, _ = x.shape
         # -1 heads, not n_heads: tensor parallelism shards wq/wk/wv by columns, leaving fewer heads on each rank
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
         xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
         xq, xk = apply_rope(xq, freq_cos, freq_sin), apply_rope(xk, freq_cos, freq_sin)
-        out = attend(xq, xk, xv, mask, self.attn_impl)  # (bs, seqlen, n_local_heads, head_dim)
+        if cache is None:
+            out = attend(xq, xk, xv, mask, self.attn_impl)  # (bs, seqlen, n_local_heads, head_dim)
+        else:
+            keys, values = cache.update(xk, xv)  # (bs, n_local_kv_heads, cached + seqlen, head_dim)
+            out = attend_cached(xq, keys, values, mask)  # (bs, seqlen, n_local_heads, head_dim)
         return self.wo(out.reshape(bs, seqlen, -1))  # (bs, seqlen, dim)
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
@@ -273,8 +199,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
 
-    def forward(self, x, freq_cos, freq_sin, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freq_cos, freq_sin, mask)  # pre-norm residual
+    def forward(self, x, freq_cos, freq_sin, mask, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freq_cos, freq_sin, mask, cache)  # pre-norm residual
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
@@ -312,8 +238,13 @@ class Transformer(nn.Module):
         self.register_buffer("freq_cos", freq_cos, persistent=False)
         self.register_buffer("freq_sin", freq_sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None) -> torch.Tensor:
-        """tokens, target, tok_idx: int64 (bs, seqlen). Logits (bs, seqlen, vocab_size), or the mean loss if target."""
+    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """tokens, target, tok_idx: int64 (bs, seqlen). Logits (bs, seqlen, vocab_size), or the mean loss if target.
+
+        With a `cache` (inference): tokens are the next `seqlen` tokens of every row (the left-padded prompts, then one
+        token per step); positions and mask come from the cache, tok_idx must be None, and the cache advances."""
+        if cache is not None:
+            return self._forward_cached(tokens, cache)
         bs, seqlen = tokens.shape
         if seqlen > self.args.max_seqlen:
             raise LinguaError(f"sequence length {seqlen} exceeds model.max_seqlen={self.args.max_seqlen}")
@@ -330,6 +261,15 @@ class Transformer(nn.Module):
         if target is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))  # fp32 softmax over the vocab
+
+    def _forward_cached(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        positions, mask = cache.positions_and_mask(tokens.shape[1])  # (bs, seqlen), (bs, 1, seqlen, kv_len)
+        freq_cos, freq_sin = self.freq_cos[positions], self.freq_sin[positions]  # (bs, seqlen, head_dim // 2)
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freq_cos, freq_sin, mask, cache.layer(i))
+        cache.len += tokens.shape[1]
+        return self.output(self.norm(h))  # (bs, seqlen, vocab_size)
 
     @torch.no_grad()
     def init_weights(self):

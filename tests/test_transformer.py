@@ -150,7 +150,9 @@ def test_one_optimizer_step_lowers_the_loss():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 64, (4, 32), generator=g), torch.randint(0, 64, (4, 32), generator=g)
     loss = model(x, y)
-    assert loss.ndim == 0 and abs(loss.item() - math.log(64)) < 0.5  # near uniform at init
+    # Near uniform at init: the logits have std ~1 (RMS-normed h, output std dim ** -0.5), so the expected loss is
+    # about log(64) + 1/2 = 4.66; over init seeds it ranges 4.5-4.8.
+    assert loss.ndim == 0 and abs(loss.item() - math.log(64)) < 1.0
     loss.backward()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt.step()

@@ -1,0 +1,177 @@
+"""Attention kernels and masks (SDPA, flex_attention, xformers) and the KV cache used for generation.
+
+The transformer (lingua/transformer.py) calls `attention_mask` once per forward and `attend` in every block; with a
+KV cache it calls `attend_cached`. Keeping them here leaves the model file to read like the paper.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lingua.errors import ConfigError, LinguaError, require
+
+# ---------------------------------------------------------------- masks and the attention kernels
+
+
+def document_ids(tok_idx: torch.Tensor) -> torch.Tensor:
+    """(bs, seqlen) positions inside documents -> (bs, seqlen) document number: a new document starts at 0."""
+    return torch.cumsum(tok_idx == 0, dim=1)
+
+
+def attention_mask(attn_impl: str, tok_idx: Optional[torch.Tensor], bs: int, seqlen: int, device):
+    """What `attend` needs to mask, built once per forward and shared by every layer.
+
+    tok_idx None: plain causal. Otherwise block-causal: a token attends to earlier tokens of its own document.
+    sdpa: None (is_causal) or a bool (bs, 1, seqlen, seqlen) mask, True = may attend; flex_attention: a BlockMask;
+    xformers: the lengths of the causal segments once the batch is flattened into one sequence."""
+    if attn_impl == "sdpa":
+        if tok_idx is None:
+            return None  # is_causal=True lets every fused kernel run, including CUDA flash which takes no mask
+        docs = document_ids(tok_idx)  # (bs, seqlen)
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
+        return ((docs[:, :, None] == docs[:, None, :]) & causal).unsqueeze(1)  # (bs, 1, seqlen, seqlen)
+    if attn_impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if tok_idx is None:
+            return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seqlen, seqlen, device=device)
+        docs = document_ids(tok_idx)
+        return create_block_mask(
+            lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv), bs, None, seqlen, seqlen, device=device
+        )
+    starts = torch.zeros(bs, seqlen, dtype=torch.bool) if tok_idx is None else (tok_idx == 0).cpu()
+    starts[:, 0] = True
+    bounds = starts.flatten().nonzero().flatten().tolist() + [bs * seqlen]
+    return [end - start for start, end in zip(bounds, bounds[1:])]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bs, seqlen, n_kv_heads, head_dim) -> (bs, seqlen, n_kv_heads * n_rep, head_dim): each KV head serves n_rep
+    query heads (grouped-query attention)."""
+    if n_rep == 1:
+        return x
+    bs, seqlen, n_kv_heads, head_dim = x.shape
+    return x[:, :, :, None, :].expand(bs, seqlen, n_kv_heads, n_rep, head_dim).reshape(bs, seqlen, -1, head_dim)
+
+
+def sdpa_inputs(xq, xk, xv, mask):
+    """The exact (q, k, v, attn_mask, is_causal) lingua hands to F.scaled_dot_product_attention; attention_report
+    asks torch which kernel it picks for these same tensors."""
+    # Repeat KV heads instead of enable_gqa=True: on CUDA the memory-efficient kernel, the only fused one that takes
+    # the block_causal mask, rejects grouped-query inputs, so enable_gqa would silently fall back to the math kernel.
+    n_rep = xq.shape[2] // xk.shape[2]
+    xk, xv = repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)
+    q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, n_heads, seqlen, head_dim)
+    return q, k, v, mask, mask is None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)  # uncompiled, flex materialises the full score matrix
+
+
+def attend(xq, xk, xv, mask, attn_impl: str) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + mask) v with the configured kernel.
+
+    xq: (bs, seqlen, n_heads, head_dim); xk, xv: (bs, seqlen, n_kv_heads, head_dim); mask from `attention_mask`.
+    Returns (bs, seqlen, n_heads, head_dim)."""
+    if attn_impl == "sdpa":
+        q, k, v, attn_mask, is_causal = sdpa_inputs(xq, xk, xv, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal).transpose(1, 2)
+    if attn_impl == "flex_attention":
+        if xq.device.type == "cpu" and torch.is_grad_enabled() and xq.requires_grad:
+            raise LinguaError(
+                f"model.attn_impl=flex_attention has no backward on CPU (torch {torch.__version__}): "
+                "train with model.attn_impl=sdpa, or run flex_attention under torch.no_grad() for inference"
+            )
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = flex_attention if xq.device.type == "cpu" else _compiled_flex_attention()
+        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, n_heads or n_kv_heads, seqlen, head_dim)
+        return fn(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
+    if xq.device.type != "cuda":
+        raise LinguaError(f"model.attn_impl=xformers runs only on CUDA (got {xq.device.type}): use attn_impl=sdpa")
+    memory_efficient_attention = require("xformers.ops", "gpu").memory_efficient_attention
+    BlockDiagonalCausalMask = require("xformers.ops.fmha.attn_bias", "gpu").BlockDiagonalCausalMask
+    bs, seqlen, n_heads, head_dim = xq.shape
+    n_rep = n_heads // xk.shape[2]
+    # one flattened sequence of causal segments covers both masks: causal is one segment per batch row
+    q, k, v = (t.reshape(1, bs * seqlen, n_heads, head_dim) for t in (xq, repeat_kv(xk, n_rep), repeat_kv(xv, n_rep)))
+    out = memory_efficient_attention(q, k, v, attn_bias=BlockDiagonalCausalMask.from_seqlens(mask))
+    return out.view(bs, seqlen, n_heads, head_dim)
+
+
+# ---------------------------------------------------------------- the KV cache (inference only)
+
+
+class KVCache:
+    """Keys and values of every token seen so far, so that decoding runs one new token per step instead of the whole
+    sequence. Training never builds one; `Transformer.forward(tokens, cache=...)` is the only path that reads it.
+
+    Prompts of different lengths are left-padded: row b's first `pad[b]` slots are padding, so every row writes its
+    next token into the same slot and a decode step is one (bs, 1) forward. A real token in slot j has RoPE position
+    j - pad[b], as if its prompt had no padding; queries never attend to padding slots (a padding query attends to
+    itself only, which keeps its softmax finite; its output is never read).
+
+    Buffers are sized for the model's n_kv_heads, not n_heads (grouped-query attention stores each KV head once):
+    k[layer], v[layer]: (bs, n_kv_heads, max_len, head_dim). Attention is always SDPA here, whatever model.attn_impl."""
+
+    def __init__(self, args: "TransformerArgs", bs: int, max_len: int, pad=None, device=None, dtype=torch.float32):
+        from lingua.transformer import check_args  # the model args' own validation (no import cycle at load)
+
+        _, n_kv_heads, head_dim = check_args(args)
+        if max_len > args.max_seqlen:
+            raise LinguaError(f"KV cache of {max_len} tokens exceeds model.max_seqlen={args.max_seqlen}")
+        shape = (bs, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        pad = torch.zeros(bs, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
+        self.pad = pad.to(device)  # (bs,) padding slots at the start of each row
+        self.max_len = max_len
+        self.len = 0  # slots filled, the same for every row
+
+    def positions_and_mask(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `seqlen` new tokens written at slots len..len+seqlen-1: their RoPE positions (bs, seqlen) and the
+        SDPA bool mask (bs, 1, seqlen, len + seqlen), True = may attend."""
+        if self.len + seqlen > self.max_len:
+            raise LinguaError(f"KV cache is full: {self.len} + {seqlen} tokens > {self.max_len} slots")
+        device = self.pad.device
+        q_slot = torch.arange(self.len, self.len + seqlen, device=device)  # (seqlen,)
+        k_slot = torch.arange(self.len + seqlen, device=device)  # (len + seqlen,)
+        positions = (q_slot[None, :] - self.pad[:, None]).clamp(min=0)  # (bs, seqlen)
+        causal = k_slot[None, :] <= q_slot[:, None]  # (seqlen, len + seqlen)
+        real_key = k_slot[None, :] >= self.pad[:, None]  # (bs, len + seqlen)
+        mask = causal[None] & (real_key[:, None, :] | (k_slot[None, None, :] == q_slot[None, :, None]))
+        return positions, mask.unsqueeze(1)  # (bs, 1, seqlen, len + seqlen)
+
+    def layer(self, i: int) -> "LayerKVCache":
+        return LayerKVCache(self, i)
+
+
+class LayerKVCache:
+    """One layer's view of a KVCache: writes the new keys/values, returns all of them for attention."""
+
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def update(self, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """xk, xv: (bs, seqlen, n_kv_heads, head_dim) -> keys, values (bs, n_kv_heads, len + seqlen, head_dim)."""
+        c, start, end = self.cache, self.cache.len, self.cache.len + xk.shape[1]
+        c.k[self.i][:, :, start:end] = xk.transpose(1, 2).to(c.k[self.i].dtype)
+        c.v[self.i][:, :, start:end] = xv.transpose(1, 2).to(c.v[self.i].dtype)
+        return c.k[self.i][:, :, :end], c.v[self.i][:, :, :end]
+
+
+def attend_cached(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """xq: (bs, seqlen, n_heads, head_dim); keys, values: (bs, n_kv_heads, kv_len, head_dim) from the cache;
+    mask: (bs, 1, seqlen, kv_len). Returns (bs, seqlen, n_heads, head_dim)."""
+    n_rep = xq.shape[2] // keys.shape[1]
+    if n_rep > 1:  # query head h reads kv head h // n_rep, as repeat_kv does in training
+        keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
+    q = xq.transpose(1, 2)  # (bs, n_heads, seqlen, head_dim)
+    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+    return out.transpose(1, 2)

@@ -1,0 +1,207 @@
+"""How a model is parallelized, applied from outside the model in torchtitan's order: tensor parallel (+ sequence
+parallel norms, loss parallel output), activation checkpointing, torch.compile per block, then data parallel (FSDP2
+`fully_shard`, HSDP when both dp dims > 1, or `replicate` for fsdp_type=no_shard). Any model whose blocks live in
+`model.layers` works; the default tensor-parallel plan follows lingua.transformer's names.
+"""
+
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from lingua.distributed import DistributedArgs
+from lingua.errors import ConfigError, LinguaError
+
+logger = logging.getLogger(__name__)
+
+
+
+def _gather_sequence_style():
+    """A ParallelStyle for attention and feed-forward: their first input arrives sharded over the sequence (Shard(1),
+    from the sequence-parallel norm) and they need the whole sequence (Replicate, as a plain tensor); the other
+    inputs (RoPE tables, mask, KV cache) pass through. PrepareModuleInput would need one layout per input."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class GatherSequence(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh) -> nn.Module:
+            def hook(_module, args):
+                x = args[0]
+                if not isinstance(x, DTensor):
+                    x = DTensor.from_local(x, mesh, (Shard(1),), run_check=False)
+                return (x.redistribute(mesh, (Replicate(),)).to_local(), *args[1:])
+
+            module.register_forward_pre_hook(hook)
+            return module
+
+    return GatherSequence()
+
+
+def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
+    """Megatron-style plan for our block convention: colwise q/k/v and w1/w3, rowwise wo and w2, sequence-parallel
+    norms (activations between blocks are sharded over the sequence), and a vocab-sharded output for loss_parallel."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    if getattr(model, "output", None) is not None and model.output.weight is model.tok_embeddings.weight:
+        raise ConfigError("model.weight_tying=true cannot be combined with distributed.tp_size > 1")
+    attn = model.layers[0].attention
+    n_heads, n_kv_heads = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
+    hidden = model.layers[0].feed_forward.w1.out_features
+    for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads), ("the feed-forward width", hidden)):
+        if n % tp:
+            raise ConfigError(f"distributed.tp_size={tp} does not divide {what} ({n})")
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(
+                input_layouts=Shard(1),
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            ),
+        },
+    )
+    for block in model.layers:
+        plan = {
+            "attention_norm": SequenceParallel(),
+            "attention": _gather_sequence_style(),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": _gather_sequence_style(),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        parallelize_module(block, tp_mesh, plan)
+
+
+def _sac_policy():
+    """Selective AC: keep the outputs of matmuls, attention and TP's reduce-scatters; recompute pointwise ops."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    names = ["aten.mm.default", "aten.addmm.default", "aten.bmm.default",
+             "aten._scaled_dot_product_flash_attention.default",
+             "aten._scaled_dot_product_efficient_attention.default",
+             "aten._scaled_dot_product_flash_attention_for_cpu.default",
+             "_c10d_functional.reduce_scatter_tensor.default"]
+    save = set()
+    for name in names:
+        ns, op, overload = name.split(".")
+        packet = getattr(getattr(torch.ops, ns), op, None)
+        if packet is not None:
+            save.add(getattr(packet, overload))
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_ac(model: nn.Module, selective: bool) -> None:
+    """Wrap each block: full recomputation, or selective (save matmul outputs, recompute the rest)."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs = {"preserve_rng_state": False}  # no dropout: recomputation needs no RNG replay
+    if selective:
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _sac_policy())
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, **kwargs)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (parameter names stay the same, so checkpoints do not see compilation)."""
+    for block in model.layers:
+        block.compile()
+
+
+def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype) -> None:
+    """FSDP2 per block then on the root (full_shard; HSDP when both dp dims > 1), or replicate (no_shard)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if args.fsdp_type == "no_shard":
+        # DDP built on FSDP2's machinery: parameters are replicated DTensors, gradients all-reduced per block.
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for block in model.layers:
+            replicate(block, mesh=mesh["dp_replicate"], mp_policy=mp)
+        replicate(model, mesh=mesh["dp_replicate"], mp_policy=mp)
+        return
+    # HSDP when both dims > 1: shard over dp_shard, replicate over dp_replicate. With dp_shard=1, full_shard shards
+    # over the replicas' dim (lingua's semantics: full_shard means "shard over every data-parallel rank" then).
+    if rep > 1 and shard > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"]
+    else:
+        dp_mesh = mesh["dp_shard" if shard > 1 else "dp_replicate"]
+    for i, block in enumerate(model.layers):
+        # The root reshards the last block right away anyway; keeping it unsharded saves one all-gather.
+        reshard = args.fsdp_reshard_after_forward and i < len(model.layers) - 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # The root holds the embedding, the final norm and the output (tied weights stay one parameter in one group).
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=args.fsdp_reshard_after_forward)
+
+
+def apply_float8(model: nn.Module, args: DistributedArgs, tp_size: int) -> None:
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise LinguaError(f"distributed.float8_recipe={args.float8_recipe} needs a CUDA GPU (float8 matmuls have no "
+                          "CPU kernels): set distributed.float8_recipe=null")
+    if torch.cuda.get_device_capability() < (8, 9):
+        raise LinguaError(f"distributed.float8_recipe needs compute capability >= 8.9 (H100, L4, RTX 40xx); "
+                          f"{torch.cuda.get_device_name()} has {torch.cuda.get_device_capability()}")
+    if tp_size > 1:
+        raise ConfigError("distributed.float8_recipe is not supported with distributed.tp_size > 1 here")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise LinguaError(f"distributed.float8_recipe needs torchao ({e}): pip install torchao") from None
+    convert_to_float8_training(
+        model,
+        config=Float8LinearConfig.from_recipe_name(args.float8_recipe),
+        module_filter_fn=lambda mod, fqn: fqn != "output",  # the vocab projection stays in high precision
+    )
+
+
+def parallelize_model(
+    model: nn.Module,
+    mesh,
+    args: DistributedArgs,
+    param_dtype: torch.dtype = torch.float32,
+    tp_plan: Optional[Callable] = None,
+) -> nn.Module:
+    """float8 -> TP -> activation checkpointing -> compile per block -> FSDP2/replicate. `mesh` is None on one
+    process. Call it on the meta-device model, then `to_empty` + `init_weights` (see lingua.train.build_model)."""
+    tp = mesh["tp"].size() if mesh is not None else 1
+    applied = []
+    if args.float8_recipe:
+        apply_float8(model, args, tp)
+        applied.append(f"float8 {args.float8_recipe}")
+    if tp > 1:
+        (tp_plan or apply_tp)(model, mesh["tp"], args.loss_parallel)
+        applied.append(f"tensor parallel x{tp} (sequence parallel{', loss parallel' if args.loss_parallel else ''})")
+    if args.activation_checkpointing or args.selective_activation_checkpointing:
+        apply_ac(model, selective=args.selective_activation_checkpointing)
+        applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
+    if args.compile:
+        apply_compile(model)
+        applied.append("compile per block")
+    rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
+    if rep * shard > 1:
+        apply_data_parallel(model, mesh, args, param_dtype)
+        if args.fsdp_type == "no_shard":
+            applied.append(f"replicate (DDP) x{rep}")
+        else:
+            applied.append(f"FSDP2 {'HSDP ' + str(rep) + ' x ' if rep > 1 and shard > 1 else ''}full_shard x{rep * shard}")
+    logger.info("parallelism: " + (" | ".join(applied) or "none (one process)"))
+    return model
