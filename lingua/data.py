@@ -288,15 +288,10 @@ def _worker(plan: Plan, state: dict, out, stop) -> None:
 
 
 def _stop_worker(proc, stop, q) -> None:
+    """Stop the child without reading from the queue: a child that exits mid-write (it cancels its feeder thread once
+    `stop` is set) can leave half a message in the pipe, and a `get` on that would block forever."""
     stop.set()
-    for _ in range(100):  # let the child see `stop`; drain so its queue feeder can finish
-        if not proc.is_alive():
-            break
-        try:
-            q.get(timeout=0.05)
-        except (queue.Empty, OSError, EOFError, ValueError):
-            pass
-    proc.join(timeout=2)
+    proc.join(timeout=3)  # the child checks `stop` at least every 0.2 s while it waits to put a batch
     if proc.is_alive():
         proc.terminate()
         proc.join(timeout=2)

@@ -194,9 +194,10 @@ def _wait_for(pred, timeout=120.0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
-def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path, sig):
-    steps = dict(steps=400, checkpoint__dump__every=0, optim__warmup=0)
+@pytest.mark.parametrize("sig, load_async", [(signal.SIGUSR2, False), (signal.SIGTERM, True)])
+def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path, sig, load_async):
+    # with the async loader the exit must also stop its child process without hanging (communicate's timeout)
+    steps = dict(steps=400, checkpoint__dump__every=0, optim__warmup=0, data__load_async=load_async)
     ref = tmp_path / "ref"
     subprocess.run(_cli(tiny_corpus, ref, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
     run_dir = tmp_path / "run"
