@@ -1,0 +1,381 @@
+"""A Mamba-2 language model (Dao & Gu, 2024, "Transformers are SSMs"), in reading order: args, the fused-kernel switch,
+gated RMSNorm, the mixer, the block, the recurrent cache, the model, FLOPs.
+
+    mixer: in_proj -> [z | x B C | dt];  x B C -> causal depthwise conv (width 4) -> SiLU
+           dt -> softplus(dt + dt_bias);  y = SSD(x, dt, A = -exp(A_log), B, C) + D * x
+           out_proj(RMSNorm(y * SiLU(z)))
+    block: h = x + mixer(RMSNorm(x))  [+ SwiGLU MLP with its own pre-norm, when model.mlp]
+
+A is a scalar per head (times the identity): the SSD form, whose chunked scan lives in apps/mamba/ssd.py. Training
+and evaluation run the chunked scan (or the mamba_ssm kernels on CUDA, see `use_kernels`); generation carries each
+layer's recurrent state (SSM state + the conv's last inputs) in a `MambaCache` instead of a KV cache.
+
+Documents packed in one row do not see each other: where tok_idx == 0 the SSM state restarts and the conv reads no
+input from before it. Plain PyTorch, built on the meta device then `to_empty` + `init_weights()`, like the transformer.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apps.mamba.ssd import causal_conv, ssd_chunked, ssd_step
+from lingua.errors import ConfigError, LinguaError, require
+from lingua.transformer import FeedForward, RMSNorm, _trunc_normal_, ffn_hidden_dim
+
+SSM_IMPLS = ("auto", "torch", "mamba_ssm")
+
+
+@dataclass
+class MambaArgs:
+    dim: int = 512
+    n_layers: int = 8
+    vocab_size: int = -1
+    d_state: int = 64  # N: size of each head's state per channel
+    d_conv: int = 4  # width of the causal depthwise convolution
+    expand: int = 2  # d_inner = expand * dim channels go through the SSM
+    head_dim: int = 64  # P: channels per head; n_heads = d_inner // head_dim, each with its own decay
+    n_groups: int = 1  # B and C are shared by the n_heads // n_groups heads of a group (like GQA's KV heads)
+    chunk_size: int = 64  # Q of the chunked scan: quadratic inside a chunk, a state passed between chunks
+    A_init_min: float = 1.0  # A = -exp(A_log) starts uniform in -[A_init_min, A_init_max]
+    A_init_max: float = 16.0
+    dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    mlp: bool = False  # a SwiGLU MLP after each mixer (Mamba-2 stacks mixers only)
+    ffn_dim_multiplier: Optional[float] = None
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    init_base_std: Optional[float] = None  # None: dim ** -0.5 (d_inner ** -0.5 for out_proj)
+    max_seqlen: int = 1024  # no positional limit: bounds data.seq_len and generation, as for the transformer
+    weight_tying: bool = False
+    ssm_impl: str = "auto"  # auto: mamba_ssm kernels on CUDA when installed | torch | mamba_ssm (required)
+    seed: int = 42
+
+
+def check_args(args: MambaArgs) -> tuple[int, int]:
+    """Validate; return (d_inner, n_heads)."""
+    for key in ("dim", "n_layers", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size", "max_seqlen"):
+        if getattr(args, key) <= 0:
+            raise ConfigError(f"model.{key} must be > 0 (got {getattr(args, key)})")
+    d_inner = args.expand * args.dim
+    if d_inner % args.head_dim:
+        raise ConfigError(f"model.head_dim={args.head_dim} does not divide expand * dim = {d_inner}")
+    n_heads = d_inner // args.head_dim
+    if n_heads % args.n_groups:
+        raise ConfigError(f"model.n_groups={args.n_groups} does not divide the {n_heads} heads")
+    if not 0 < args.A_init_min <= args.A_init_max:
+        raise ConfigError(f"need 0 < model.A_init_min <= model.A_init_max (got {args.A_init_min}, {args.A_init_max})")
+    if not 0 < args.dt_min <= args.dt_max:
+        raise ConfigError(f"need 0 < model.dt_min <= model.dt_max (got {args.dt_min}, {args.dt_max})")
+    if args.ssm_impl not in SSM_IMPLS:
+        raise ConfigError(f"model.ssm_impl={args.ssm_impl!r} is not one of {', '.join(SSM_IMPLS)}")
+    return d_inner, n_heads
+
+
+# ---------------------------------------------------------------- the fused kernels (optional extra `mamba`, CUDA)
+
+
+@functools.cache
+def _kernels() -> Optional[tuple]:
+    """(mamba_chunk_scan_combined, causal_conv1d_fn or None), or None when mamba_ssm is not installed. Imported on
+    first use only: mamba_ssm pulls in triton and CUDA extensions."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        causal_conv1d_fn = None
+    return mamba_chunk_scan_combined, causal_conv1d_fn
+
+
+def use_kernels(ssm_impl: str, device: torch.device) -> bool:
+    """auto: the mamba_ssm kernels on CUDA when installed, else the PyTorch scan; torch: always the PyTorch scan;
+    mamba_ssm: the kernels or an error."""
+    if ssm_impl == "torch":
+        return False
+    if ssm_impl == "mamba_ssm":
+        if device.type != "cuda":
+            raise LinguaError(f"model.ssm_impl=mamba_ssm runs only on CUDA (got {device.type}): use ssm_impl=auto")
+        require("mamba_ssm", "mamba")
+        return True
+    return device.type == "cuda" and _kernels() is not None
+
+
+# ---------------------------------------------------------------- the blocks
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * SiLU(z)) * weight over groups of d_inner // n_groups channels, in fp32 (mamba_ssm's RMSNormGated
+    with norm_before_gate=False): the gate z comes from in_proj, next to the SSM input."""
+
+    def __init__(self, dim: int, n_groups: int, eps: float):
+        super().__init__()
+        self.n_groups, self.eps = n_groups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = (y.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))  # (..., n_groups, dim // n_groups)
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (h * self.weight.float()).type_as(y)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, args: MambaArgs):
+        super().__init__()
+        self.args = args
+        self.d_inner, self.n_heads = check_args(args)
+        self.conv_dim = self.d_inner + 2 * args.n_groups * args.d_state  # x, B and C go through the conv
+        # one projection for all of [z (gate) | x | B | C | dt], in mamba_ssm's order
+        self.in_proj = nn.Linear(args.dim, self.d_inner + self.conv_dim + self.n_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, args.d_conv))  # nn.Conv1d's (channels, 1, width)
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))  # softplus(dt + dt_bias): each head's step size
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))  # A = -exp(A_log) < 0: each head's decay rate
+        self.D = nn.Parameter(torch.empty(self.n_heads))  # skip connection around the SSM
+        self.norm = GatedRMSNorm(self.d_inner, args.n_groups, args.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, args.dim, bias=False)
+
+    def forward(self, u: torch.Tensor, tok_idx: Optional[torch.Tensor] = None,
+                cache: Optional["LayerMambaCache"] = None) -> torch.Tensor:
+        """u: (bs, seqlen, dim) -> (bs, seqlen, dim). tok_idx: positions inside documents (state resets at 0), or
+        None (one document per row). cache: decoding; the state continues from it and is updated in place."""
+        bs, seqlen, _ = u.shape
+        a = self.args
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (n_heads,)
+        if cache is None and use_kernels(a.ssm_impl, u.device):
+            y, x = self._kernel_scan(xBC, dt, A, tok_idx)
+        else:
+            if cache is not None:  # left padding: zero inputs and step sizes keep state and conv buffer at zero
+                xBC = xBC * cache.real[..., None].to(xBC.dtype)
+            xBC, conv_state = causal_conv(xBC, self.conv_weight, self.conv_bias, tok_idx,
+                                          None if cache is None else cache.conv)
+            x, B, C = F.silu(xBC).split([self.d_inner, a.n_groups * a.d_state, a.n_groups * a.d_state], dim=-1)
+            x = x.unflatten(-1, (self.n_heads, a.head_dim))  # (bs, seqlen, n_heads, head_dim)
+            B, C = (t.unflatten(-1, (a.n_groups, a.d_state)) for t in (B, C))  # (bs, seqlen, n_groups, d_state)
+            dt = F.softplus(dt.float() + self.dt_bias.float())  # (bs, seqlen, n_heads)
+            if cache is None:
+                reset = None if tok_idx is None else tok_idx == 0
+                with torch.autocast(u.device.type, enabled=False):  # the scan's exp/cumsum need fp32
+                    y, _ = ssd_chunked(x, dt, A, B, C, a.chunk_size, reset)
+            else:
+                dt = dt * cache.real[..., None]
+                if seqlen == 1:  # decoding: the recurrent step
+                    y, state = ssd_step(cache.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+                    y = y[:, None]
+                else:  # prefill: the chunked scan, started from (and ending in) the cached state
+                    y, state = ssd_chunked(x, dt, A, B, C, a.chunk_size, initial_state=cache.ssm)
+                cache.ssm, cache.conv = state, conv_state
+        y = y + x.float() * self.D.float()[:, None]  # (bs, seqlen, n_heads, head_dim)
+        y = self.norm(y.flatten(-2).to(u.dtype), z)  # (bs, seqlen, d_inner)
+        return self.out_proj(y)  # (bs, seqlen, dim)
+
+    def _kernel_scan(self, xBC, dt, A, tok_idx):
+        """The same mixer core through mamba_ssm's Triton scan (and causal_conv1d's CUDA conv when installed);
+        documents are told apart by seq_idx, their number in the row."""
+        a = self.args
+        scan, conv1d = _kernels()
+        seq_idx = None
+        if tok_idx is not None:
+            seq_idx = (torch.cumsum(tok_idx == 0, dim=1) - 1).clamp(min=0).to(torch.int32).contiguous()
+        if conv1d is not None:
+            xBC = conv1d(xBC.contiguous().transpose(1, 2), self.conv_weight, self.conv_bias, seq_idx=seq_idx,
+                         activation="silu").transpose(1, 2)
+        else:
+            xBC = F.silu(causal_conv(xBC, self.conv_weight, self.conv_bias, tok_idx)[0])
+        x, B, C = xBC.split([self.d_inner, a.n_groups * a.d_state, a.n_groups * a.d_state], dim=-1)
+        x = x.unflatten(-1, (self.n_heads, a.head_dim))
+        B, C = B.unflatten(-1, (a.n_groups, a.d_state)), C.unflatten(-1, (a.n_groups, a.d_state))
+        y = scan(x, dt, A, B, C, a.chunk_size, D=None, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx)
+        return y, x
+
+    def init_weights(self, init_base_std: Optional[float], n_layers: int):
+        from lingua.distributed import init_shard_
+
+        a = self.args
+        _trunc_normal_(self.in_proj.weight, init_base_std or a.dim**-0.5)
+        # residual output projections scaled down by depth, as mamba_ssm does (GPT-2's 1/sqrt(2 * n_layers))
+        _trunc_normal_(self.out_proj.weight, (init_base_std or self.d_inner**-0.5) / math.sqrt(2 * n_layers))
+        bound = a.d_conv**-0.5  # nn.Conv1d's default for a depthwise conv (fan_in = width)
+        for p in (self.conv_weight, self.conv_bias):
+            init_shard_(p, lambda block, gen: block.uniform_(-bound, bound, generator=gen))
+
+        def dt_bias(block, gen):  # dt log-uniform in [dt_min, dt_max]; dt_bias = softplus^-1(dt)
+            lo, hi = math.log(a.dt_min), math.log(a.dt_max)
+            dt = torch.exp(block.uniform_(0, 1, generator=gen) * (hi - lo) + lo).clamp(min=a.dt_init_floor)
+            block.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+        init_shard_(self.dt_bias, dt_bias)
+        init_shard_(self.A_log, lambda block, gen: block.copy_(
+            block.uniform_(a.A_init_min, a.A_init_max, generator=gen).log()))
+        nn.init.ones_(self.D)
+        self.norm.reset_parameters()
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, args: MambaArgs):
+        super().__init__()
+        self.mixer_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mixer = Mamba2Mixer(args)
+        if args.mlp:
+            self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+            self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of,
+                                                                     args.ffn_dim_multiplier))
+
+    def forward(self, x, tok_idx=None, cache: Optional["LayerMambaCache"] = None) -> torch.Tensor:
+        h = x + self.mixer(self.mixer_norm(x), tok_idx, cache)  # pre-norm residual
+        if hasattr(self, "feed_forward"):
+            h = h + self.feed_forward(self.ffn_norm(h))
+        return h
+
+    def init_weights(self, init_base_std: Optional[float], n_layers: int):
+        self.mixer_norm.reset_parameters()
+        self.mixer.init_weights(init_base_std, n_layers)
+        if hasattr(self, "feed_forward"):
+            self.ffn_norm.reset_parameters()
+            self.feed_forward.init_weights(init_base_std, math.sqrt(2 * n_layers))
+
+
+# ---------------------------------------------------------------- the recurrent cache (inference only)
+
+
+class MambaCache:
+    """What decoding carries instead of a KV cache: per layer, the SSM state (bs, n_heads, head_dim, d_state) in fp32
+    and the conv's last d_conv - 1 inputs (bs, d_conv - 1, conv_dim). Constant size, whatever the length.
+
+    Prompts are left-padded (`pad[b]` slots at the start of row b): at padding slots the mixer zeroes its conv input
+    and its step size, so state and conv buffer stay exactly zero until the row's first real token, which then starts
+    from the same zero state as an unpadded prompt. `len` counts the slots consumed (the same for every row)."""
+
+    def __init__(self, args: MambaArgs, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32):
+        d_inner, n_heads = check_args(args)
+        if max_len > args.max_seqlen:
+            raise LinguaError(f"generation of {max_len} tokens exceeds model.max_seqlen={args.max_seqlen}")
+        conv_dim = d_inner + 2 * args.n_groups * args.d_state
+        self.ssm = [torch.zeros(bs, n_heads, args.head_dim, args.d_state, device=device, dtype=torch.float32)
+                    for _ in range(args.n_layers)]
+        self.conv = [torch.zeros(bs, args.d_conv - 1, conv_dim, device=device, dtype=dtype)
+                     for _ in range(args.n_layers)]
+        pad = torch.zeros(bs, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
+        self.pad = pad.to(device)  # (bs,)
+        self.max_len = max_len
+        self.len = 0
+        self.real = None  # (bs, seqlen) bool for the tokens of the current forward: not padding
+
+    def start(self, seqlen: int) -> None:
+        if self.len + seqlen > self.max_len:
+            raise LinguaError(f"cache is full: {self.len} + {seqlen} tokens > {self.max_len}")
+        slots = torch.arange(self.len, self.len + seqlen, device=self.pad.device)
+        self.real = slots[None, :] >= self.pad[:, None]
+
+    def layer(self, i: int) -> "LayerMambaCache":
+        return LayerMambaCache(self, i)
+
+
+class LayerMambaCache:
+    """One layer's view of a MambaCache: its states, read and replaced by the mixer."""
+
+    def __init__(self, cache: MambaCache, i: int):
+        self.cache, self.i = cache, i
+
+    real = property(lambda self: self.cache.real)
+    ssm = property(lambda self: self.cache.ssm[self.i], lambda self, v: self.cache.ssm.__setitem__(self.i, v))
+    conv = property(lambda self: self.cache.conv[self.i], lambda self, v: self.cache.conv.__setitem__(self.i, v))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Mamba(nn.Module):
+    def __init__(self, args: MambaArgs):
+        super().__init__()
+        check_args(args)
+        if args.vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size must be > 0 (got {args.vocab_size}): set it to the tokenizer's")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.weight_tying:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[MambaCache] = None):
+        """tokens, tok_idx: int64 (bs, seqlen); target: (bs, seqlen), or (bs, seqlen, n_views - 1) of which the next
+        token (view 0) is scored. Logits (bs, seqlen, vocab_size), or the mean loss if target.
+        With a `cache` (generation): the next seqlen tokens of every row; the cache advances."""
+        bs, seqlen = tokens.shape
+        if cache is not None:
+            cache.start(seqlen)
+        elif seqlen > self.args.max_seqlen:
+            raise LinguaError(f"sequence length {seqlen} exceeds model.max_seqlen={self.args.max_seqlen}")
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, tok_idx, None if cache is None else cache.layer(i))
+        logits = self.output(self.norm(h))  # (bs, seqlen, vocab_size)
+        if cache is not None:
+            cache.len += seqlen
+        if target is None:
+            return logits
+        if target.dim() == 3:
+            target = target[..., 0]
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))
+
+    def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> MambaCache:
+        """The generator's inference state (lingua.generate): recurrent states instead of keys and values."""
+        return MambaCache(self.args, bs, max_len, pad, device, dtype)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)initialise every parameter in place after `to_empty`, shard-independently (see init_shard_)."""
+        args = self.args
+        if args.weight_tying:  # to_empty materialises each parameter separately, which unties them
+            self.output.weight = self.tok_embeddings.weight
+        std = args.init_base_std or args.dim**-0.5
+        _trunc_normal_(self.tok_embeddings.weight, std)
+        for layer in self.layers:
+            layer.init_weights(args.init_base_std, args.n_layers)
+        self.norm.reset_parameters()
+        if not args.weight_tying:
+            _trunc_normal_(self.output.weight, std)
+
+    def reset_parameters(self):
+        self.init_weights()
+
+
+# ---------------------------------------------------------------- counting
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    """Parameters outside the token embedding and the output projection (tied or not), each counted once."""
+    seen = {}
+    for name, p in model.named_parameters():
+        if not name.startswith(("tok_embeddings.", "output.")):
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def flops_per_token(args: MambaArgs, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as lingua counts the transformer: 6 per matmul
+    weight (in_proj, out_proj, MLP, the output projection) plus the scan. Forward scan per layer and token, with
+    Q = min(chunk_size, seq_len): C.B scores 2*Q*n_groups*d_state, scores x inputs 2*Q*d_inner, the chunk states and
+    reading the carried state 2*d_inner*d_state each. Elementwise work (conv, norms, gates) is left out."""
+    d_inner, n_heads = check_args(args)
+    conv_dim = d_inner + 2 * args.n_groups * args.d_state
+    per_layer = args.dim * (d_inner + conv_dim + n_heads) + d_inner * args.dim
+    if args.mlp:
+        per_layer += 3 * args.dim * ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    matmul = args.n_layers * per_layer + args.vocab_size * args.dim
+    Q = min(args.chunk_size, seq_len)
+    scan = 2 * Q * args.n_groups * args.d_state + 2 * Q * d_inner + 4 * d_inner * args.d_state
+    return 6 * matmul + 3 * args.n_layers * scan
