@@ -32,6 +32,7 @@ from lingua.evaluation import EvalArgs, evaluate
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
 from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_
 from lingua.precision import autocast_context, resolve_model_dtype
+from lingua.probe import Probe, ProbeArgs
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import TransformerArgs
@@ -53,6 +54,7 @@ class TrainArgs:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
+    probe: ProbeArgs = field(default_factory=ProbeArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
 
 
@@ -210,6 +212,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
                                                run_name=args.name, config_dict=config_to_dict(args)))
     preempt = stack.enter_context(Preemption())
     profiler = stack.enter_context(maybe_profile(args.profiling, args.dump_dir, dist_state.rank, device))
+    probe = Probe(args.probe, args.dump_dir, dist_state.rank)
+    stack.callback(probe.close)
     progress = Progress(args.steps, start=step, enabled=dist_state.is_main and args.logging.progress)
     autocast = autocast_context(device, dtype)
     data_iter = iter(data)
@@ -232,6 +236,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         step_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         data_s = 0.0
+        probe.before_step(step + 1, model)  # off steps: one integer test, no hooks
         for micro in range(args.grad_acc_steps):
             t0 = time.perf_counter()
             batch = _to_device(next(data_iter), device)
@@ -242,6 +247,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
                     loss = model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
                 (loss / args.grad_acc_steps).backward()
             loss_sum += _local(loss.detach())
+        probe.after_backward(step + 1, model)
         # One small collective per step: the global mean loss, and whether any rank was asked to stop.
         flags = torch.stack([loss_sum / args.grad_acc_steps, torch.tensor(float(preempt.requested is not None), device=device)])
         dist_state.all_reduce(flags)

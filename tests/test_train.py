@@ -224,3 +224,14 @@ def test_kill_9_then_rerun_resumes_from_last_complete(tiny_corpus, tmp_path):
     proc.wait()
     subprocess.run(_cli(tiny_corpus, run_dir, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
     assert losses(ref)[300] == losses(run_dir)[300]
+
+
+def test_probe_runs_inside_the_train_loop(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=4, probe__every=2)
+    rows = [r for f in sorted((tmp_path / "probe").glob("*.jsonl")) for r in read_jsonl(f)]
+    assert sorted({r["step"] for r in rows}) == [2, 4]
+    kinds = {r["kind"] for r in rows}
+    assert {"activation", "weight", "grad"} <= kinds
+    acts = [r for r in rows if r["kind"] == "activation" and r["step"] == 2]
+    assert sorted(r["layer"] for r in acts) == ["layers.0", "layers.1"]
+    assert all(r["std"] > 0 and r["max_abs"] > 0 for r in acts)
