@@ -232,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = [load_run(d) for d in args.run_dirs]
         unique_names(runs, [Path(d) for d in args.run_dirs])
         xs = ["step", "tokens"] if args.x == "both" else [args.x]
-        written = plot_runs(runs, args.out or Path(args.run_dirs[0]) / "plots", xs, args.smooth)
+        out = args.out or Path(args.run_dirs[0]) / "plots"
+        written = plot_runs(runs, out, xs, args.smooth)
+        if any((Path(d) / "probe").is_dir() for d in args.run_dirs):
+            from lingua.probe import plot_probes  # imports torch: only when a run has probe records
+
+            written += plot_probes(args.run_dirs, out)
     except LinguaError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -235,3 +235,10 @@ def test_probe_runs_inside_the_train_loop(tiny_corpus, tmp_path):
     acts = [r for r in rows if r["kind"] == "activation" and r["step"] == 2]
     assert sorted(r["layer"] for r in acts) == ["layers.0", "layers.1"]
     assert all(r["std"] > 0 and r["max_abs"] > 0 for r in acts)
+    # the plotting tool draws the probe records of a real run next to its curves
+    from lingua.plot import main as plot_main
+
+    assert plot_main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
+    pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert {"loss_step.png", "probe_activation.png", "probe_grad.png"} <= pngs, pngs
+    assert all((tmp_path / "plots" / n).stat().st_size > 5000 for n in pngs)
