@@ -10,11 +10,13 @@ A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save 
 """
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -125,7 +127,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with _single_process_is_fine():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         _write_json(tmp / f"train_state_{_rank():05d}.json", train_state)
         _barrier()  # every rank has written its shards and train state
         if _rank() == 0:
@@ -165,10 +168,19 @@ class CheckpointManager:
         return states
 
 
+@contextlib.contextmanager
+def _single_process_is_fine():
+    """DCP warns on every save/load without a process group; one process is a supported layout here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _dcp_load(state: dict, path: Path) -> None:
     """dcp.load with a one-line error for a corrupt checkpoint or one from another model."""
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_is_fine():
+            dcp.load(state, checkpoint_id=str(path))
     except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps per-rank failures (a BaseException)
         msg = str(e)
         for line in msg.splitlines():
