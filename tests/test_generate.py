@@ -183,7 +183,7 @@ def test_generate_app_prints_completions_and_throughput(consolidated_dir, tmp_pa
                            "max_gen_len=5", "temperature=0.7", "top_k=20"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "=== [1/1] 'ROMEO:'" in proc.stdout and "tok/s (batch_size 8, KV cache on)" in proc.stdout
+    assert "=== [1/1] 'ROMEO:'" in proc.stdout and "tok/s (batch_size 8, cache on)" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "apps.main.generate", f"ckpt_dir={consolidated_dir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: give prompt=")

@@ -45,7 +45,7 @@ def read_prompts(args: GenerateAppArgs) -> list[str]:
 
 def format_stats(stats: GenerationStats, args: GeneratorArgs) -> str:
     return (f"{stats.generated_tokens} tokens for {stats.prompts} prompt(s) in {stats.seconds:.2f}s: "
-            f"{stats.tok_per_s:.1f} tok/s (batch_size {args.batch_size}, KV cache {'on' if args.use_cache else 'off'})")
+            f"{stats.tok_per_s:.1f} tok/s (batch_size {args.batch_size}, cache {'on' if args.use_cache else 'off'})")
 
 
 def main(args: GenerateAppArgs, prompt: Optional[str] = None, **model_kinds) -> tuple[list[str], GenerationStats]:
