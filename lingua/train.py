@@ -203,6 +203,9 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         load_model_weights(args.checkpoint.init_ckpt_path, model)
         logger.info(f"initialised weights from {args.checkpoint.init_ckpt_path}")
 
+    if step >= args.steps:  # re-running a finished run (e.g. the quickstart again) costs nothing
+        logger.info(f"run already complete at step {step} (steps={args.steps}): nothing to do")
+        return {"step": step, "status": "done", "loss": float("nan")}
     peak, peak_src = peak_flops(device, dtype, args.logging.peak_flops)
     flops_per_token = spec.flops_per_token(args.model, args.data.seq_len)
     logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")

@@ -242,3 +242,11 @@ def test_probe_runs_inside_the_train_loop(tiny_corpus, tmp_path):
     pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
     assert {"loss_step.png", "probe_activation.png", "probe_grad.png"} <= pngs, pngs
     assert all((tmp_path / "plots" / n).stat().st_size > 5000 for n in pngs)
+
+
+def test_rerunning_a_finished_run_does_nothing(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, steps=4)
+    before = (tmp_path / "metrics.eval.jsonl").read_text()
+    result = run(tiny_corpus, tmp_path, steps=4)
+    assert result["step"] == 4 and result["status"] == "done"
+    assert (tmp_path / "metrics.eval.jsonl").read_text() == before  # no second evaluation
