@@ -52,7 +52,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from lingua.errors import LinguaError
-from lingua.jsonl import chunk_files, initial_cursor, merge_cursors, mixed_documents, read_lines
+from lingua.jsonl import chunk_files, initial_cursor, merge_cursors, mixed_documents
 from lingua.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -415,69 +415,3 @@ class DataLoader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Validation.
-
-def val_iterator(root_dir, source: str, tokenizer, seq_len: int, batch_size: int, max_docs: Optional[int] = None,
-                 add_bos: bool = True, add_eos: bool = True, dp_rank: int = 0, dp_size: int = 1):
-    """Yield (batch, n_bytes) over `<root_dir>/<source>/<source>.val.jsonl` (root_dir: a path or a DataArgs;
-    tokenizer: a tokenizer or a TokenizerArgs), reading documents i % dp_size == dp_rank among the first max_docs.
-
-    batch: `input`, `target`, `tok_idx`, `mask`, each [B, S] int64. Documents are packed as in training (stride S);
-    the last sequence and batch are padded and `mask` is 1 exactly on real targets, so every token but the very first
-    (a BOS when add_bos) is scored exactly once. n_bytes: UTF-8 bytes of the documents that start in the batch; summed
-    over the iterator it is the size of all the text, so bits per byte = sum of masked target NLLs (nats) / (ln 2 *
-    total bytes)."""
-    if isinstance(tokenizer, TokenizerArgs):
-        tokenizer = build_tokenizer(tokenizer.name, tokenizer.path)
-    root_dir = getattr(root_dir, "root_dir", root_dir)
-    path = os.path.join(root_dir, source, f"{source}.val.jsonl")
-    if not os.path.isfile(path):
-        raise LinguaError(f"no validation file for source '{source}': {path}")
-    S = seq_len
-
-    def sequences():
-        tokens, starts, pending = np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), 0
-        for i, (text, _) in enumerate(read_lines(path, "validation file")):
-            if max_docs is not None and i >= max_docs:
-                break
-            if i % dp_size != dp_rank:
-                continue
-            doc = np.asarray(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=np.int64)
-            flags = np.zeros(len(doc), dtype=bool)
-            flags[:1] = True
-            tokens, starts = np.concatenate([tokens, doc]), np.concatenate([starts, flags])
-            pending += len(text.encode("utf-8"))
-            while len(tokens) >= S + 1:
-                yield tokens[: S + 1], segment_positions(starts[:S]), np.ones(S, dtype=np.int64), pending
-                tokens, starts, pending = tokens[S:], starts[S:], 0
-        if len(tokens) > 1:  # the tail: pad, mask the padding
-            n = len(tokens) - 1
-            seq = np.zeros(S + 1, dtype=np.int64)
-            seq[: n + 1] = tokens
-            flags = np.zeros(S, dtype=bool)
-            flags[:n] = starts[:n]
-            flags[n] = True  # the padding is a segment of its own (n < S: a full sequence left the loop above)
-            mask = np.zeros(S, dtype=np.int64)
-            mask[:n] = 1
-            yield seq, segment_positions(flags), mask, pending
-
-    rows = []
-    for row in sequences():
-        rows.append(row)
-        if len(rows) == batch_size:
-            yield _val_batch(rows, S), sum(r[3] for r in rows)
-            rows = []
-    if rows:
-        n_bytes = sum(r[3] for r in rows)
-        while len(rows) < batch_size:  # keep shapes static: padded rows are fully masked
-            rows.append((np.zeros(S + 1, dtype=np.int64), np.arange(S), np.zeros(S, dtype=np.int64), 0))
-        yield _val_batch(rows, S), n_bytes
-
-
-def _val_batch(rows, S: int) -> dict:
-    tokens = np.stack([r[0] for r in rows])
-    return {"input": tokens[:, :S], "target": tokens[:, 1: S + 1], "tok_idx": np.stack([r[1] for r in rows]),
-            "mask": np.stack([r[2] for r in rows])}

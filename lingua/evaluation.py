@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lingua.data import DataArgs, val_iterator
+from lingua.data import DataArgs
+from lingua.val_data import val_iterator
 
 logger = logging.getLogger(__name__)
 
