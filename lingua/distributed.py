@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -64,8 +65,10 @@ def _slurm_master_addr(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+    except (OSError, subprocess.CalledProcessError, IndexError):  # no scontrol (or no slurm.conf) here: parse it
+        first = re.split(r",(?![^\[]*\])", nodelist)[0]  # "node[01-02,05],gpu7" -> "node[01-02,05]"
+        m = re.match(r"([^\[]*)\[([^\],-]+)", first)  # -> "node" + "01"
+        return (m.group(1) + m.group(2) if m else first) or "127.0.0.1"
 
 
 def detect_env(environ=None) -> DistEnv:
