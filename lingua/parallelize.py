@@ -16,6 +16,15 @@ from lingua.errors import ConfigError, LinguaError
 logger = logging.getLogger(__name__)
 
 
+def no_tensor_parallel(app: str) -> Callable:
+    """A ModelSpec.tp_plan for a model without one: tp_size > 1 fails with one line naming the app."""
+
+    def refuse(model, tp_mesh, loss_parallel):
+        raise ConfigError(f"{app} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
+
+    return refuse
+
+
 
 def _gather_sequence_style():
     """A ParallelStyle for attention and feed-forward: their first input arrives sharded over the sequence (Shard(1),

@@ -122,6 +122,13 @@ def _trunc_normal_(weight: torch.Tensor, std: float):
     init_shard_(weight, lambda block, gen: nn.init.trunc_normal_(block, 0.0, std, -3 * std, 3 * std, generator=gen))
 
 
+def next_token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy with an fp32 softmax over the vocab; a (bs, seqlen, n_views - 1) target scores view 0 (t+1)."""
+    if target.dim() == 3:
+        target = target[..., 0]
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich), computed in fp32 whatever the activation dtype."""
 
@@ -260,7 +267,7 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))  # (bs, seqlen, vocab_size)
         if target is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))  # fp32 softmax over the vocab
+        return next_token_loss(logits, target)
 
     def _forward_cached(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         positions, mask = cache.positions_and_mask(tokens.shape[1])  # (bs, seqlen), (bs, 1, seqlen, kv_len)

@@ -17,7 +17,8 @@ from torch import nn
 from apps.fastRNN.scan import SCANS, causal_conv, conv_step, g, linear_scan, log_g, log_scan, step
 from lingua.distributed import init_shard_
 from lingua.errors import ConfigError
-from lingua.transformer import INIT_STD_FACTORS, FeedForward, RMSNorm, _trunc_normal_, depth_factor, ffn_hidden_dim
+from lingua.transformer import (INIT_STD_FACTORS, FeedForward, RMSNorm, _trunc_normal_, depth_factor, ffn_hidden_dim,
+                                next_token_loss)
 
 CELLS = ("mingru", "minlstm", "hawk")
 
@@ -297,9 +298,7 @@ class FastRNN(nn.Module):
             cache.len += seqlen
         if target is None:
             return logits
-        if target.dim() == 3:
-            target = target[..., 0]
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))
+        return next_token_loss(logits, target)
 
     def make_cache(self, bs: int, max_len: int, pad, device, dtype) -> "RecurrentCache":
         return RecurrentCache(self.args, bs, max_len, pad, device, dtype)

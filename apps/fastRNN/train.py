@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from apps.fastRNN.model import FastRNN, FastRNNArgs, flops_per_token
 from lingua.args import run_cli
-from lingua.errors import ConfigError
+from lingua.parallelize import no_tensor_parallel
 from lingua.train import ModelSpec, TrainArgs, train
 
 
@@ -16,11 +16,7 @@ class FastRNNTrainArgs(TrainArgs):
     model: FastRNNArgs = field(default_factory=FastRNNArgs)
 
 
-def no_tensor_parallel(model, tp_mesh, loss_parallel):
-    raise ConfigError("fastRNN has no tensor-parallel plan: set distributed.tp_size=1 (data parallel works)")
-
-
-FASTRNN_SPEC = ModelSpec(build=FastRNN, flops_per_token=flops_per_token, tp_plan=no_tensor_parallel)
+FASTRNN_SPEC = ModelSpec(build=FastRNN, flops_per_token=flops_per_token, tp_plan=no_tensor_parallel("fastRNN"))
 
 
 def main(args: FastRNNTrainArgs):

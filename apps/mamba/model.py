@@ -25,7 +25,7 @@ from torch import nn
 
 from apps.mamba.ssd import causal_conv, ssd_chunked, ssd_step
 from lingua.errors import ConfigError, LinguaError, require
-from lingua.transformer import FeedForward, RMSNorm, _trunc_normal_, ffn_hidden_dim
+from lingua.transformer import FeedForward, RMSNorm, _trunc_normal_, ffn_hidden_dim, next_token_loss
 
 SSM_IMPLS = ("auto", "torch", "mamba_ssm")
 
@@ -327,9 +327,7 @@ class Mamba(nn.Module):
             cache.len += seqlen
         if target is None:
             return logits
-        if target.dim() == 3:
-            target = target[..., 0]
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))
+        return next_token_loss(logits, target)
 
     def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> MambaCache:
         """The generator's inference state (lingua.generate): recurrent states instead of keys and values."""

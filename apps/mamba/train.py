@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from apps.mamba.model import Mamba, MambaArgs, flops_per_token
 from lingua.args import run_cli
-from lingua.errors import ConfigError
+from lingua.parallelize import no_tensor_parallel
 from lingua.train import ModelSpec, TrainArgs, train
 
 
@@ -16,11 +16,7 @@ class MambaTrainArgs(TrainArgs):
     model: MambaArgs = field(default_factory=MambaArgs)
 
 
-def no_tensor_parallel(model, tp_mesh, loss_parallel):
-    raise ConfigError("the mamba app has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
-
-
-MAMBA_SPEC = ModelSpec(build=Mamba, flops_per_token=flops_per_token, tp_plan=no_tensor_parallel)
+MAMBA_SPEC = ModelSpec(build=Mamba, flops_per_token=flops_per_token, tp_plan=no_tensor_parallel("the mamba app"))
 
 
 def main(args: MambaTrainArgs):
