@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from lingua.data import DataArgs, DataLoader, TokenizerArgs  # noqa: E402
+from lingua.data import DataArgs, DataLoader  # noqa: E402
+from lingua.tokenizer import TokenizerArgs  # noqa: E402
 from lingua.errors import LinguaError  # noqa: E402
 
 TARGET = 20.0

@@ -53,18 +53,12 @@ import numpy as np
 
 from lingua.errors import LinguaError
 from lingua.jsonl import chunk_files, initial_cursor, merge_cursors, mixed_documents
-from lingua.tokenizer import build_tokenizer
+from lingua.tokenizer import TokenizerArgs, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 QUEUE_BATCHES = 8  # async mode: batches produced ahead of the trainer
-
-
-@dataclass
-class TokenizerArgs:
-    name: str = "bytes"  # bytes | sp | tiktoken
-    path: Optional[str] = None
 
 
 @dataclass

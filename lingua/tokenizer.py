@@ -11,11 +11,18 @@ normalisation and byte fallback, and tiktoken is byte-level BPE.
 """
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from lingua.errors import LinguaError, require
 
 TOKENIZERS = ("bytes", "sp", "tiktoken")
+
+
+@dataclass
+class TokenizerArgs:
+    name: str = "bytes"  # bytes | sp | tiktoken
+    path: Optional[str] = None
 
 
 class ByteTokenizer:

@@ -9,7 +9,8 @@ from typing import Optional
 
 import numpy as np
 
-from lingua.data import TokenizerArgs, segment_positions
+from lingua.data import segment_positions
+from lingua.tokenizer import TokenizerArgs
 from lingua.errors import LinguaError
 from lingua.jsonl import read_lines
 from lingua.tokenizer import build_tokenizer

@@ -12,12 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from lingua.data import (DataArgs, DataLoader, Plan, TokenizerArgs, initial_state, merge_states,
-                         shuffled_batches, validate)
+from lingua.data import DataArgs, DataLoader, Plan, initial_state, merge_states, shuffled_batches, validate
 from lingua.val_data import val_iterator
 from lingua.errors import LinguaError
 from lingua.jsonl import mixed_documents
-from lingua.tokenizer import ByteTokenizer
+from lingua.tokenizer import ByteTokenizer, TokenizerArgs
 
 TOK = ByteTokenizer()
 
