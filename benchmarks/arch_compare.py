@@ -21,7 +21,6 @@ On a shared machine tok/s moves with the load: compare architectures from the sa
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import statistics
 import sys
@@ -35,37 +34,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lingua.args import load_config  # noqa: E402
-from lingua.train import ModelSpec, TrainArgs, train  # noqa: E402
+from lingua.decoder import non_embedding_params  # noqa: E402
+from lingua.spec import ModelSpec, get_spec  # noqa: E402
+from lingua.train import train, train_args_cls  # noqa: E402
 
 VOCAB = 4096
 DIM = 128
 
-# name -> (train module, model overrides besides dim/n_layers, other overrides)
+# name -> (the app's ModelSpec, model overrides besides dim/n_layers, other overrides)
 ARCHS = {
-    "transformer": ("apps.main.train", {"n_heads": 4, "mask": "block_causal"}, {}),
-    "mtp": ("apps.mtp.train", {"n_heads": 4, "mask": "block_causal", "n_future_head": 2}, {"data.n_views": 3}),
-    "mingru": ("apps.fastRNN.train", {"cell": "mingru"}, {}),
-    "minlstm": ("apps.fastRNN.train", {"cell": "minlstm"}, {}),
-    "hawk": ("apps.fastRNN.train", {"cell": "hawk", "n_heads": 4}, {}),
-    "mamba": ("apps.mamba.train", {"d_state": 32, "head_dim": 32, "expand": 2, "chunk_size": 64}, {}),
+    "transformer": ("lingua.spec:TRANSFORMER_SPEC", {"n_heads": 4, "mask": "block_causal"}, {}),
+    "mtp": ("apps.mtp.model:MTP_SPEC", {"n_heads": 4, "mask": "block_causal", "n_future_head": 2}, {"data.n_views": 3}),
+    "mingru": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "mingru"}, {}),
+    "minlstm": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "minlstm"}, {}),
+    "hawk": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "hawk", "n_heads": 4}, {}),
+    "mamba": ("apps.mamba.model:MAMBA_SPEC", {"d_state": 32, "head_dim": 32, "expand": 2, "chunk_size": 64}, {}),
 }
 
 
-def load_app(module_name: str) -> tuple[ModelSpec, type]:
-    """The app's ModelSpec and its TrainArgs subclass (TrainArgs itself for apps.main), found by type, not by name."""
-    module = importlib.import_module(module_name)
-    specs = [v for v in vars(module).values() if isinstance(v, ModelSpec)]
-    arg_classes = [v for v in vars(module).values()
-                   if isinstance(v, type) and issubclass(v, TrainArgs) and v is not TrainArgs]
-    if len(specs) != 1:
-        raise ImportError(f"{module_name} defines {len(specs)} ModelSpecs")
-    return specs[0], (arg_classes[0] if arg_classes else TrainArgs)
-
-
-def non_embedding_params(model: torch.nn.Module) -> int:
-    """Parameters without a vocab-sized dimension (the embedding and output tables), each counted once."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if VOCAB not in p.shape)
+def load_app(spec_path: str) -> tuple[ModelSpec, type]:
+    """The app's ModelSpec and its config schema."""
+    spec = get_spec(spec_path)
+    return spec, train_args_cls(spec)
 
 
 def base_overrides(args, dump_dir: str, steps: int) -> list[str]:
@@ -116,8 +106,7 @@ def run_train(cfg, spec, log_path: Path) -> tuple[list[dict], list[dict], float]
 
 
 def bench(args, name: str, work: Path) -> dict:
-    module_name = ARCHS[name][0]
-    spec, args_cls = load_app(module_name)
+    spec, args_cls = load_app(ARCHS[name][0])
     n_layers, params = match_depth(args, name, spec, args_cls)
     log = work / f"{name}.log"
     # timing run: the step time at this shape on this machine. Step 1 pays for warm-up; the fastest of the others is

@@ -34,7 +34,7 @@ def worker(opts) -> None:
     import torch
     import torch.distributed as dist
 
-    from apps.main.train import TRANSFORMER_SPEC
+    from lingua.spec import TRANSFORMER_SPEC
     from lingua.args import load_config
     from lingua.distributed import init_distributed
     from lingua.optim import build_optimizer, clip_grad_norm_

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apps.main.train import TRANSFORMER_SPEC  # noqa: E402
+from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.metrics import calibrate_matmul  # noqa: E402
 from lingua.precision import cpu_bf16_features  # noqa: E402

@@ -8,6 +8,7 @@ type: `unknown key 'optim.lrr' (did you mean 'optim.lr'?)`. `run_cli` turns thos
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import typing
@@ -18,9 +19,17 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lingua.errors import ConfigError, LinguaError
+from lingua.errors import ConfigError, exit_on_error
+from lingua.files import write_text_atomic
 
 T = TypeVar("T")
+logger = logging.getLogger("lingua")
+
+# Keys older configs and checkpoints carry that no longer exist: accepted with a warning and dropped.
+DEPRECATED_KEYS = {
+    "model.seed": "the model is initialised from the top-level `seed`",
+    "optim.annealing_step": "no schedule ever read it",
+}
 
 
 def _unwrap_optional(tp):
@@ -110,9 +119,21 @@ def _parse_dotlist(items: list[str]) -> dict:
         raise ConfigError(f"cannot parse command line overrides: {str(e).splitlines()[0]}") from None
 
 
+def _drop_deprecated(cls, layer: dict, origin: str) -> None:
+    for dotted, why in DEPRECATED_KEYS.items():
+        *parents, key = dotted.split(".")
+        node = layer
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None:
+            node.pop(key)
+            logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
+
+
 def _merge(cls, layers: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(cls)
     for origin, layer in layers:
+        _drop_deprecated(cls, layer, origin)
         _check_keys(cls, layer, "", cls)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -158,19 +179,9 @@ def config_to_dict(cfg: Any) -> dict:
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the fully merged config as YAML, atomically; `load_config(cls, [f"config={path}"])` gives it back."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, path)
+    write_text_atomic(path, config_to_yaml(cfg))
 
 
 def run_cli(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = None) -> Any:
     """Entry point wrapper: parse the config, run `main(cfg)`, and turn user mistakes into one line + exit code."""
-    try:
-        cfg = load_config(cls, argv)
-        return main(cfg)
-    except LinguaError as e:
-        rank = os.environ.get("RANK")
-        who = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{who}error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+    return exit_on_error(lambda: main(load_config(cls, argv)))()

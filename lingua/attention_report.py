@@ -4,7 +4,7 @@ were rejected.
 lingua calls F.scaled_dot_product_attention, which dispatches to FlashAttention-2, memory-efficient (cutlass), cuDNN
 or the unfused math kernel on CUDA, and to a fused flash-style kernel or math on CPU, depending on device, dtype,
 head dim, mask and GQA. Rather than restating torch's rules, this asks torch: `torch._fused_sdp_choice` (the dispatcher
-SDPA itself runs) on the exact tensors lingua would pass (`transformer.sdpa_inputs`), and torch's own predicates in
+SDPA itself runs) on the exact tensors lingua would pass (`lingua.attention.sdpa_inputs`), and torch's own predicates in
 debug mode for the reasons a faster backend was turned down.
 
     python -m lingua.attention_report config=apps/main/configs/debug.yaml [model.dim=...] [device=cpu] [dtype=bf16]
@@ -18,11 +18,11 @@ from dataclasses import fields
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lingua.errors import ConfigError, LinguaError
-from lingua.transformer import TransformerArgs, attention_mask, check_args, sdpa_inputs
+from lingua.errors import ConfigError, LinguaError, print_error
+from lingua.attention import attention_mask, sdpa_inputs
+from lingua.precision import DTYPES
+from lingua.transformer import TransformerArgs, check_args
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 KERNELS = {  # (device type, backend) -> (what it is, the aten op a profiler trace shows)
     ("cpu", SDPBackend.FLASH_ATTENTION): ("fused flash CPU kernel", "_scaled_dot_product_flash_attention_for_cpu"),
     ("cpu", SDPBackend.MATH): ("math (unfused, materialises scores)", "_scaled_dot_product_attention_math"),
@@ -193,8 +193,7 @@ def main(argv=None) -> int:
         print(format_report(rows))
         return 0
     except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return print_error(e)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     <dump_dir>/checkpoints/0000001000/
         .metadata, __*.distcp        model + optimizer (torch.distributed.checkpoint, any layout loads into any other)
-        params.json                  the run's config
+        params.json                  the run's config, and `model_spec`: where the model's ModelSpec lives
         train_state_00000.json       per rank: step, scheduler, data loader state, RNG states
         COMPLETE                     written last, by rank 0, after every rank finished: no marker, no checkpoint
 
@@ -33,7 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lingua.errors import LinguaError
+from lingua.errors import ConfigError, LinguaError, exit_on_error
+from lingua.files import read_json, write_atomic, write_json_atomic
+from lingua.hf import load_hf_weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +93,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    """Called from the train loop in two places: `load_latest` at start, `maybe_save` after each step."""
+    """The train loop's checkpoints: `clean_incomplete` + `latest` + `load` when it starts, `kinds_due` + `save`
+    after each step. `spec_path` (the ModelSpec's "module:attr") goes into params.json so that evaluation,
+    generation and export find the model's code again."""
 
-    def __init__(self, args: CheckpointArgs, dump_dir: str):
+    def __init__(self, args: CheckpointArgs, dump_dir: str, spec_path: Optional[str] = None):
         self.args = args
+        self.spec_path = spec_path
         self.folder = Path(args.path or os.path.join(dump_dir, "checkpoints"))
 
     def clean_incomplete(self) -> None:
@@ -129,11 +134,11 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _single_process_is_fine():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        _write_json(tmp / f"train_state_{_rank():05d}.json", train_state)
+        write_json_atomic(tmp / f"train_state_{_rank():05d}.json", train_state)
         _barrier()  # every rank has written its shards and train state
         if _rank() == 0:
-            _write_json(tmp / "params.json", config)
-            _write_json(tmp / "kinds.json", list(kinds))
+            write_json_atomic(tmp / "params.json", {**config, "model_spec": self.spec_path} if self.spec_path else config)
+            write_json_atomic(tmp / "kinds.json", list(kinds))
             (tmp / COMPLETE).write_text(f"{step}\n")
             if final.exists():
                 shutil.rmtree(final)  # an incomplete dir of the same step (no COMPLETE marker)
@@ -148,7 +153,7 @@ class CheckpointManager:
         done = list_checkpoints(self.folder)
         keep = set()
         for kind in ("dump", "eval"):
-            of_kind = [p for p in done if kind in _read_json(p / "kinds.json", default=["dump"])]
+            of_kind = [p for p in done if kind in read_json(p / "kinds.json", default=["dump"])]
             n = getattr(self.args, kind).keep
             keep |= set(of_kind if n <= 0 else of_kind[-n:])
         for p in done:
@@ -192,8 +197,9 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise LinguaError(f"cannot load checkpoint '{path}': {msg}") from None
 
 
-def load_model_weights(path: str, model: nn.Module) -> None:
-    """Load weights only (no optimizer) from a DCP checkpoint dir or a consolidated dir, into any layout."""
+def load_model_weights(path: str, model: nn.Module, hf_mapping=None) -> None:
+    """Load weights only (no optimizer) into any layout, from a DCP checkpoint dir, a consolidated dir, or a Hugging
+    Face dir read through `hf_mapping` (the model's ModelSpec.hf)."""
     p = Path(path)
     if not p.exists():
         raise LinguaError(f"checkpoint path '{path}' does not exist")
@@ -203,9 +209,7 @@ def load_model_weights(path: str, model: nn.Module) -> None:
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
         return
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
-        from lingua.hf import load_hf_weights  # optional extra, lazily
-
-        load_hf_weights(p, model)
+        load_hf_weights(p, model, hf_mapping)
         return
     if not (p / ".metadata").is_file():
         raise LinguaError(f"'{path}' is not a checkpoint (no .metadata, {CONSOLIDATED} or Hugging Face config.json)")
@@ -239,23 +243,6 @@ def _check_dcp_shapes(sd: dict, path: Path) -> None:
             raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(item.size)}, the model has {tuple(v.shape)}")
 
 
-def check_compatible(path: Path, model: nn.Module) -> None:
-    _check_dcp_shapes(get_model_state_dict(model), path)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path, default=None):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
-
-
 def consolidate(ckpt_dir: str, out_dir: str) -> Path:
     """DCP -> one `consolidated.pth` holding {"model": state_dict} plus params.json, via DCP's own conversion."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -268,24 +255,17 @@ def consolidate(ckpt_dir: str, out_dir: str) -> Path:
     dcp_to_torch_save(str(src), str(full))
     sd = torch.load(full, map_location="cpu", weights_only=True)
     full.unlink()
-    tmp = out / (CONSOLIDATED + ".tmp")
-    torch.save({"model": sd["model"]}, tmp)
-    os.replace(tmp, out / CONSOLIDATED)
+    write_atomic(out / CONSOLIDATED, lambda tmp: torch.save({"model": sd["model"]}, tmp))
     if (src / "params.json").is_file():
         shutil.copy(src / "params.json", out / "params.json")
     return out / CONSOLIDATED
 
 
+@exit_on_error
 def main(argv: list[str]) -> None:
     if len(argv) != 3 or argv[0] != "consolidate":
-        print("usage: python -m lingua.checkpoint consolidate <ckpt_dir> <out_dir>", file=sys.stderr)
-        sys.exit(2)
-    try:
-        path = consolidate(argv[1], argv[2])
-    except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {path}")
+        raise ConfigError("usage: python -m lingua.checkpoint consolidate <ckpt_dir> <out_dir>")
+    print(f"wrote {consolidate(argv[1], argv[2])}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,8 @@ Launchers: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), SLURM srun (SLURM_PRO
 from the job's first host), or one plain process with no process group at all. Device and backend are picked at run
 time: CUDA -> nccl, CPU -> gloo. Nothing here touches CUDA unless a GPU is present.
 
-The mesh has three dims, outer to inner: dp_replicate x dp_shard x tp. `parallelize_model` applies, in torchtitan's
-order: tensor parallel (+ sequence parallel norms, loss parallel output), activation checkpointing, torch.compile per
-block, then data parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, or `replicate` for fsdp_type=no_shard).
-The model is built on the meta device and initialised after all that (`init_shard_` draws each shard's values so that
-a sharded init equals the unsharded one), so no rank ever holds the whole model.
+The mesh has three dims, outer to inner: dp_replicate x dp_shard x tp. lingua/parallelize.py applies the
+parallelisms to a model over this mesh; lingua/init.py makes a sharded init equal the unsharded one.
 """
 
 import contextlib
@@ -18,11 +15,10 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from lingua.errors import ConfigError, LinguaError
 
@@ -241,47 +237,3 @@ def init_distributed(args: DistributedArgs, environ=None) -> DistState:
     dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
     return DistState(env, device, mesh, dp_rank, rep * shard, tp, tp_rank=mesh.get_local_rank("tp"),
                      loss_parallel=tp > 1 and args.loss_parallel, timeout_s=args.timeout_s)
-
-
-# ---------------------------------------------------------------- initialisation that does not depend on sharding
-
-INIT_BLOCK_ROWS = 256  # rows drawn per generator: bounds the scratch memory of one init call
-
-
-def _local_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The tensor this process holds of `weight` and its offset in the full tensor ((0, ...) when not sharded)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(weight, DTensor):
-        return weight, (0,) * weight.dim()
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
-    return weight.to_local(), tuple(offset)
-
-
-@torch.no_grad()
-def init_shard_(weight: torch.Tensor, fill: Callable[[torch.Tensor, torch.Generator], None]) -> None:
-    """Fill `weight` in place with random values that depend only on the global RNG's state and the weight's full
-    shape, not on how it is sharded (FSDP, TP, both, or not at all).
-
-    One seed is drawn from the global RNG (the same draw on every rank); the full tensor's rows are then split in
-    blocks of INIT_BLOCK_ROWS, block b drawn by `fill(block, generator seeded from (seed, b))`. A sharded weight (a
-    DTensor) draws only the blocks its shard overlaps and keeps its slice of them: no rank holds more than its shard
-    plus one block. DTensor's own random ops cannot do this on CPU (their offset-based RNG is CUDA only), and even
-    there a sharded draw need not equal the unsharded one."""
-    seed = int(torch.randint(0, 2**62, ()).item())
-    local, offset = _local_part(weight)
-    if local.numel() == 0:
-        return
-    full = tuple(weight.shape)
-    r0, r1 = offset[0], offset[0] + local.shape[0]
-    rest = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:]))
-    gen = torch.Generator(device=local.device)
-    for b in range(r0 // INIT_BLOCK_ROWS, (r1 - 1) // INIT_BLOCK_ROWS + 1):
-        lo, hi = b * INIT_BLOCK_ROWS, min((b + 1) * INIT_BLOCK_ROWS, full[0])
-        gen.manual_seed((seed + b * 0x9E3779B97F4A7C15) % 2**63)
-        block = torch.empty((hi - lo, *full[1:]), device=local.device, dtype=torch.float32)
-        fill(block, gen)
-        a, z = max(lo, r0), min(hi, r1)
-        local[a - r0: z - r0].copy_(block[(slice(a - lo, z - lo), *rest)])

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from lingua.data import DataArgs
+from lingua.loss import IGNORE_INDEX, cross_entropy
 from lingua.val_data import val_iterator
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,8 @@ def _token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.full_tensor()
     target = batch["target"]
     if "mask" in batch:  # val_iterator pads with token 0 and marks the real targets in `mask`
-        target = target.masked_fill(batch["mask"] == 0, -1)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-1, reduction="sum")
-    return nll, (target >= 0).sum()
+        target = target.masked_fill(batch["mask"] == 0, IGNORE_INDEX)
+    return cross_entropy(logits, target, reduction="sum"), (target != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()

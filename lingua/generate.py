@@ -4,7 +4,7 @@
     generator = Generator(model, tokenizer, GeneratorArgs(max_gen_len=64, temperature=0.8, top_p=0.95))
     completions, stats = generator.generate(["ROMEO:", "JULIET: O"])
 
-Prompts are left-padded to the longest of their batch (see `lingua.transformer.KVCache`): every row decodes into the
+Prompts are left-padded to the longest of their batch (see lingua/kv_cache.py): every row decodes into the
 same cache slot, each keeps its own RoPE positions (0 at its first real token), and no query attends to padding. The
 prompt is prefilled in one forward, then each step feeds one token per row. A row stops at EOS (not part of its
 completion), when its completion contains a stop string (cut before it), or after max_gen_len tokens.
@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.precision import DTYPES
-from lingua.transformer import KVCache
+from lingua.precision import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +63,7 @@ def check_generator_args(args: GeneratorArgs) -> None:
         raise ConfigError(f"max_prompt_len must be >= 1 or null (got {args.max_prompt_len})")
     if args.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {args.batch_size})")
-    if args.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (got '{args.dtype}')")
+    parse_dtype(args.dtype)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
@@ -143,12 +141,9 @@ class Generator:
         return completions, stats
 
     def _new_cache(self, bs: int, max_len: int, pad: list[int]):
-        """A model's own inference state (`model.make_cache`, e.g. a recurrent state), else the transformer KV cache.
-        Either way it has `.len`, the number of positions already consumed."""
-        make = getattr(self.model, "make_cache", None)
-        if make is not None:
-            return make(bs, max_len, pad, self.device, self.dtype)
-        return KVCache(self.model.args, bs, max_len, pad, self.device, self.dtype)
+        """The model's inference state (lingua.decoder.Decoder.make_cache: a KV cache, recurrent states); its `.len`
+        counts the positions already consumed."""
+        return self.model.make_cache(bs, max_len, pad, self.device, self.dtype)
 
     def _generate_batch(self, prompts: list[list[int]], stop: list[str], max_gen_len: int,
                         rng: torch.Generator) -> tuple[list[str], int]:

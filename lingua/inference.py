@@ -5,17 +5,16 @@
 Accepted directories:
 - a DCP checkpoint (`.metadata`, `*.distcp`, `params.json`), as training writes them;
 - a consolidated one (`consolidated.pth` + `params.json`, from `python -m lingua.checkpoint consolidate`);
-- a Hugging Face Llama directory (`config.json` + `*.safetensors`; needs the `hf` extra): model args from config.json,
-  the tokenizer from a sentencepiece `tokenizer.model` in the directory (or the bytes tokenizer `export_hf` writes),
-  else from `tokenizer.path=`;
+- a Hugging Face directory (`config.json` + `*.safetensors`; needs the `hf` extra) of a model_type a built-in spec
+  maps (Llama): model args from config.json, the tokenizer from a sentencepiece `tokenizer.model` in the directory
+  (or the bytes tokenizer `export_hf` writes), else from `tokenizer.path=`;
 - a run directory or its `checkpoints/` folder: its latest complete checkpoint.
 
-The tokenizer named in params.json (`data.tokenizer`) can be overridden (a run moved to another machine, say). Each
-process loads the whole model, so this works unchanged on every rank under torchrun.
+Which architecture to build comes from the checkpoint: params.json's `model_spec` (lingua.spec), or config.json's
+model_type. The tokenizer named in params.json (`data.tokenizer`) can be overridden (a run moved to another machine,
+say). Each process loads the whole model, so this works unchanged on every rank under torchrun.
 """
 
-import dataclasses
-import json
 import logging
 import os
 import warnings
@@ -26,11 +25,14 @@ from typing import Optional, Union
 import torch
 
 from lingua.checkpoint import CONSOLIDATED, list_checkpoints, load_model_weights
+from lingua.decoder import materialize
 from lingua.distributed import pick_device as _pick_device
 from lingua.errors import LinguaError
-from lingua.precision import DTYPES
+from lingua.files import read_json
+from lingua.hf import args_from_hf, hf_model_type, hf_tokenizer
+from lingua.precision import parse_dtype
+from lingua.spec import ModelSpec, model_args_from_params, spec_for_hf, spec_for_params
 from lingua.tokenizer import build_tokenizer, check_vocab_size
-from lingua.transformer import Transformer, TransformerArgs, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,87 +71,81 @@ def read_params(ckpt_dir: Path) -> dict:
     path = ckpt_dir / "params.json"
     if not path.is_file():
         raise LinguaError(f"checkpoint '{ckpt_dir}' has no params.json: the model's shape is unknown")
-    try:
-        params = json.loads(path.read_text())
-    except ValueError as e:
-        raise LinguaError(f"{path}: invalid JSON ({e})") from None
+    params = read_json(path)
     if not isinstance(params, dict) or not isinstance(params.get("model"), dict):
-        raise LinguaError(f"{path} has no 'model' section")
+        raise LinguaError(f"{path} is not valid JSON with a 'model' section")
     return params
 
 
-def model_args_from_params(params: dict, where, args_cls=TransformerArgs):
-    known = {f.name for f in dataclasses.fields(args_cls)}
-    unknown = sorted(set(params["model"]) - known)
-    if unknown:
-        raise LinguaError(f"{where}: model.{unknown[0]} is not a {args_cls.__name__} field "
-                          "(a checkpoint of another model?)")
-    return args_cls(**params["model"])
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory says about the model in it, before any weight is read."""
+
+    path: Path
+    kind: str  # dcp | consolidated | hf
+    spec: ModelSpec
+    model_args: object
+    params: dict  # params.json ({} for a Hugging Face directory)
+
+
+def inspect_checkpoint(ckpt_dir) -> Checkpoint:
+    path, kind = checkpoint_kind(ckpt_dir)
+    if kind == "hf":
+        spec = spec_for_hf(hf_model_type(path), path / "config.json")
+        return Checkpoint(path, kind, spec, args_from_hf(path, spec.hf), {})
+    params = read_params(path)
+    spec = spec_for_params(params, path / "params.json")
+    return Checkpoint(path, kind, spec, model_args_from_params(params, spec, path / "params.json"), params)
 
 
 def _guess_tokenizer_name(path: str) -> str:
     return "tiktoken" if path.endswith(".tiktoken") else "sp"
 
 
-def resolve_tokenizer(ckpt_dir: Path, kind: str, params: Optional[dict], override: TokenizerOverride):
+def resolve_tokenizer(ckpt: Checkpoint, override: TokenizerOverride):
     """The tokenizer for this checkpoint: `override.path` wins (its name guessed from the extension unless given),
     then a HF directory's own (tokenizer.model, or the bytes tokenizer export_hf writes), then params.json's."""
     if override.path:
         name, path, source = override.name or _guess_tokenizer_name(override.path), override.path, "tokenizer.path"
-    elif kind == "hf" and override.name != "bytes":
-        from lingua.hf import hf_tokenizer
-
-        found = hf_tokenizer(ckpt_dir)  # a sentencepiece tokenizer.model, or the bytes tokenizer export_hf writes
+    elif ckpt.kind == "hf" and override.name != "bytes":
+        found = hf_tokenizer(ckpt.path)  # a sentencepiece tokenizer.model, or the bytes tokenizer export_hf writes
         if found is None:
-            raise LinguaError(f"'{ckpt_dir}' has no tokenizer lingua can read (a sentencepiece tokenizer.model): "
+            raise LinguaError(f"'{ckpt.path}' has no tokenizer lingua can read (a sentencepiece tokenizer.model): "
                               "pass tokenizer.path=<file> (and tokenizer.name=sp|tiktoken)")
-        name, path, source = found[0], found[1], str(ckpt_dir)
+        name, path, source = found[0], found[1], str(ckpt.path)
     else:
-        saved = ((params or {}).get("data") or {}).get("tokenizer") or {}
+        saved = (ckpt.params.get("data") or {}).get("tokenizer") or {}
         name, path = override.name or saved.get("name") or "bytes", saved.get("path")
-        source = f"{ckpt_dir}/params.json (data.tokenizer.path)"
+        source = f"{ckpt.path}/params.json (data.tokenizer.path)"
     if name != "bytes" and path and not Path(path).is_file():
         raise LinguaError(f"tokenizer file '{path}' from {source} not found: pass tokenizer.path=<file>")
     return build_tokenizer(name, path)
 
 
-def load_model(ckpt_dir: str, device="cpu", dtype=None, tokenizer: Optional[TokenizerOverride] = None,
-               model_cls=Transformer, args_cls=TransformerArgs):
-    """-> (model in eval mode on `device`, model args, tokenizer). dtype: None/'fp32', 'bf16' or a torch.dtype
-    (the RoPE tables stay fp32). Apps with other architectures pass their model class and its args dataclass."""
-    path, kind = checkpoint_kind(ckpt_dir)
-    params = None
-    if kind == "hf":
-        from lingua.hf import model_args_from_hf  # the optional hf extra, only for HF directories
-
-        model_args = model_args_from_hf(path)
-    else:
-        params = read_params(path)
-        model_args = model_args_from_params(params, path / "params.json", args_cls)
-    tok = resolve_tokenizer(path, kind, params, tokenizer or TokenizerOverride())
-    check_vocab_size(tok, model_args.vocab_size)
-    if model_cls is Transformer:
-        model = build_model(model_args, device)  # the random init is overwritten just below
-    else:
-        with torch.device("meta"):
-            model = model_cls(model_args)
-        model.to_empty(device=device)
-        with torch.no_grad():
-            model.init_weights()
+def build_for_checkpoint(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:
+    """The checkpoint's model with its weights, on `device`, in eval mode."""
+    with torch.device("meta"):
+        model = ckpt.spec.build(ckpt.model_args)
+    materialize(model, device)  # no random init: every weight is read next
     with warnings.catch_warnings():  # DCP's "assuming the intent is to load in a single process" is expected here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_model_weights(str(path), model)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise LinguaError(f"dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
-        dtype = DTYPES[dtype]
-    if dtype is not None and dtype != torch.float32:
-        fp32_buffers = {n: b for n, b in model.named_buffers() if n in ("freq_cos", "freq_sin")}
-        model.to(dtype)
-        for n, b in fp32_buffers.items():
-            setattr(model, n, b)  # positions need fp32 angles
-    logger.info(f"loaded {kind} checkpoint {path} on {device}")
-    return model.eval(), model_args, tok
+        load_model_weights(str(ckpt.path), model, ckpt.spec.hf)
+    return model.eval()
+
+
+def load_model(ckpt_dir, device="cpu", dtype=None, tokenizer: Optional[TokenizerOverride] = None):
+    """-> (model in eval mode on `device`, model args, tokenizer). ckpt_dir: a directory or an `inspect_checkpoint`
+    result. dtype: None/'fp32', 'bf16' or a torch.dtype (buffers such as RoPE tables stay fp32)."""
+    ckpt = ckpt_dir if isinstance(ckpt_dir, Checkpoint) else inspect_checkpoint(ckpt_dir)
+    tok = resolve_tokenizer(ckpt, tokenizer or TokenizerOverride())
+    check_vocab_size(tok, ckpt.model_args.vocab_size)
+    model = build_for_checkpoint(ckpt, device)
+    dtype = parse_dtype(dtype) if dtype is not None else torch.float32
+    if dtype != torch.float32:
+        for p in model.parameters():  # parameters only: buffers (RoPE angles) need fp32
+            p.data = p.data.to(dtype)
+    logger.info(f"loaded {ckpt.kind} {ckpt.spec.name} checkpoint {ckpt.path} on {device}")
+    return model, ckpt.model_args, tok
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -113,21 +113,19 @@ class MetricLogger:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, global_step=step)
 
+    def _log(self, filename: str, metrics: dict, prefix: str) -> None:
+        if self.rank == 0:
+            row = {k: _plain(v) for k, v in metrics.items()}
+            self._append(filename, row)
+            self._backends(row, prefix)
+
     def log(self, metrics: dict) -> None:
         """One train row (see TRAIN_KEYS) to metrics.jsonl and the optional backends."""
-        if self.rank != 0:
-            return
-        row = {k: _plain(v) for k, v in metrics.items()}
-        self._append("metrics.jsonl", row)
-        self._backends(row, prefix="")
+        self._log("metrics.jsonl", metrics, prefix="")
 
     def log_eval(self, metrics: dict) -> None:
         """One evaluation row to metrics.eval.jsonl (backends get the keys under 'eval/')."""
-        if self.rank != 0:
-            return
-        row = {k: _plain(v) for k, v in metrics.items()}
-        self._append("metrics.eval.jsonl", row)
-        self._backends(row, prefix="eval/")
+        self._log("metrics.eval.jsonl", metrics, prefix="eval/")
 
     def close(self) -> None:
         for f in self._files.values():

@@ -37,7 +37,6 @@ class OptimArgs:
     lr_min_ratio: float = 0.1  # floor of the schedule, as a fraction of lr
     cycle_length: float = 1.0  # cosine / wsd: cycle length as a fraction of the run
     cosine_theta: float = 1.0  # cosine: progress is raised to this power
-    annealing_step: int = 1000  # kept for lingua config compatibility; no schedule reads it (nor does lingua's)
     decay_fraction: float = 0.1  # wsd: the decay phase is this fraction of the (cycle's) steps
     exp_factor: float = 0.5  # inv_sqrt: lr ~ (warmup / step) ** exp_factor
 

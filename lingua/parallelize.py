@@ -1,7 +1,7 @@
-"""How a model is parallelized, applied from outside the model in torchtitan's order: tensor parallel (+ sequence
-parallel norms, loss parallel output), activation checkpointing, torch.compile per block, then data parallel (FSDP2
-`fully_shard`, HSDP when both dp dims > 1, or `replicate` for fsdp_type=no_shard). Any model whose blocks live in
-`model.layers` works; the default tensor-parallel plan follows lingua.transformer's names.
+"""How a model is parallelized, applied from outside the model in torchtitan's order: tensor parallel (the model's
+own plan, from its ModelSpec: lingua/transformer_tp.py for the transformer), activation checkpointing, torch.compile
+per block, then data parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, or `replicate` for
+fsdp_type=no_shard). Any model whose blocks live in `model.layers` works.
 """
 
 import logging
@@ -16,20 +16,10 @@ from lingua.errors import ConfigError, LinguaError
 logger = logging.getLogger(__name__)
 
 
-def no_tensor_parallel(app: str) -> Callable:
-    """A ModelSpec.tp_plan for a model without one: tp_size > 1 fails with one line naming the app."""
-
-    def refuse(model, tp_mesh, loss_parallel):
-        raise ConfigError(f"{app} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
-
-    return refuse
-
-
-
-def _gather_sequence_style():
-    """A ParallelStyle for attention and feed-forward: their first input arrives sharded over the sequence (Shard(1),
-    from the sequence-parallel norm) and they need the whole sequence (Replicate, as a plain tensor); the other
-    inputs (RoPE tables, mask, KV cache) pass through. PrepareModuleInput would need one layout per input."""
+def gather_sequence():
+    """A ParallelStyle for a module whose first input arrives sharded over the sequence (Shard(1), from a
+    sequence-parallel norm) and which needs the whole sequence (Replicate, as a plain tensor), e.g. attention; the
+    other inputs (RoPE tables, mask, KV cache) pass through. PrepareModuleInput would need one layout per input."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ParallelStyle
 
@@ -45,51 +35,6 @@ def _gather_sequence_style():
             return module
 
     return GatherSequence()
-
-
-def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
-    """Megatron-style plan for our block convention: colwise q/k/v and w1/w3, rowwise wo and w2, sequence-parallel
-    norms (activations between blocks are sharded over the sequence), and a vocab-sharded output for loss_parallel."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
-
-    tp = tp_mesh.size()
-    if getattr(model, "output", None) is not None and model.output.weight is model.tok_embeddings.weight:
-        raise ConfigError("model.weight_tying=true cannot be combined with distributed.tp_size > 1")
-    attn = model.layers[0].attention
-    n_heads, n_kv_heads = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
-    hidden = model.layers[0].feed_forward.w1.out_features
-    for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads), ("the feed-forward width", hidden)):
-        if n % tp:
-            raise ConfigError(f"distributed.tp_size={tp} does not divide {what} ({n})")
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-            "output": ColwiseParallel(
-                input_layouts=Shard(1),
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
-    )
-    for block in model.layers:
-        plan = {
-            "attention_norm": SequenceParallel(),
-            "attention": _gather_sequence_style(),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": _gather_sequence_style(),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        }
-        parallelize_module(block, tp_mesh, plan)
 
 
 def _sac_policy():
@@ -188,16 +133,20 @@ def parallelize_model(
     args: DistributedArgs,
     param_dtype: torch.dtype = torch.float32,
     tp_plan: Optional[Callable] = None,
+    model_name: str = "this model",
 ) -> nn.Module:
-    """float8 -> TP -> activation checkpointing -> compile per block -> FSDP2/replicate. `mesh` is None on one
-    process. Call it on the meta-device model, then `to_empty` + `init_weights` (see lingua.train.build_model)."""
+    """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> activation checkpointing -> compile per block ->
+    FSDP2/replicate. `mesh` is None on one process. Call it on the meta-device model, then
+    `lingua.decoder.materialize` (see lingua.train.build_model)."""
     tp = mesh["tp"].size() if mesh is not None else 1
     applied = []
     if args.float8_recipe:
         apply_float8(model, args, tp)
         applied.append(f"float8 {args.float8_recipe}")
     if tp > 1:
-        (tp_plan or apply_tp)(model, mesh["tp"], args.loss_parallel)
+        if tp_plan is None:
+            raise ConfigError(f"{model_name} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
+        tp_plan(model, mesh["tp"], args.loss_parallel)
         applied.append(f"tensor parallel x{tp} (sequence parallel{', loss parallel' if args.loss_parallel else ''})")
     if args.activation_checkpointing or args.selective_activation_checkpointing:
         apply_ac(model, selective=args.selective_activation_checkpointing)

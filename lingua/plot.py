@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lingua.errors import LinguaError, require
+from lingua.errors import LinguaError, print_error, require
 
 X_KEYS = {"step": "step", "tokens": "tokens_seen"}
 X_LABELS = {"step": "step", "tokens": "tokens seen"}
@@ -192,14 +192,26 @@ def plot_throughput(runs: list[Run], x: str, smooth_factor: float):
 FIGURES = {"loss": plot_loss, "lr": plot_lr, "throughput": plot_throughput}
 
 
-def plot_runs(runs: list[Run], out: str | Path, xs: list[str], smooth_factor: float = 0.9) -> list[Path]:
-    """Write every figure of FIGURES against each x axis to `out/<figure>_<x>.png`; returns the paths written."""
-    require("matplotlib", "plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), or one line naming the extra."""
+    require("matplotlib", "plot").use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(runs: list[Run], out: str | Path, xs: list[str], smooth_factor: float = 0.9) -> list[Path]:
+    """Write every figure of FIGURES against each x axis to `out/<figure>_<x>.png`; returns the paths written."""
+    _pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -211,11 +223,91 @@ def plot_runs(runs: list[Run], out: str | Path, xs: list[str], smooth_factor: fl
             for ax in fig.axes:
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize="small")
-            fig.tight_layout()
-            path = out / f"{name}_{x}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, out / f"{name}_{x}.png"))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probe records (written by lingua.probe)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_probe(run_dir, rank: int = 0) -> list[dict]:
+    """The records of `<run_dir>/probe/probe_rank<rank>.jsonl`, one per (step, layer, kind), the last write winning
+    (a resumed run probes its steps again); an unterminated last line (a run still writing) is skipped."""
+    path = Path(run_dir) / "probe" / f"probe_rank{rank}.jsonl"
+    if not path.is_file():
+        return []
+    last = {}
+    lines = path.read_text().split("\n")[:-1]
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LinguaError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+        last[(r["step"], r["layer"], r["kind"])] = r
+    return sorted(last.values(), key=lambda r: r["step"])
+
+
+def plot_probes(run_dirs: list, out_dir) -> list[Path]:
+    """`plot_probe` for each run that has probe records; with several runs, files are prefixed by the run's folder
+    name. What lingua.plot calls."""
+    written = []
+    for d in run_dirs:
+        written += plot_probe(d, out_dir, prefix=f"{Path(d).resolve().name}_" if len(run_dirs) > 1 else "")
+    return written
+
+
+def plot_probe(run_dir, out_dir, prefix: str = "") -> list[Path]:
+    """One figure per kind found in rank 0's records, `<out_dir>/<prefix>probe_<kind>.png`: std, max |x| and outlier
+    share against the step, one line per layer coloured by depth; and `<prefix>probe_overhead.png` (the probe's ms per
+    probed step). Returns the paths written (none when the run has no probe records)."""
+    records = read_probe(run_dir)
+    if not records:
+        return []
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    titles = {"activation": "block outputs", "weight": "weights", "grad": "gradients"}  # the kinds lingua.probe writes
+    for kind in titles:
+        rows = [r for r in records if r["kind"] == kind]
+        if not rows:
+            continue
+        layers = list(dict.fromkeys(r["layer"] for r in rows))  # model order, as written
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        cmap = plt.get_cmap("viridis")
+        for j, layer in enumerate(layers):
+            mine = [r for r in rows if r["layer"] == layer]
+            steps = [r["step"] for r in mine]
+            colour = cmap(j / max(len(layers) - 1, 1))
+            for ax, stat in zip(axes, ("std", "max_abs", "outlier_share")):
+                ax.plot(steps, [r[stat] for r in mine], color=colour, marker="o", markersize=2, linewidth=1,
+                        label=layer)
+        for ax, (stat, label) in zip(axes, (("std", "std"), ("max_abs", "max |x|"),
+                                            ("outlier_share", "share of |x - mean| > k std"))):
+            ax.set(xlabel="step", ylabel=label, title=f"{titles[kind]}: {label}")
+            ax.grid(alpha=0.3)
+            if stat != "outlier_share":
+                ax.set_yscale("log")
+        if len(layers) <= 12:
+            axes[-1].legend(fontsize="x-small")
+        else:
+            axes[-1].text(0.01, 0.99, f"{len(layers)} tensors, {layers[0]} (purple) .. {layers[-1]} (yellow)",
+                          transform=axes[-1].transAxes, va="top", fontsize="x-small")
+        written.append(_save(fig, out / f"{prefix}probe_{kind}.png"))
+    timing = [r for r in records if r["kind"] == "probe"]
+    if timing:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        steps = [r["step"] for r in timing]
+        ax.plot(steps, [r["hook_ms"] for r in timing], marker="o", label="activation hooks")
+        ax.plot(steps, [r["stats_ms"] for r in timing], marker="o", label="weights + grads + write")
+        ax.set(xlabel="step", ylabel="ms", title="probe cost per probed step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        written.append(_save(fig, out / f"{prefix}probe_overhead.png"))
     return written
 
 
@@ -233,14 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         unique_names(runs, [Path(d) for d in args.run_dirs])
         xs = ["step", "tokens"] if args.x == "both" else [args.x]
         out = args.out or Path(args.run_dirs[0]) / "plots"
-        written = plot_runs(runs, out, xs, args.smooth)
-        if any((Path(d) / "probe").is_dir() for d in args.run_dirs):
-            from lingua.probe import plot_probes  # imports torch: only when a run has probe records
-
-            written += plot_probes(args.run_dirs, out)
+        written = plot_runs(runs, out, xs, args.smooth) + plot_probes(args.run_dirs, out)
     except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return print_error(e)
     for path in written:
         print(path)
     return 0

@@ -11,7 +11,8 @@ import torch
 
 from lingua.errors import ConfigError
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every dtype name lingua takes
+MODEL_DTYPES = ("auto", "bf16", "fp32")  # what distributed.model_dtype trains in
 
 
 def cpu_bf16_features() -> list[str]:
@@ -40,7 +41,7 @@ def _cuda_native_bf16(device: torch.device) -> bool:
 def resolve_model_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     """`distributed.model_dtype` (auto | bf16 | fp32) -> (dtype, a one-line reason a person can read)."""
     req = str(requested).lower()
-    if req not in ("auto", *DTYPES):
+    if req not in MODEL_DTYPES:
         raise ConfigError(f"distributed.model_dtype: expected auto, bf16 or fp32, got '{requested}'")
     device = torch.device(device)
 
@@ -66,6 +67,15 @@ def resolve_model_dtype(requested: str, device: torch.device) -> tuple[torch.dty
         dtype = torch.bfloat16 if native else torch.float32
         return dtype, f"{'bf16' if native else 'fp32'} (auto): {why_native}"
     return DTYPES[req], f"{req}: set by distributed.model_dtype ({why_native})"
+
+
+def parse_dtype(name, what: str = "dtype") -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' (or a torch.dtype) -> the torch.dtype, or a one-line ConfigError naming `what`."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"{what} must be one of {', '.join(DTYPES)} (got {name!r})")
+    return DTYPES[name]
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):

@@ -32,8 +32,8 @@ dim, or a sub-mesh repeated across the world) is counted R times and divided by 
 statistics of the full tensor (to fp64 rounding). Every rank must call `after_backward` on the same steps (it does:
 probed steps are a pure function of the step).
 
-`plot_probes(run_dirs, out_dir)` draws the records: `python -m lingua.plot RUN_DIR` calls it, so the probe figures land
-next to the loss curves.
+lingua.plot reads and draws the records (`read_probe`, `plot_probes`): `python -m lingua.plot RUN_DIR` puts the probe
+figures next to the loss curves.
 """
 
 import json
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lingua.errors import ConfigError, LinguaError, require
+from lingua.errors import ConfigError, LinguaError
 
 KINDS = ("activation", "weight", "grad")
 STATS = ("mean", "std", "max_abs", "outlier_share")
@@ -257,98 +257,3 @@ class Probe:
         std = math.sqrt(max(s2 / n - mean * mean, 0.0)) if n else 0.0
         return {"step": step, "layer": layer, "kind": kind, "numel": int(round(n)), "mean": mean, "std": std,
                 "max_abs": max_abs, "outlier_share": outliers / n if n else 0.0, "rank": self.rank}
-
-
-# ---------------------------------------------------------------- reading and plotting
-
-
-def read_probe(run_dir, rank: int = 0) -> list[dict]:
-    """The records of `<run_dir>/probe/probe_rank<rank>.jsonl`, one per (step, layer, kind), the last write winning
-    (a resumed run probes its steps again); an unterminated last line (a run still writing) is skipped."""
-    path = Path(run_dir) / "probe" / f"probe_rank{rank}.jsonl"
-    if not path.is_file():
-        return []
-    last = {}
-    lines = path.read_text().split("\n")[:-1]
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LinguaError(f"{path}:{i}: not a JSON object ({e.msg})") from None
-        last[(r["step"], r["layer"], r["kind"])] = r
-    return sorted(last.values(), key=lambda r: r["step"])
-
-
-def plot_probes(run_dirs: list, out_dir) -> list[Path]:
-    """`plot_probe` for each run that has probe records; with several runs, files are prefixed by the run's folder
-    name. What lingua.plot calls."""
-    written = []
-    for d in run_dirs:
-        written += plot_probe(d, out_dir, prefix=f"{Path(d).resolve().name}_" if len(run_dirs) > 1 else "")
-    return written
-
-
-def plot_probe(run_dir, out_dir, prefix: str = "") -> list[Path]:
-    """One figure per kind found in rank 0's records, `<out_dir>/<prefix>probe_<kind>.png`: std, max |x| and outlier
-    share against the step, one line per layer coloured by depth; and `<prefix>probe_overhead.png` (the probe's ms per
-    probed step). Returns the paths written (none when the run has no probe records)."""
-    records = read_probe(run_dir)
-    if not records:
-        return []
-    require("matplotlib", "plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    titles = {"activation": "block outputs", "weight": "weights", "grad": "gradients"}
-    for kind in KINDS:
-        rows = [r for r in records if r["kind"] == kind]
-        if not rows:
-            continue
-        layers = list(dict.fromkeys(r["layer"] for r in rows))  # model order, as written
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-        cmap = plt.get_cmap("viridis")
-        for j, layer in enumerate(layers):
-            mine = [r for r in rows if r["layer"] == layer]
-            steps = [r["step"] for r in mine]
-            colour = cmap(j / max(len(layers) - 1, 1))
-            for ax, stat in zip(axes, ("std", "max_abs", "outlier_share")):
-                ax.plot(steps, [r[stat] for r in mine], color=colour, marker="o", markersize=2, linewidth=1,
-                        label=layer)
-        for ax, (stat, label) in zip(axes, (("std", "std"), ("max_abs", "max |x|"),
-                                            ("outlier_share", "share of |x - mean| > k std"))):
-            ax.set(xlabel="step", ylabel=label, title=f"{titles[kind]}: {label}")
-            ax.grid(alpha=0.3)
-            if stat != "outlier_share":
-                ax.set_yscale("log")
-        if len(layers) <= 12:
-            axes[-1].legend(fontsize="x-small")
-        else:
-            axes[-1].text(0.01, 0.99, f"{len(layers)} tensors, {layers[0]} (purple) .. {layers[-1]} (yellow)",
-                          transform=axes[-1].transAxes, va="top", fontsize="x-small")
-        fig.tight_layout()
-        path = out / f"{prefix}probe_{kind}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    timing = [r for r in records if r["kind"] == "probe"]
-    if timing:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        steps = [r["step"] for r in timing]
-        ax.plot(steps, [r["hook_ms"] for r in timing], marker="o", label="activation hooks")
-        ax.plot(steps, [r["stats_ms"] for r in timing], marker="o", label="weights + grads + write")
-        ax.set(xlabel="step", ylabel="ms", title="probe cost per probed step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out / f"{prefix}probe_overhead.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written

@@ -38,7 +38,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lingua.errors import ConfigError, LinguaError
+from lingua.errors import ConfigError, LinguaError, print_error
 
 
 @dataclass
@@ -180,44 +180,38 @@ def sbatch_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_submit_script(args: StoolArgs, python: str, code_dir: str) -> str:
-    """The batch script. `bash submit.slurm` outside a SLURM job runs the same steps without srun."""
-    q = shlex.quote
-    ntasks = tasks_per_node(args)
+def sbatch_header(args: StoolArgs) -> list[str]:
+    """The #SBATCH lines: resources, logs appended across requeues, the warning signal before the time limit."""
     logs = os.path.join(args.dump_dir, "logs").replace("%", "%%")  # % starts a SLURM filename pattern
-    header = [
-        ("job-name", args.name),
-        ("nodes", str(args.nodes)),
-        ("ntasks-per-node", str(ntasks)),
-        ("cpus-per-task", str(args.ncpu)),
-    ]
+    header = [("job-name", args.name), ("nodes", str(args.nodes)), ("ntasks-per-node", str(tasks_per_node(args))),
+              ("cpus-per-task", str(args.ncpu))]
     if args.ngpu > 0:
         header.append(("gres", f"gpu:{args.ngpu}"))
     if args.mem:
         header.append(("mem", args.mem))
     if args.time > 0:
         header.append(("time", str(args.time)))
-    for key in ("partition", "qos", "account", "constraint", "exclude"):
-        if getattr(args, key):
-            header.append((key, getattr(args, key)))
-    header += [
-        ("output", f"{logs}/%j.stdout"),
-        ("error", f"{logs}/%j.stderr"),
-        ("open-mode", "append"),  # keep the log of a preempted run when the job is requeued
-    ]
+    header += [(key, getattr(args, key)) for key in ("partition", "qos", "account", "constraint", "exclude")
+               if getattr(args, key)]
+    header += [("output", f"{logs}/%j.stdout"), ("error", f"{logs}/%j.stderr"),
+               ("open-mode", "append")]  # keep the log of a preempted run when the job is requeued
     if args.signal_grace > 0:
         header.append(("signal", f"USR2@{args.signal_grace}"))
-    lines = ["#!/bin/bash", f"# Written by lingua.stool on {datetime.now():%Y-%m-%d %H:%M:%S}."]
-    lines += [f"#SBATCH --{key}={sbatch_quote(value)}" for key, value in header]
-    lines.append("#SBATCH --requeue")
+    return [f"#SBATCH --{key}={sbatch_quote(value)}" for key, value in header] + ["#SBATCH --requeue"]
 
+
+def _activate(args: StoolArgs) -> str:
     if args.venv:
-        activate = f"source {q(os.path.join(os.path.abspath(args.venv), 'bin', 'activate'))}"
-    elif args.anaconda:
-        activate = f'eval "$("${{CONDA_EXE:-conda}}" shell.bash hook)"\nconda activate {q(args.anaconda)}'
-    else:
-        activate = "# no venv/anaconda given: the python that ran stool"
-    omp = args.ncpu if args.ngpu == 0 else 1
+        return f"source {shlex.quote(os.path.join(os.path.abspath(args.venv), 'bin', 'activate'))}"
+    if args.anaconda:
+        return f'eval "$("${{CONDA_EXE:-conda}}" shell.bash hook)"\nconda activate {shlex.quote(args.anaconda)}'
+    return "# no venv/anaconda given: the python that ran stool"
+
+
+def render_submit_script(args: StoolArgs, python: str, code_dir: str) -> str:
+    """The batch script. `bash submit.slurm` outside a SLURM job runs the same steps without srun."""
+    q = shlex.quote
+    ntasks = tasks_per_node(args)
     config = '"$DUMP_DIR/base_config.yaml"'
     srun = (f"srun --kill-on-bad-exit=1 --nodes={args.nodes} --ntasks-per-node={ntasks} --cpus-per-task={args.ncpu} "
             f"\"$PYTHON\" -u -m {q(args.script)} config={config}")
@@ -229,11 +223,11 @@ def render_submit_script(args: StoolArgs, python: str, code_dir: str) -> str:
     body = f"""
 set -eo pipefail
 DUMP_DIR={q(args.dump_dir)}
-{activate}
+{_activate(args)}
 PYTHON={q(python)}
 cd {q(code_dir)}
 export PYTHONPATH={q(code_dir)}${{PYTHONPATH:+:$PYTHONPATH}}
-export OMP_NUM_THREADS={omp}
+export OMP_NUM_THREADS={args.ncpu if args.ngpu == 0 else 1}
 echo "[stool] job ${{SLURM_JOB_ID:-local}} restart ${{SLURM_RESTART_COUNT:-0}} on $(hostname) at $(date -Is): $PWD"
 
 if [ -z "${{SLURM_JOB_ID:-}}" ]; then
@@ -251,6 +245,7 @@ while :; do
 done
 exit "$status"
 """
+    lines = ["#!/bin/bash", f"# Written by lingua.stool on {datetime.now():%Y-%m-%d %H:%M:%S}."] + sbatch_header(args)
     return "\n".join(lines) + "\n" + body
 
 
@@ -379,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         return launch_job(args, overrides)
     except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return print_error(e)
 
 
 if __name__ == "__main__":

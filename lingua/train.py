@@ -1,39 +1,45 @@
-"""The train loop: one for every app. An app hands it a config and a ModelSpec (how to build and count its model).
+"""The train loop: one for every app. An app hands it a config and a ModelSpec (lingua/spec.py).
 
-    from lingua.train import TrainArgs, train
-    train(load_config(TrainArgs, argv), TRANSFORMER_SPEC)
+    from lingua.spec import TRANSFORMER_SPEC
+    from lingua.train import train, train_args_cls
+    train(load_config(train_args_cls(TRANSFORMER_SPEC), argv), TRANSFORMER_SPEC)
 
 A run resumes by itself from the latest complete checkpoint in its dump_dir; SIGUSR2/SIGTERM finish the step, save,
-requeue under SLURM and exit; a non-finite loss stops the run before it can be saved.
+requeue under SLURM and exit; a non-finite loss stops the run before it can be saved. Everything a resume needs
+besides model and optimizer is the `TrainState` (step, tokens seen, lr schedule, data loader, RNG).
 """
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from lingua.args import config_to_dict, dump_config
+from lingua.args import config_to_dict, dump_config, run_cli
 from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
 from lingua.data import DataArgs, DataLoader
+from lingua.decoder import materialize, num_params
 from lingua.distributed import DistributedArgs, DistState, init_distributed
-from lingua.parallelize import parallelize_model
 from lingua.errors import ConfigError, LinguaError
 from lingua.evaluation import EvalArgs, evaluate
+from lingua.log import setup_logging
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
 from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_
+from lingua.parallelize import parallelize_model
 from lingua.precision import autocast_context, resolve_model_dtype
 from lingua.probe import Probe, ProbeArgs
 from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.spec import ModelSpec
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import TransformerArgs
 
@@ -44,7 +50,7 @@ logger = logging.getLogger("lingua")
 class TrainArgs:
     name: str = "lingua"
     dump_dir: str = ""
-    seed: int = 42
+    seed: int = 42  # seeds the model's init (and nothing else: the data order has data.seed)
     steps: int = 1000
     grad_acc_steps: int = 1
     optim: OptimArgs = field(default_factory=OptimArgs)
@@ -58,14 +64,19 @@ class TrainArgs:
     eval: EvalArgs = field(default_factory=EvalArgs)
 
 
-@dataclass
-class ModelSpec:
-    """What the loop needs to know about a model family; everything else is shared."""
+@functools.cache
+def train_args_cls(spec: ModelSpec) -> type:
+    """The app's config schema: TrainArgs whose `model` section is the spec's args dataclass."""
+    if spec.args_cls is TransformerArgs:
+        return TrainArgs
+    name = spec.args_cls.__name__.removesuffix("Args") + "TrainArgs"
+    return dataclasses.make_dataclass(name, [("model", spec.args_cls, field(default_factory=spec.args_cls))],
+                                      bases=(TrainArgs,))
 
-    build: Callable[[Any], nn.Module]  # model args -> module; called on the meta device
-    flops_per_token: Callable[[Any, int], float]  # (model args, seq_len) -> training FLOPs per token
-    tp_plan: Optional[Callable] = None  # (model, tp_mesh, loss_parallel) -> None; default: lingua.parallelize.apply_tp
-    describe: Optional[Callable] = None  # (model args, device, dtype, seq_len) -> str logged at start
+
+def main(spec: ModelSpec, argv: Optional[list[str]] = None):
+    """`python -m apps.<app>.train config=... key=value ...` for the app of `spec`."""
+    return run_cli(lambda args: train(args, spec), train_args_cls(spec), argv)
 
 
 class Preemption:
@@ -91,13 +102,7 @@ class Preemption:
             signal.signal(sig, old)
 
 
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    fmt = f"%(asctime)s [{rank}] %(levelname)s %(message)s" if rank else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-
-
-def validate_args(args: TrainArgs, tokenizer) -> None:
+def validate_args(args: TrainArgs, spec: ModelSpec, tokenizer) -> None:
     if not args.dump_dir:
         raise ConfigError("dump_dir is required (e.g. dump_dir=runs/debug)")
     if os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
@@ -107,26 +112,63 @@ def validate_args(args: TrainArgs, tokenizer) -> None:
     if args.model.vocab_size <= 0:
         args.model.vocab_size = tokenizer.n_words
     if tokenizer.n_words > args.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer '{args.data.tokenizer.path or args.data.tokenizer.name}' has {tokenizer.n_words} tokens, "
-            f"more than model.vocab_size={args.model.vocab_size}"
-        )
-    max_seqlen = getattr(args.model, "max_seqlen", None)
-    if max_seqlen is not None and args.data.seq_len > max_seqlen:
-        raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={max_seqlen}")
+        raise ConfigError(f"tokenizer '{args.data.tokenizer.path or args.data.tokenizer.name}' has "
+                          f"{tokenizer.n_words} tokens, more than model.vocab_size={args.model.vocab_size}")
+    if args.data.seq_len > args.model.max_seqlen:
+        raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={args.model.max_seqlen}")
+    if spec.check_train_args is not None:
+        spec.check_train_args(args)
 
 
 def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
     """Meta-device construction, parallelization, then materialization and init: no rank holds the full model."""
-    torch.manual_seed(args.seed)
     with torch.device("meta"):
         model = spec.build(args.model)
-    model = parallelize_model(model, dist_state.mesh, args.distributed, param_dtype, spec.tp_plan)
-    model.to_empty(device=dist_state.device)
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        model.init_weights()
-    return model
+    model = parallelize_model(model, dist_state.mesh, args.distributed, param_dtype, spec.tp_plan, spec.name)
+    return materialize(model, dist_state.device, seed=args.seed)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides model and optimizer, per rank: step, tokens seen, the lr schedule, the data
+    loader's position and the RNG."""
+
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: DataLoader
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self, world_size: int) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                "data": self.data.state_dict(), "rng": rng_state(), "world_size": world_size}
+
+    def load_state_dicts(self, states: list[dict], rank: int, world_size: int) -> None:
+        """Every saving rank's state; a run resumed on another world size takes the loop position from any rank
+        (they agree) and merges the data loaders' positions (the RNG only matters to an exact resume)."""
+        same_world = len(states) == world_size
+        mine = states[rank] if same_world else states[0]
+        self.step, self.tokens_seen = mine["step"], mine["tokens_seen"]
+        self.scheduler.load_state_dict(mine["scheduler"])
+        if same_world:
+            self.data.load_state_dict(mine["data"])
+            set_rng_state(mine["rng"])
+        else:
+            self.data.load_state_dicts([s["data"] for s in states])
+
+
+def resume(state: TrainState, checkpoints: CheckpointManager, model, optimizer, args: TrainArgs, spec: ModelSpec,
+           dist_state: DistState) -> None:
+    """Continue from the latest complete checkpoint in dump_dir, or start from checkpoint.init_ckpt_path's weights."""
+    checkpoints.clean_incomplete()
+    dist_state.barrier()
+    latest = checkpoints.latest()
+    if latest is not None:
+        states = checkpoints.load(latest, model, optimizer)
+        state.load_state_dicts(states, dist_state.rank, dist_state.world_size)
+        logger.info(f"resumed from {latest} at step {state.step} (saved by {len(states)} rank(s))")
+    elif args.checkpoint.init_ckpt_path:
+        load_model_weights(args.checkpoint.init_ckpt_path, model, spec.hf)
+        logger.info(f"initialised weights from {args.checkpoint.init_ckpt_path}")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -144,7 +186,97 @@ def _grad_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def _requeue_if_slurm(dist_state: DistState) -> None:
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float
+    data_s: float  # time spent waiting for batches
+    stop: bool  # some rank was asked to stop (preemption)
+
+
+class Trainer:
+    """One optimizer step at a time: forward/backward over the micro-batches, one small collective (the global loss
+    and whether any rank must stop), the NaN check, clipping, the update."""
+
+    def __init__(self, args: TrainArgs, model, optimizer, scheduler, data, dist_state: DistState, autocast, preempt,
+                 probe: Probe, checkpoints: CheckpointManager):
+        self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
+        self.data_iter, self.dist, self.autocast, self.preempt = iter(data), dist_state, autocast, preempt
+        self.probe, self.checkpoints = probe, checkpoints
+
+    def step(self, step: int) -> StepResult:
+        """Run optimizer step number `step` (1-based)."""
+        args, dist_state, device = self.args, self.dist, self.dist.device
+        loss_sum, data_s = torch.zeros((), device=device), 0.0
+        self.probe.before_step(step, self.model)  # off steps: one integer test, no hooks
+        for micro in range(args.grad_acc_steps):
+            t0 = time.perf_counter()
+            batch = _to_device(next(self.data_iter), device)
+            data_s += time.perf_counter() - t0
+            _grad_sync(self.model, micro == args.grad_acc_steps - 1)
+            with dist_state.loss_context():  # tensor parallel: the loss is computed on vocab-sharded logits
+                with self.autocast:
+                    loss = self.model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
+                (loss / args.grad_acc_steps).backward()
+            loss_sum += _local(loss.detach())
+        self.probe.after_backward(step, self.model)
+        stopping = torch.tensor(float(self.preempt.requested is not None), device=device)
+        flags = dist_state.all_reduce(torch.stack([loss_sum / args.grad_acc_steps, stopping]))
+        loss_value, stop = flags[0].item() / dist_state.world_size, flags[1].item() > 0
+        if not math.isfinite(loss_value):
+            raise LinguaError(f"loss is {loss_value} at step {step}: stopping without saving "
+                              f"(last complete checkpoint: {self.checkpoints.latest() or 'none'})")
+        grad_norm = clip_grad_norm_(self.model, args.optim.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, float(grad_norm), data_s, stop)
+
+
+class ThroughputWindow:
+    """Tokens, data-wait time and wall time since the last logged step: tok/s, MFU and data share per log line."""
+
+    def __init__(self, flops_per_token: float, peak: float, world_size: int):
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.data_s = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int, data_s: float) -> None:
+        self.tokens += tokens
+        self.data_s += data_s
+
+    def metrics(self) -> dict:
+        elapsed = time.perf_counter() - self.start
+        tok_per_s = self.tokens / elapsed
+        return {"tok_per_s": tok_per_s, "mfu": self.flops_per_token * tok_per_s / (self.peak * self.world_size),
+                "data_share": self.data_s / elapsed}
+
+
+def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow, state: TrainState,
+             result: StepResult, step_start: float, device) -> None:
+    entry = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": result.loss,
+             "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
+             "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
+             "mem_gb": memory_gb(device)}
+    metrics.log(entry)
+    if progress.enabled:
+        progress.write(format_console_line(entry))
+    else:
+        logger.info(format_console_line(entry))
+    window.reset()
+
+
+def run_eval(model, args: TrainArgs, tokenizer, dist_state: DistState, autocast, metrics: MetricLogger,
+             state: TrainState) -> None:
+    results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast)
+    if results:
+        metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, **results})
+        logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+
+
+def requeue_if_slurm(dist_state: DistState) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     if job and dist_state.is_main:
         logger.warning(f"requeueing SLURM job {job}")
@@ -161,143 +293,76 @@ def train(args: TrainArgs, spec: ModelSpec) -> dict:
         dist_state.close()
 
 
-def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack) -> dict:
+def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack):
+    """Everything the loop needs, resumed: (model, optimizer, state, checkpoints, tokenizer, dtype)."""
     setup_logging(dist_state.rank)
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
-    validate_args(args, tokenizer)
-    dump_dir = Path(args.dump_dir)
+    validate_args(args, spec, tokenizer)
     if dist_state.is_main:
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(args, dump_dir / "config.yaml")
+        Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(args, Path(args.dump_dir) / "config.yaml")
     dist_state.barrier()
-
-    device = dist_state.device
-    dtype, why = resolve_model_dtype(args.distributed.model_dtype, device)
-    logger.info(f"world: {dist_state.world_size} process(es) via {dist_state.env.launcher} on {device}; "
+    dtype, why = resolve_model_dtype(args.distributed.model_dtype, dist_state.device)
+    logger.info(f"world: {dist_state.world_size} process(es) via {dist_state.env.launcher} on {dist_state.device}; "
                 f"dp={dist_state.dp_size} tp={dist_state.tp_size}; dtype {why}")
     model = build_model(args, spec, dist_state, dtype)
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    logger.info(f"model: {n_params:,} parameters ({n_params / 1e6:.2f}M)")
+    n_params = num_params(model)
+    logger.info(f"model ({spec.name}): {n_params:,} parameters ({n_params / 1e6:.2f}M)")
     if spec.describe is not None:
-        logger.info("attention kernels:\n" + spec.describe(args.model, device, dtype, args.data.seq_len))
+        logger.info("attention kernels:\n" + spec.describe(args.model, dist_state.device, dtype, args.data.seq_len))
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
-
     data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size))
-    checkpoints = CheckpointManager(args.checkpoint, args.dump_dir)
-    step, tokens_seen = 0, 0
-    checkpoints.clean_incomplete()
-    dist_state.barrier()
-    latest = checkpoints.latest()
-    if latest is not None:
-        states = checkpoints.load(latest, model, optimizer)
-        mine = states[dist_state.rank] if len(states) == dist_state.world_size else states[0]
-        step, tokens_seen = mine["step"], mine["tokens_seen"]
-        scheduler.load_state_dict(mine["scheduler"])
-        if len(states) == dist_state.world_size:
-            data.load_state_dict(mine["data"])
-            set_rng_state(mine["rng"])
-        else:
-            data.load_state_dicts([s["data"] for s in states])
-        logger.info(f"resumed from {latest} at step {step} (saved by {len(states)} rank(s))")
-    elif args.checkpoint.init_ckpt_path:
-        load_model_weights(args.checkpoint.init_ckpt_path, model)
-        logger.info(f"initialised weights from {args.checkpoint.init_ckpt_path}")
+    state = TrainState(scheduler, data)
+    checkpoints = CheckpointManager(args.checkpoint, args.dump_dir, spec.path)
+    resume(state, checkpoints, model, optimizer, args, spec, dist_state)
+    return model, optimizer, state, checkpoints, tokenizer, dtype
 
-    if step >= args.steps:  # re-running a finished run (e.g. the quickstart again) costs nothing
-        logger.info(f"run already complete at step {step} (steps={args.steps}): nothing to do")
-        return {"step": step, "status": "done", "loss": float("nan")}
-    peak, peak_src = peak_flops(device, dtype, args.logging.peak_flops)
+
+def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack) -> dict:
+    model, optimizer, state, checkpoints, tokenizer, dtype = _setup(args, spec, dist_state, stack)
+    if state.step >= args.steps:  # re-running a finished run (e.g. the quickstart again) costs nothing
+        logger.info(f"run already complete at step {state.step} (steps={args.steps}): nothing to do")
+        return {"step": state.step, "status": "done", "loss": float("nan")}
+    peak, peak_src = peak_flops(dist_state.device, dtype, args.logging.peak_flops)
     flops_per_token = spec.flops_per_token(args.model, args.data.seq_len)
     logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
     tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dist_state.dp_size
-
     metrics = stack.enter_context(MetricLogger(args.dump_dir, args.logging, rank=dist_state.rank,
                                                run_name=args.name, config_dict=config_to_dict(args)))
     preempt = stack.enter_context(Preemption())
-    profiler = stack.enter_context(maybe_profile(args.profiling, args.dump_dir, dist_state.rank, device))
+    profiler = stack.enter_context(maybe_profile(args.profiling, args.dump_dir, dist_state.rank, dist_state.device))
     probe = Probe(args.probe, args.dump_dir, dist_state.rank)
     stack.callback(probe.close)
-    progress = Progress(args.steps, start=step, enabled=dist_state.is_main and args.logging.progress)
-    autocast = autocast_context(device, dtype)
-    data_iter = iter(data)
-
-    def save(kinds):
-        train_state = {"step": step, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(),
-                       "data": data.state_dict(), "rng": rng_state(), "world_size": dist_state.world_size}
-        checkpoints.save(step, model, optimizer, train_state, config_to_dict(args), kinds)
-
-    def run_eval():
-        results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast)
-        if results:
-            metrics.log_eval({"step": step, "tokens_seen": tokens_seen, **results})
-            logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
-
-    status, loss_value = "done", float("nan")
-    window_start, window_tokens, window_data_s = time.perf_counter(), 0, 0.0
+    progress = stack.enter_context(Progress(args.steps, start=state.step,
+                                            enabled=dist_state.is_main and args.logging.progress))
+    autocast = autocast_context(dist_state.device, dtype)
+    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe,
+                      checkpoints)
+    window = ThroughputWindow(flops_per_token, peak, dist_state.world_size)
+    status, result = "done", None
     model.train()
-    while step < args.steps:
+    while state.step < args.steps:
         step_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        data_s = 0.0
-        probe.before_step(step + 1, model)  # off steps: one integer test, no hooks
-        for micro in range(args.grad_acc_steps):
-            t0 = time.perf_counter()
-            batch = _to_device(next(data_iter), device)
-            data_s += time.perf_counter() - t0
-            _grad_sync(model, micro == args.grad_acc_steps - 1)
-            with dist_state.loss_context():  # tensor parallel: the loss is computed on vocab-sharded logits
-                with autocast:
-                    loss = model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
-                (loss / args.grad_acc_steps).backward()
-            loss_sum += _local(loss.detach())
-        probe.after_backward(step + 1, model)
-        # One small collective per step: the global mean loss, and whether any rank was asked to stop.
-        flags = torch.stack([loss_sum / args.grad_acc_steps, torch.tensor(float(preempt.requested is not None), device=device)])
-        dist_state.all_reduce(flags)
-        loss_value, stop = flags[0].item() / dist_state.world_size, flags[1].item() > 0
-        if not math.isfinite(loss_value):
-            last = checkpoints.latest()
-            raise LinguaError(f"loss is {loss_value} at step {step + 1}: stopping without saving "
-                              f"(last complete checkpoint: {last or 'none'})")
-        grad_norm = clip_grad_norm_(model, args.optim.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        window_data_s += data_s
+        result = trainer.step(state.step + 1)
+        state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
+        window.add(tokens_per_step, result.data_s)
         profiler.step()
-        progress.update(step, f"loss {loss_value:.4f}")
-
-        if step % args.logging.freq == 0 or step == args.steps or stop:
-            elapsed = time.perf_counter() - window_start
-            tok_per_s = window_tokens / elapsed
-            entry = {
-                "step": step, "tokens_seen": tokens_seen, "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "tok_per_s": tok_per_s, "mfu": flops_per_token * tok_per_s / (peak * dist_state.world_size),
-                "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * data_s,
-                "data_share": window_data_s / elapsed, "mem_gb": memory_gb(device),
-            }
-            metrics.log(entry)
-            if progress.enabled:
-                progress.write(format_console_line(entry))
-            else:
-                logger.info(format_console_line(entry))
-            window_start, window_tokens, window_data_s = time.perf_counter(), 0, 0.0
-
-        if args.eval.every and step % args.eval.every == 0 and step != args.steps:
-            run_eval()
-        kinds = checkpoints.kinds_due(step, last=step == args.steps or stop)
+        progress.update(state.step, f"loss {result.loss:.4f}")
+        if state.step % args.logging.freq == 0 or state.step == args.steps or result.stop:
+            log_step(metrics, progress, window, state, result, step_start, dist_state.device)
+        if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
+            run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
+        kinds = checkpoints.kinds_due(state.step, last=state.step == args.steps or result.stop)
         if kinds:
-            save(kinds)
-        if stop:
+            checkpoints.save(state.step, model, optimizer, state.state_dict(dist_state.world_size),
+                             config_to_dict(args), kinds)
+        if result.stop:
             status = "preempted"
-            _requeue_if_slurm(dist_state)
+            requeue_if_slurm(dist_state)
             break
     progress.close()
     if status == "done" and args.eval.at_end:
-        run_eval()
-    logger.info(f"{status} at step {step}, loss {loss_value:.4f}")
-    return {"step": step, "status": status, "loss": loss_value}
+        run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
+    loss = result.loss if result is not None else float("nan")
+    logger.info(f"{status} at step {state.step}, loss {loss:.4f}")
+    return {"step": state.step, "status": status, "loss": loss}

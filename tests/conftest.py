@@ -3,14 +3,18 @@
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from lingua.checkpoint import consolidate, list_checkpoints  # noqa: E402
 
 # Tests run many tiny models: one thread each keeps them fast and deterministic on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -83,3 +87,33 @@ def tiny_overrides(corpus: Path, dump_dir: Path, **extra) -> list[str]:
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def final_weights(dump_dir) -> dict:
+    """Every weight of a run's latest checkpoint, consolidated into plain tensors."""
+    out = Path(dump_dir) / "consolidated"
+    consolidate(str(list_checkpoints(Path(dump_dir) / "checkpoints")[-1]), str(out))
+    return torch.load(out / "consolidated.pth", weights_only=True)["model"]
+
+
+def losses(dump_dir) -> dict:
+    return {m["step"]: m["loss"] for m in read_jsonl(Path(dump_dir) / "metrics.jsonl")}
+
+
+def cut_at(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` as if it had been stopped right after saving `step`."""
+    shutil.copytree(src, dst)
+    for p in list_checkpoints(dst / "checkpoints"):
+        if int(p.name) > step:
+            shutil.rmtree(p)
+    for name in ("metrics.jsonl", "metrics.eval.jsonl"):
+        if (dst / name).is_file():
+            rows = [r for r in read_jsonl(dst / name) if r["step"] <= step]
+            (dst / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -83,7 +83,7 @@ def fake_world_build(world: int, overrides: list[str]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from apps.main.train import TRANSFORMER_SPEC
+    from lingua.spec import TRANSFORMER_SPEC
     from lingua.args import load_config
     from lingua.distributed import DistEnv, DistState
     from lingua.train import TrainArgs, build_model
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     import lingua.train as loop
-    from apps.main.train import TRANSFORMER_SPEC
+    from lingua.spec import TRANSFORMER_SPEC
     from lingua.args import run_cli
     from lingua.checkpoint import CheckpointManager
 

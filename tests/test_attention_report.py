@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from lingua.attention_report import _why_not, format_report, main, report_attention
-from lingua.transformer import TransformerArgs, build_model, sdpa_inputs
+from lingua.attention import sdpa_inputs
+from lingua.transformer import Transformer, TransformerArgs
 
 # what torch's CPU SDPA can dispatch to, by profiler op name (written out here, independently of the module's table)
 CPU_OPS = {
@@ -35,7 +36,7 @@ def ops_that_ran(fn) -> set[str]:
 @pytest.mark.parametrize("mask", ["causal", "block_causal"])
 def test_reported_backend_is_what_runs(mask, dtype, allowed):
     args = tiny(mask=mask)
-    model = build_model(args).to(dtype)
+    model = Transformer.build(args).to(dtype)
     tokens = torch.randint(0, 64, (2, 32))
     tok_idx = torch.cat([torch.arange(12), torch.arange(20)]).repeat(2, 1)
     with sdpa_kernel(allowed) if allowed else contextlib.nullcontext():
@@ -120,3 +121,9 @@ def test_module_entry_point():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("lingua attention report: torch") and "head_dim=16" in lines[0]
     assert [line.split()[0] for line in lines[2:]] == ["train", "prefill", "decode"] * 2
+
+
+def test_module_entry_point_without_arguments_reports_the_default_model():
+    out = subprocess.run([sys.executable, "-m", "lingua.attention_report"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "n_heads=8" in out.stdout and "head_dim=64" in out.stdout

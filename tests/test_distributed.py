@@ -18,7 +18,6 @@ which is why the gradient norm before clipping is compared too: a wrong averagin
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,15 +27,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.main.train import TRANSFORMER_SPEC
+from lingua.spec import TRANSFORMER_SPEC
 from lingua.args import load_config
 from lingua.checkpoint import list_checkpoints
 from lingua.distributed import DistributedArgs, detect_env, init_distributed, resolve_mesh_shape
-from lingua.parallelize import apply_tp, parallelize_model
+from lingua.parallelize import parallelize_model
+from lingua.transformer_tp import apply_transformer_tp
 from lingua.errors import ConfigError, LinguaError
 from lingua.train import TrainArgs, build_model, train
 from lingua.transformer import Transformer, TransformerArgs
-from tests.conftest import ROOT, read_jsonl, tiny_overrides
+from tests.conftest import ROOT, assert_same_weights, cut_at, read_jsonl, tiny_overrides
 from tests.dist_helpers import ROOT as HELPER_ROOT, free_port, torchrun, torchrun_cmd
 
 assert ROOT == HELPER_ROOT
@@ -72,10 +72,6 @@ def single_process_init(overrides: list[str]) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys(), set(a) ^ set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def records(rec_dir) -> list[dict]:
@@ -106,15 +102,6 @@ def assert_loaded_equals_checkpoint(rec_dir: Path, ckpt: Path, tmp: Path):
         assert torch.equal(torch.as_tensor(optim[k]), torch.as_tensor(got[k])), k
 
 
-def cut_at(src: Path, dst: Path, step: int) -> Path:
-    """A copy of run `src` as if it had been stopped right after saving `step`."""
-    shutil.copytree(src, dst)
-    for p in list_checkpoints(dst / "checkpoints"):
-        if int(p.name) > step:
-            shutil.rmtree(p)
-    rows = [r for r in read_jsonl(dst / "metrics.jsonl") if r["step"] <= step]
-    (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dst
 
 
 # ---------------------------------------------------------------- the runs several tests compare (once per module)
@@ -224,7 +211,7 @@ def test_tensor_parallel_checks_the_model_first(kw, tp, message):
     with torch.device("meta"):
         model = Transformer(TransformerArgs(**{"dim": 32, "n_layers": 1, "n_heads": 4, "vocab_size": 64, **kw}))
     with pytest.raises(ConfigError) as e:
-        apply_tp(model, _FakeMesh(tp), loss_parallel=True)
+        apply_transformer_tp(model, _FakeMesh(tp), loss_parallel=True)
     assert message in str(e.value)
 
 

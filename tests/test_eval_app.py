@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from apps.main.eval import EvalAppArgs, main as eval_main
-from apps.main.train import TRANSFORMER_SPEC
+from lingua.spec import TRANSFORMER_SPEC
 from lingua.args import load_config
 from lingua.checkpoint import consolidate
 from lingua.errors import ConfigError, LinguaError
@@ -150,10 +150,11 @@ def test_hugging_face_directory_loads_evaluates_and_needs_a_tokenizer(trained, t
     pytest.importorskip("safetensors")
     pytest.importorskip("tokenizers")
     from lingua.hf import export_hf
+    from lingua.hf_llama import LLAMA
 
     corpus, ckpt = trained
     model, args, _ = load_model(str(ckpt))
-    export_hf(model.state_dict(), args, tmp_path / "hf", tokenizer_name="bytes")
+    export_hf(LLAMA, model.state_dict(), args, tmp_path / "hf", tokenizer_name="bytes")
     hf_model, _, tok = load_model(str(tmp_path / "hf"))
     assert tok.n_words == 258
     tokens = torch.randint(0, 258, (2, 20))
@@ -167,7 +168,7 @@ def test_hugging_face_directory_loads_evaluates_and_needs_a_tokenizer(trained, t
                        "validation.max_docs=1", "validation.seq_len=32")
     reference = run_eval(tmp_path / "e3", ckpt, "validation.sources=[alpha]", "validation.max_docs=1")
     assert results["validation"]["alpha"]["bpb"] == pytest.approx(reference["validation"]["alpha"]["bpb"], rel=1e-5)
-    export_hf(model.state_dict(), args, tmp_path / "bare")  # no tokenizer files
+    export_hf(LLAMA, model.state_dict(), args, tmp_path / "bare")  # no tokenizer files
     with pytest.raises(LinguaError, match="has no tokenizer lingua can read.*pass tokenizer.path="):
         load_model(str(tmp_path / "bare"))
     assert load_model(str(tmp_path / "bare"), tokenizer=TokenizerOverride(name="bytes"))[2].n_words == 258

@@ -2,26 +2,28 @@
 padding included), generation, FLOP counting, and each cell through the shared train loop, resume and eval app."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.fastRNN.eval import main as eval_main
-from apps.fastRNN.generate import main as generate_main
+from apps.main.eval import main as eval_main
+from apps.main.generate import cli as generate_main
 from apps.fastRNN.model import CELLS, FastRNN, FastRNNArgs, flops_per_token
-from apps.fastRNN.scan import causal_conv, conv_step, linear_scan, log_scan, step
-from apps.fastRNN.train import FASTRNN_SPEC, FastRNNTrainArgs
+from apps.fastRNN.scan import conv_step, linear_scan, log_scan, step
+from apps.fastRNN.model import FASTRNN_SPEC
+from lingua.layers import causal_conv
+from lingua.train import train_args_cls
+
+FastRNNTrainArgs = train_args_cls(FASTRNN_SPEC)
 from apps.main.eval import EvalAppArgs
 from lingua.args import load_config
-from lingua.checkpoint import consolidate, list_checkpoints
+from lingua.checkpoint import list_checkpoints
 from lingua.errors import ConfigError
 from lingua.generate import Generator, GeneratorArgs
 from lingua.tokenizer import ByteTokenizer
 from lingua.train import train
-from tests.conftest import ROOT, read_jsonl, tiny_overrides
+from tests.conftest import ROOT, assert_same_weights, cut_at, final_weights, read_jsonl, tiny_overrides
 from tests.dist_helpers import torchrun
 
 ATOL = 1e-5  # fp32: the parallel and step forms sum in different orders; measured differences are ~2e-6 on logits ~1
@@ -255,28 +257,10 @@ def overrides(corpus, dump_dir, cell, **extra) -> list[str]:
     return [o for o in tiny_overrides(corpus, dump_dir, model__cell=cell, **extra) if not o.startswith("model.mask=")]
 
 
-def final_weights(dump_dir: Path) -> dict:
-    out = Path(dump_dir) / "consolidated"
-    consolidate(str(list_checkpoints(Path(dump_dir) / "checkpoints")[-1]), str(out))
-    return torch.load(out / "consolidated.pth", weights_only=True)["model"]
 
 
-def cut_at(src: Path, dst: Path, step: int) -> Path:
-    """A copy of run `src` as if it had stopped right after saving `step`."""
-    shutil.copytree(src, dst)
-    for p in list_checkpoints(dst / "checkpoints"):
-        if int(p.name) > step:
-            shutil.rmtree(p)
-    rows = [r for r in read_jsonl(dst / "metrics.jsonl") if r["step"] <= step]
-    (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (dst / "metrics.eval.jsonl").unlink(missing_ok=True)
-    return dst
 
 
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def bpb_of(tmp_path, ckpt, *extra) -> float:

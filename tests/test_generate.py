@@ -10,7 +10,8 @@ import torch
 
 from lingua.errors import ConfigError, LinguaError
 from lingua.generate import Generator, GeneratorArgs, sample_next
-from lingua.transformer import KVCache, TransformerArgs, build_model
+from lingua.kv_cache import KVCache
+from lingua.transformer import Transformer, TransformerArgs
 from tests.conftest import ROOT
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,:!?ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -35,8 +36,8 @@ PROMPTS = ["the king", "O", "JULIET: my lord, the night is", "a b c"]
 def tiny_model(n_kv_heads, vocab_size=TOK.n_words, **kw):
     # init_base_std above the default makes the logits peaked, so greedy choices are far from ties
     args = TransformerArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size, max_seqlen=64,
-                           multiple_of=16, init_base_std=0.2, seed=3, **kw)
-    return build_model(args).eval()
+                           multiple_of=16, init_base_std=0.2, **kw)
+    return Transformer.build(args, seed=3).eval()
 
 
 def greedy_by_rerunning(model, prompt: str, max_gen_len: int) -> str:
@@ -72,7 +73,8 @@ def test_no_cache_path_and_batch_size_do_not_change_greedy_output():
 
 def test_cache_is_sized_for_kv_heads_not_query_heads():
     model = tiny_model(1)  # 4 query heads share one KV head
-    cache = KVCache(model.args, bs=2, max_len=10, pad=[0, 3])
+    cache = model.make_cache(bs=2, max_len=10, pad=[0, 3])
+    assert isinstance(cache, KVCache)
     assert cache.k[0].shape == cache.v[0].shape == (2, 1, 10, 8)  # (bs, n_kv_heads, max_len, head_dim)
     assert len(cache.k) == model.args.n_layers
     logits = model(torch.randint(2, TOK.n_words, (2, 5)), cache=cache)
@@ -84,7 +86,7 @@ def test_left_padded_prompt_gets_its_own_positions_and_ignores_padding():
     ids = torch.tensor([TOK.encode("the king", add_eos=False)])
     alone = model(ids)
     padded = torch.cat([torch.full((1, 3), 7), ids], dim=1)  # three padding slots of arbitrary tokens
-    cached = model(padded, cache=KVCache(model.args, 1, padded.shape[1], pad=[3]))
+    cached = model(padded, cache=model.make_cache(1, padded.shape[1], pad=[3]))
     torch.testing.assert_close(cached[:, 3:], alone, atol=1e-5, rtol=1e-5)
 
 

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("lm_eval")
 
-from apps.main.train import TRANSFORMER_SPEC  # noqa: E402
+from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.generate import Generator, GeneratorArgs  # noqa: E402
 from lingua.harness import LinguaLM  # noqa: E402
 from lingua.inference import load_model  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.transformer import TransformerArgs, build_model  # noqa: E402
+from lingua.transformer import Transformer, TransformerArgs  # noqa: E402
 from tests.conftest import ROOT, WORDS, tiny_overrides, write_corpus  # noqa: E402
 
 TASK_YAML = """task: lingua_local_mc
@@ -145,7 +145,7 @@ def test_loglikelihood_is_batch_independent_and_reports_greedy(trained):
 
 def test_loglikelihood_rolling_scores_every_token_once_in_windows():
     args = TransformerArgs(dim=32, n_layers=2, n_heads=4, vocab_size=258, max_seqlen=64, multiple_of=16)
-    model = build_model(args).eval()
+    model = Transformer.build(args).eval()
     from lingua.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()

@@ -31,14 +31,16 @@ except ImportError as e:
     pytest.skip(f"the hf extra is not installed ({e}): pip install -e '.[hf]'", allow_module_level=True)
 
 from apps.main import export_hf as export_app  # noqa: E402
-from apps.main.train import TRANSFORMER_SPEC  # noqa: E402
-from lingua import hf  # noqa: E402
+from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
+from lingua import hf, hf_llama  # noqa: E402
+from lingua.hf_llama import LLAMA  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.checkpoint import consolidate, list_checkpoints, load_model_weights  # noqa: E402
 from lingua.errors import LinguaError  # noqa: E402
 from lingua.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.transformer import TransformerArgs, build_model, check_args, ffn_hidden_dim  # noqa: E402
+from lingua.layers import ffn_hidden_dim  # noqa: E402
+from lingua.transformer import Transformer, TransformerArgs, check_args  # noqa: E402
 from tests.conftest import ROOT, tiny_overrides  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -57,8 +59,8 @@ CONFIGS = {
 
 
 def make_model(name: str, seed: int = 0):
-    args = TransformerArgs(max_seqlen=64, seed=seed, **CONFIGS[name])
-    model = build_model(args)
+    args = TransformerArgs(max_seqlen=64, **CONFIGS[name])
+    model = Transformer.build(args, seed=seed)
     with torch.no_grad():  # init leaves every norm at 1: move them so a swapped norm mapping cannot go unnoticed
         gen = torch.Generator().manual_seed(seed)
         for n, p in model.named_parameters():
@@ -88,7 +90,7 @@ def greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_exported_model_matches_in_transformers(name, tmp_path):
     model, args = make_model(name)
-    out = hf.export_hf(model.state_dict(), args, tmp_path / "hf")
+    out = hf.export_hf(LLAMA, model.state_dict(), args, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     theirs = load_hf(out)
     n_heads, n_kv_heads, head_dim = check_args(args)
@@ -120,8 +122,8 @@ def test_exported_model_matches_in_transformers(name, tmp_path):
 def test_logits_differ_without_the_rope_permutation(tmp_path, monkeypatch):
     """The layouts really differ: exporting q/k rows as they are gives another model (so the test above can fail)."""
     model, args = make_model("gqa-tied-theta")
-    monkeypatch.setattr(hf, "interleaved_to_halves", lambda w, n_heads: w.clone())
-    theirs = load_hf(hf.export_hf(model.state_dict(), args, tmp_path))
+    monkeypatch.setattr(hf_llama, "interleaved_to_halves", lambda w, n_heads: w.clone())
+    theirs = load_hf(hf.export_hf(LLAMA, model.state_dict(), args, tmp_path))
     tokens = torch.randint(0, args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(tokens) - theirs(tokens).logits).abs().max() > 1e-2
@@ -129,24 +131,24 @@ def test_logits_differ_without_the_rope_permutation(tmp_path, monkeypatch):
 
 def test_rope_permutation_is_a_per_head_inverse_pair():
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of head_dim 8
-    halves = hf.interleaved_to_halves(w, 2)
+    halves = hf_llama.interleaved_to_halves(w, 2)
     # each head's rows 0, 2, 4, 6 (the first of each pair) then 1, 3, 5, 7
     assert halves[:, 0].tolist() == [0, 6, 12, 18, 3, 9, 15, 21] + [24, 30, 36, 42, 27, 33, 39, 45]
-    assert torch.equal(hf.halves_to_interleaved(halves, 2), w)
+    assert torch.equal(hf_llama.halves_to_interleaved(halves, 2), w)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_export_then_import_round_trips_exactly(name, tmp_path):
     model, args = make_model(name, seed=3)
-    out = hf.export_hf(model.state_dict(), args, tmp_path)
-    back_args = hf.model_args_from_hf(out)
+    out = hf.export_hf(LLAMA, model.state_dict(), args, tmp_path)
+    back_args = hf.args_from_hf(out, LLAMA)
     assert check_args(back_args) == check_args(args)
     for key in ("dim", "n_layers", "norm_eps", "rope_theta", "max_seqlen", "vocab_size", "weight_tying"):
         assert getattr(back_args, key) == getattr(args, key), key
     assert ffn_hidden_dim(back_args.dim, back_args.multiple_of, back_args.ffn_dim_multiplier) == ffn_hidden_dim(
         args.dim, args.multiple_of, args.ffn_dim_multiplier)
-    back = build_model(back_args)
-    hf.load_hf_weights(out, back)
+    back = Transformer.build(back_args)
+    hf.load_hf_weights(out, back, LLAMA)
     ours, theirs = dict(model.named_parameters()), dict(back.named_parameters())
     assert ours.keys() == theirs.keys()
     for k in ours:
@@ -154,20 +156,20 @@ def test_export_then_import_round_trips_exactly(name, tmp_path):
     assert (back.output.weight is back.tok_embeddings.weight) == args.weight_tying
     # and the pure mapping, both ways, tensor for tensor
     sd = model.state_dict()
-    again = hf.from_hf_state_dict(hf.to_hf_state_dict(sd, args), args)
+    again = hf_llama.llama_from_hf(hf_llama.llama_to_hf(sd, args), args)
     assert all(torch.equal(sd[k], again[k]) for k in sd)
 
 
 def test_bf16_export_keeps_dtype_in_config(tmp_path):
     model, args = make_model("mha-untied")
-    out = hf.export_hf(model.state_dict(), args, tmp_path, dtype=torch.bfloat16)
+    out = hf.export_hf(LLAMA, model.state_dict(), args, tmp_path, dtype=torch.bfloat16)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_hf(out).dtype == torch.bfloat16
 
 
 def _write_config(path: Path, **changes) -> Path:
     model, args = make_model("mha-untied")
-    hf.export_hf(model.state_dict(), args, path)
+    hf.export_hf(LLAMA, model.state_dict(), args, path)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(changes)
     (path / "config.json").write_text(json.dumps(cfg))
@@ -184,18 +186,18 @@ def _write_config(path: Path, **changes) -> Path:
 def test_unsupported_hf_configs_are_one_line_errors(tmp_path, changes, message):
     path = _write_config(tmp_path, **changes)
     with pytest.raises(LinguaError, match=message) as e:
-        hf.model_args_from_hf(path)
+        hf.args_from_hf(path, LLAMA)
     assert "\n" not in str(e.value)
 
 
 def test_loading_into_another_shape_names_the_field(tmp_path):
     model, args = make_model("gqa-tied-theta")
-    hf.export_hf(model.state_dict(), args, tmp_path)
-    other = build_model(TransformerArgs(**{**CONFIGS["gqa-tied-theta"], "n_kv_heads": 4, "max_seqlen": 64}))
+    hf.export_hf(LLAMA, model.state_dict(), args, tmp_path)
+    other = Transformer.build(TransformerArgs(**{**CONFIGS["gqa-tied-theta"], "n_kv_heads": 4, "max_seqlen": 64}))
     with pytest.raises(LinguaError, match="n_kv_heads=2 but this model has 4"):
-        hf.load_hf_weights(tmp_path, other)
+        hf.load_hf_weights(tmp_path, other, LLAMA)
     with pytest.raises(LinguaError, match="no config.json"):
-        hf.model_args_from_hf(tmp_path / "nowhere")
+        hf.args_from_hf(tmp_path / "nowhere", LLAMA)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -229,7 +231,7 @@ def test_sentencepiece_tokenizer_export_matches_sentencepiece_ids(sp_model, tmp_
     import sentencepiece as spm
 
     args = TransformerArgs(max_seqlen=64, **{**CONFIGS["mha-untied"], "vocab_size": 400})
-    out = hf.export_hf(build_model(args).state_dict(), args, tmp_path, "sp", str(sp_model))
+    out = hf.export_hf(LLAMA, Transformer.build(args).state_dict(), args, tmp_path, "sp", str(sp_model))
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     assert hf.hf_tokenizer(out) == ("sp", str(out / "tokenizer.model"))
     cfg = json.loads((out / "config.json").read_text())
@@ -257,7 +259,7 @@ def test_sentencepiece_tokenizer_export_matches_sentencepiece_ids(sp_model, tmp_
 
 def test_bytes_tokenizer_export_matches_lingua(tmp_path):
     args = TransformerArgs(max_seqlen=64, **{**CONFIGS["mha-untied"], "vocab_size": 258})
-    out = hf.export_hf(build_model(args).state_dict(), args, tmp_path, "bytes")
+    out = hf.export_hf(LLAMA, Transformer.build(args).state_dict(), args, tmp_path, "bytes")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ours = ByteTokenizer()
     for s in STRINGS + ["a\u2581b", "\x00\x7f"]:
@@ -288,15 +290,15 @@ def trained_ckpt(tiny_corpus, tmp_path_factory) -> Path:
 
 
 def test_init_ckpt_path_starts_training_from_hf_weights(tiny_corpus, tmp_path):
-    model = build_model(_tiny_args())
+    model = Transformer.build(_tiny_args())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)  # weights no init could give
-    hf.export_hf(model.state_dict(), _tiny_args(), tmp_path / "hf", "bytes")
+    hf.export_hf(LLAMA, model.state_dict(), _tiny_args(), tmp_path / "hf", "bytes")
     # lr=0: the run's checkpoint must hold exactly the Hugging Face weights it started from
     _train(tiny_corpus, tmp_path / "run", steps=1, optim__lr=0.0,
            checkpoint__init_ckpt_path=str(tmp_path / "hf"))
-    trained = build_model(_tiny_args())
+    trained = Transformer.build(_tiny_args())
     load_model_weights(str(list_checkpoints(tmp_path / "run" / "checkpoints")[-1]), trained)
     for (k, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
         assert torch.equal(a, b), k
@@ -309,7 +311,7 @@ def test_export_cli_end_to_end_on_a_trained_checkpoint(trained_ckpt, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "exported" in proc.stdout
-    ours = build_model(_tiny_args())
+    ours = Transformer.build(_tiny_args())
     load_model_weights(str(trained_ckpt), ours)
     theirs = load_hf(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -343,11 +345,11 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_init_ckpt_path_from_hf_under_fsdp(tiny_corpus, tmp_path):
     """Two FSDP ranks (torchrun, gloo on CPU) each load the Hugging Face files and keep their own shards."""
-    model = build_model(_tiny_args())
+    model = Transformer.build(_tiny_args())
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    hf.export_hf(model.state_dict(), _tiny_args(), tmp_path / "hf")
+    hf.export_hf(LLAMA, model.state_dict(), _tiny_args(), tmp_path / "hf")
     overrides = tiny_overrides(tiny_corpus, tmp_path / "run", steps=1, optim__lr=0.0, distributed__dp_shard=2,
                                checkpoint__init_ckpt_path=str(tmp_path / "hf"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -356,7 +358,7 @@ def test_init_ckpt_path_from_hf_under_fsdp(tiny_corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "dp=2" in log and "initialised weights from" in log, log[-3000:]
-    trained = build_model(_tiny_args())
+    trained = Transformer.build(_tiny_args())
     load_model_weights(str(list_checkpoints(tmp_path / "run" / "checkpoints")[-1]), trained)
     for (k, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
         assert torch.equal(a, b), k

@@ -8,21 +8,23 @@ headroom while any leak across a document boundary or off-by-one in the decays m
 
 import dataclasses
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.mamba.model import Mamba, MambaArgs, MambaCache, _kernels, flops_per_token, non_embedding_params
-from apps.mamba.ssd import causal_conv, segsum, ssd_chunked, ssd_sequential
-from apps.mamba.train import MAMBA_SPEC, MambaTrainArgs
+from apps.mamba.model import MAMBA_SPEC, Mamba, MambaArgs, MambaCache, _kernels, flops_per_token
+from apps.mamba.ssd import segsum, ssd_chunked, ssd_sequential
+from lingua.decoder import non_embedding_params
+from lingua.layers import causal_conv
+from lingua.train import train_args_cls
+
+MambaTrainArgs = train_args_cls(MAMBA_SPEC)
 from lingua.args import load_config
-from lingua.checkpoint import consolidate, list_checkpoints
 from lingua.errors import ConfigError
 from lingua.generate import Generator, GeneratorArgs
 from lingua.train import train
-from tests.conftest import ROOT, read_jsonl, tiny_overrides
+from tests.conftest import ROOT, final_weights, read_jsonl, tiny_overrides
 from tests.dist_helpers import torchrun
 
 ATOL = 1e-4
@@ -31,12 +33,7 @@ TINY = dict(dim=32, n_layers=2, d_state=8, head_dim=16, chunk_size=8, d_conv=4, 
 
 
 def tiny_model(**kw) -> Mamba:
-    args = MambaArgs(**{**TINY, "vocab_size": 40, **kw})
-    torch.manual_seed(args.seed)
-    model = Mamba(args)
-    with torch.no_grad():
-        model.init_weights()
-    return model.eval()
+    return Mamba.build(MambaArgs(**{**TINY, "vocab_size": 40, **kw})).eval()
 
 
 def random_ssm_inputs(bs=2, seqlen=37, n_heads=4, head_dim=8, d_state=6, n_groups=2, seed=0):
@@ -117,7 +114,7 @@ def test_causal_conv_matches_conv1d_and_masks_documents():
     # the recurrent form: one input at a time through the conv buffer
     state, steps = None, []
     for t in range(19):
-        o, state = causal_conv(x[:, t: t + 1], w, b, state=state)
+        o, state = causal_conv(x[:, t: t + 1], w, b, history=state)
         steps.append(o)
     torch.testing.assert_close(torch.cat(steps, 1), ref)
 
@@ -256,10 +253,6 @@ def run(corpus, dump_dir, **extra):
     return train(load_config(MambaTrainArgs, mamba_overrides(corpus, dump_dir, **extra)), MAMBA_SPEC)
 
 
-def final_weights(dump_dir: Path) -> dict:
-    out = Path(dump_dir) / "consolidated"
-    consolidate(str(list_checkpoints(Path(dump_dir) / "checkpoints")[-1]), str(out))
-    return torch.load(out / "consolidated.pth", weights_only=True)["model"]
 
 
 def test_trains_through_the_shared_loop_and_evaluates(tiny_corpus, tmp_path):
@@ -272,8 +265,7 @@ def test_trains_through_the_shared_loop_and_evaluates(tiny_corpus, tmp_path):
     assert 0 < evals[-1]["alpha/bpb"] < 8
 
     # the eval app scores the checkpoint with the same bits per byte as the loop's final eval
-    from apps.main.eval import EvalAppArgs
-    from apps.mamba.eval import main as eval_main
+    from apps.main.eval import EvalAppArgs, main as eval_main
 
     cfg = load_config(EvalAppArgs, [f"ckpt_dir={tmp_path}", f"dump_dir={tmp_path / 'eval'}", "device=cpu",
                                     "validation.max_docs=4"])
@@ -299,17 +291,27 @@ def test_resume_is_bit_identical(tiny_corpus, tmp_path):
 def test_generate_app_decodes_a_checkpoint(tiny_corpus, tmp_path, capsys):
     run(tiny_corpus, tmp_path, steps=2, eval__at_end=False)
     from apps.main.generate import cli
-    from apps.mamba.model import Mamba as cls
 
-    completions, stats = cli([f"ckpt_dir={tmp_path}", "prompt=ROMEO:", "max_gen_len=8", "device=cpu"],
-                             model_cls=cls, args_cls=MambaArgs)
+    completions, stats = cli([f"ckpt_dir={tmp_path}", "prompt=ROMEO:", "max_gen_len=8", "device=cpu"])
     assert len(completions) == 1 and stats.generated_tokens > 0
     assert "ROMEO:" in capsys.readouterr().out
 
 
 def test_tensor_parallel_is_refused_with_a_clear_message():
-    with pytest.raises(ConfigError, match="tensor-parallel"):
-        MAMBA_SPEC.tp_plan(None, None, True)
+    from lingua.distributed import DistributedArgs
+    from lingua.parallelize import parallelize_model
+
+    assert MAMBA_SPEC.tp_plan is None
+    with pytest.raises(ConfigError, match="mamba has no tensor-parallel plan"):
+        parallelize_model(None, {"tp": _Size(2)}, DistributedArgs(tp_size=2), tp_plan=None, model_name="mamba")
+
+
+class _Size:
+    def __init__(self, n):
+        self.n = n
+
+    def size(self):
+        return self.n
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "shakespeare").is_dir() or not (ROOT / "tokenizers").is_dir(),

@@ -5,39 +5,39 @@ self-speculative decoding gives exactly the greedy output."""
 import dataclasses
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from apps.main.eval import EvalAppArgs
-from apps.main.train import TRANSFORMER_SPEC
-from apps.mtp.eval import main as mtp_eval
+from lingua.spec import TRANSFORMER_SPEC
+from apps.main.eval import main as mtp_eval
 from apps.main.generate import GenerateAppArgs
-from apps.mtp.generate import main as mtp_generate
-from apps.mtp.model import MTPArgs, MTPTransformer, flops_per_token
+from apps.main.generate import main as mtp_generate
+from apps.mtp.model import MTP_SPEC, MTPArgs, MTPTransformer, flops_per_token
 from apps.mtp.speculative import SpeculativeAppArgs, greedy_decode, main as spec_main, speculative_decode
-from apps.mtp.train import MTPTrainArgs, main as mtp_train
 from lingua.args import load_config
-from lingua.checkpoint import consolidate, list_checkpoints
+from lingua.checkpoint import list_checkpoints
 from lingua.errors import ConfigError, LinguaError
 from lingua.generate import Generator, GeneratorArgs
 from lingua.inference import load_model
-from lingua.train import TrainArgs, train
+from lingua.train import TrainArgs, train, train_args_cls
 from lingua.transformer import Transformer, TransformerArgs, flops_per_token as transformer_flops
-from tests.conftest import read_jsonl, tiny_overrides
+from tests.conftest import final_weights, losses, read_jsonl, tiny_overrides
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=32, mask="block_causal")
 
 
+MTPTrainArgs = train_args_cls(MTP_SPEC)
+
+
+def mtp_train(args):
+    return train(args, MTP_SPEC)
+
+
 def build(cls, args, seed=0):
-    with torch.device("meta"):
-        model = cls(args)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return cls.build(args, seed=seed)
 
 
 def mtp_run(corpus, dump_dir, n_future_head=2, **extra):
@@ -46,14 +46,8 @@ def mtp_run(corpus, dump_dir, n_future_head=2, **extra):
     return mtp_train(load_config(MTPTrainArgs, overrides))
 
 
-def losses(dump_dir) -> dict:
-    return {r["step"]: r["loss"] for r in read_jsonl(Path(dump_dir) / "metrics.jsonl")}
 
 
-def final_weights(dump_dir: Path) -> dict:
-    out = Path(dump_dir) / "consolidated"
-    consolidate(str(list_checkpoints(Path(dump_dir) / "checkpoints")[-1]), str(out))
-    return torch.load(out / "consolidated.pth", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +128,9 @@ def test_cached_forward_matches_the_full_forward():
         first = model.forward_heads(x[:, :7], cache)
         rest = model.forward_heads(x[:, 7:], cache)
         full = model(x)
-        h, cos, sin, mask = model._trunk(x, None)
-        head1 = model.norm(model.layers[model.n_trunk + 1](h, cos, sin, mask))
+        inputs = model.prepare(x, None, None)  # RoPE tables and mask
+        h = model.run_blocks(model.tok_embeddings(x), inputs, layers=range(model.n_trunk))
+        head1 = model.norm(model.layers[model.n_trunk + 1](h, *inputs))
     assert cache.len == 12
     assert torch.allclose(model.output(torch.cat([first[0], rest[0]], 1)), full, atol=1e-5)
     assert torch.allclose(torch.cat([first[1], rest[1]], 1), head1, atol=1e-5)
@@ -223,7 +218,7 @@ def test_generate_app_uses_the_next_token_head_with_a_cache(trained, capsys):
     completions, stats = mtp_generate(GenerateAppArgs(ckpt_dir=str(run_dir), max_gen_len=20, device="cpu"),
                                       prompt="ROMEO:")
     assert stats.generated_tokens > 0 and "ROMEO:" in capsys.readouterr().out
-    model, _, tok = load_model(str(run_dir), model_cls=MTPTransformer, args_cls=MTPArgs)
+    model, _, tok = load_model(str(run_dir))
     cached, _ = Generator(model, tok, GeneratorArgs(max_gen_len=20)).generate(["ROMEO:", "the king"])
     uncached, _ = Generator(model, tok, GeneratorArgs(max_gen_len=20, use_cache=False)).generate(["ROMEO:", "the king"])
     assert cached == uncached and cached[0] == completions[0]
@@ -234,7 +229,7 @@ PROMPTS = ["ROMEO: the", "JULIET: O my lord", "KING:", "the queen hath", "Q", "l
 
 def test_speculative_decoding_is_exactly_greedy(trained):
     run_dir, _ = trained
-    model, _, tok = load_model(str(run_dir), model_cls=MTPTransformer, args_cls=MTPArgs)
+    model, _, tok = load_model(str(run_dir))
     prompts = [tok.encode(p, add_bos=True, add_eos=False) for p in PROMPTS]
     ref_texts, _ = Generator(model, tok, GeneratorArgs(max_gen_len=24, batch_size=1)).generate(PROMPTS)
     greedy, g_stats = greedy_decode(model, prompts, 24, tok.eos_id, tok.n_words)

@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lingua.probe import Probe, ProbeArgs, check_probe_args, plot_probes, read_probe
+from lingua.plot import plot_probes, read_probe
+from lingua.probe import Probe, ProbeArgs, check_probe_args
 from lingua.errors import ConfigError
-from lingua.transformer import TransformerArgs, build_model
+from lingua.transformer import Transformer, TransformerArgs
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=259, max_seqlen=32, mask="block_causal")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_model(**kw):
-    return build_model(TransformerArgs(**{**ARGS, **kw}))
+    return Transformer.build(TransformerArgs(**{**ARGS, **kw}))
 
 
 def batch(seed=0, bs=2, seqlen=16):

@@ -1,36 +1,28 @@
 """The shared train loop end to end on a tiny model: learning, exact resume, atomic saves, preemption, bad input."""
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from apps.main.train import TRANSFORMER_SPEC
+from lingua.spec import TRANSFORMER_SPEC
 from lingua.args import load_config
-from lingua.checkpoint import consolidate, list_checkpoints
-from lingua.errors import ConfigError, LinguaError
+from lingua.checkpoint import list_checkpoints
+from lingua.errors import LinguaError
 from lingua.train import TrainArgs, train
-from tests.conftest import ROOT, read_jsonl, tiny_overrides
+from tests.conftest import ROOT, final_weights, losses, read_jsonl, tiny_overrides
 
 
 def run(corpus, dump_dir, **extra):
     return train(load_config(TrainArgs, tiny_overrides(corpus, dump_dir, **extra)), TRANSFORMER_SPEC)
 
 
-def final_weights(dump_dir: Path) -> dict:
-    out = Path(dump_dir) / "consolidated"
-    consolidate(str(list_checkpoints(Path(dump_dir) / "checkpoints")[-1]), str(out))
-    return torch.load(out / "consolidated.pth", weights_only=True)["model"]
 
 
-def losses(dump_dir) -> dict:
-    return {m["step"]: m["loss"] for m in read_jsonl(Path(dump_dir) / "metrics.jsonl")}
 
 
 def test_loss_decreases_and_metrics_are_logged(tiny_corpus, tmp_path):
@@ -169,7 +161,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
 
 @pytest.mark.parametrize("name, low, high", [("llama_1B", 1.0e9, 2.0e9), ("llama_7B", 6.0e9, 8.0e9)])
 def test_cluster_configs_build_on_meta(name, low, high):
-    from lingua.transformer import Transformer, num_params
+    from lingua.decoder import num_params
+    from lingua.transformer import Transformer
 
     cfg = load_config(TrainArgs, [f"config={ROOT}/apps/main/configs/{name}.yaml"])
     with torch.device("meta"):

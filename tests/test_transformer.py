@@ -8,18 +8,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.transformer import (
-    Transformer,
-    TransformerArgs,
-    apply_rope,
-    attend,
-    attention_mask,
-    build_model,
-    ffn_hidden_dim,
-    flops_per_token,
-    num_params,
-    rope_frequencies,
-)
+from lingua.attention import attend, attention_mask
+from lingua.decoder import num_params
+from lingua.layers import ffn_hidden_dim
+from lingua.transformer import Transformer, TransformerArgs, apply_rope, check_args, flops_per_token, rope_frequencies
 
 # eager flex_attention is the CPU path under test; torch warns that it is unfused
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -91,7 +83,7 @@ def test_attention_matches_naive_reference(name, attn_impl, backends, dtype, mas
 
 def test_packed_documents_match_each_document_alone():
     docs = [5, 7, 4]
-    model = build_model(tiny(mask="block_causal"))
+    model = Transformer.build(tiny(mask="block_causal"))
     tokens = torch.randint(0, 64, (1, sum(docs)), generator=torch.Generator().manual_seed(1))
     tok_idx = positions(docs)[None]
     with torch.no_grad():
@@ -102,7 +94,7 @@ def test_packed_documents_match_each_document_alone():
             torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
         # the same weights with a plain causal mask let documents 2 and 3 see document 1
-        causal = build_model(tiny(mask="causal"))
+        causal = Transformer.build(tiny(mask="causal"))
         leaky = causal(tokens, tok_idx=tok_idx)
     assert torch.equal(causal.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
     torch.testing.assert_close(leaky[:, :5], packed[:, :5], atol=1e-5, rtol=1e-5)
@@ -112,8 +104,8 @@ def test_packed_documents_match_each_document_alone():
 def test_flex_attention_inference_matches_sdpa_and_training_on_cpu_fails_clearly():
     docs = [6, 10]
     tokens, tok_idx = torch.randint(0, 64, (1, 16)), positions(docs)[None]
-    sdpa = build_model(tiny(mask="block_causal"))
-    flex = build_model(tiny(mask="block_causal", attn_impl="flex_attention"))
+    sdpa = Transformer.build(tiny(mask="block_causal"))
+    flex = Transformer.build(tiny(mask="block_causal", attn_impl="flex_attention"))
     with torch.no_grad():
         torch.testing.assert_close(flex(tokens, tok_idx=tok_idx), sdpa(tokens, tok_idx=tok_idx), atol=1e-5, rtol=1e-5)
     with pytest.raises(LinguaError, match="flex_attention has no backward on CPU.*attn_impl=sdpa"):
@@ -121,7 +113,7 @@ def test_flex_attention_inference_matches_sdpa_and_training_on_cpu_fails_clearly
 
 
 def test_xformers_needs_cuda():
-    model = build_model(tiny(attn_impl="xformers"))
+    model = Transformer.build(tiny(attn_impl="xformers"))
     with pytest.raises(LinguaError, match="xformers"):
         model(torch.randint(0, 64, (1, 8)))
 
@@ -146,7 +138,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_one_optimizer_step_lowers_the_loss():
-    model = build_model(tiny(vocab_size=64))
+    model = Transformer.build(tiny(vocab_size=64))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 64, (4, 32), generator=g), torch.randint(0, 64, (4, 32), generator=g)
     loss = model(x, y)
@@ -191,7 +183,7 @@ TRUNC = 0.98658  # std of a normal truncated at +-3 std, relative to the untrunc
 )
 def test_init_after_meta_construction_has_the_configured_std(factor, wo_divisor):
     args = TransformerArgs(dim=256, n_layers=2, n_heads=4, vocab_size=512, multiple_of=64, init_std_factor=factor)
-    model = build_model(args)
+    model = Transformer.build(args)
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
     layer = model.layers[1]  # depth 1: current_depth divides by sqrt(2 * 2)
     hidden = ffn_hidden_dim(256, 64, None)
@@ -214,18 +206,18 @@ def test_init_after_meta_construction_has_the_configured_std(factor, wo_divisor)
 
 
 def test_init_base_std_and_seed():
-    model = build_model(TransformerArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, init_base_std=0.02))
+    model = Transformer.build(TransformerArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, init_base_std=0.02))
     assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02 * TRUNC, rel=0.03)
-    again = build_model(TransformerArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, init_base_std=0.02))
-    other = build_model(TransformerArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, init_base_std=0.02, seed=1))
+    again = Transformer.build(TransformerArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, init_base_std=0.02))
+    other = Transformer.build(TransformerArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, init_base_std=0.02), seed=1)
     assert torch.equal(model.output.weight, again.output.weight)
     assert not torch.equal(model.output.weight, other.output.weight)
 
 
 def test_weight_tying_ties_after_meta_init_and_training():
-    model = build_model(tiny(weight_tying=True))
+    model = Transformer.build(tiny(weight_tying=True))
     assert model.output.weight is model.tok_embeddings.weight
-    assert num_params(model) == num_params(build_model(tiny())) - 64 * 32
+    assert num_params(model) == num_params(Transformer.build(tiny())) - 64 * 32
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))).backward()
     opt.step()
@@ -238,7 +230,6 @@ def test_weight_tying_ties_after_meta_init_and_training():
     [
         (dict(n_heads=3), "model.n_heads=3 does not divide model.dim=32"),
         (dict(n_heads=4, n_kv_heads=3), "model.n_kv_heads=3 does not divide model.n_heads=4"),
-        (dict(n_heads=None), "set model.n_heads or model.head_dim"),
         (dict(attn_impl="flash"), "model.attn_impl='flash' is not one of sdpa, flex_attention, xformers"),
         (dict(mask="document"), "model.mask='document' is not one of causal, block_causal"),
         (dict(init_std_factor="depth"), "model.init_std_factor='depth' is not one of"),
@@ -254,4 +245,14 @@ def test_config_errors_name_the_key(overrides, message):
 
 def test_sequence_longer_than_max_seqlen_fails():
     with pytest.raises(LinguaError, match="exceeds model.max_seqlen=32"):
-        build_model(tiny())(torch.zeros(1, 33, dtype=torch.long))
+        Transformer.build(tiny())(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_the_defaults_are_a_valid_model():
+    """Neither n_heads nor head_dim set: heads of 64 dims. The defaults build (only vocab_size comes from a tokenizer)."""
+    args = TransformerArgs(vocab_size=100)
+    assert check_args(args) == (8, 8, 64)  # dim 512
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert model.layers[0].attention.wq.out_features == 512
+    assert check_args(TransformerArgs(dim=32)) == (1, 1, 32)  # narrower than one head: one head of dim

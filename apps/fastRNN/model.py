@@ -1,8 +1,7 @@
 """Recurrent language models on lingua's shared loop: minGRU, minLSTM (Feng et al. 2024, "Were RNNs All We Needed?")
 and Hawk (De et al. 2024, "Griffin"), in reading order: args, the three recurrent mixers, block, model, inference state.
 
-Every block is pre-norm: x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)) (lingua.transformer's RMSNorm and
-FeedForward; Griffin's MLP block is this gated MLP with GeLU where SwiGLU has SiLU). The mixers train with a parallel scan
+Every block is pre-norm: x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)) (lingua.layers' RMSNorm and FeedForward; Griffin's MLP block is this gated MLP with GeLU where SwiGLU has SiLU). The mixers train with a parallel scan
 (scan.py) and generate with the step form; a document start (tok_idx == 0) resets the state, so packed documents do
 not see each other, exactly as under the transformer's block-causal mask.
 """
@@ -14,32 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apps.fastRNN.scan import SCANS, causal_conv, conv_step, g, linear_scan, log_g, log_scan, step
-from lingua.distributed import init_shard_
+from apps.fastRNN.scan import SCANS, conv_step, g, linear_scan, log_g, log_scan, step
+from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError
-from lingua.transformer import (INIT_STD_FACTORS, FeedForward, RMSNorm, _trunc_normal_, depth_factor, ffn_hidden_dim,
-                                next_token_loss)
+from lingua.init import init_shard_, trunc_normal_
+from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim
+from lingua.spec import ModelSpec
 
 CELLS = ("mingru", "minlstm", "hawk")
 
 
 @dataclass
-class FastRNNArgs:
+class FastRNNArgs(DecoderArgs):
     cell: str = "mingru"  # mingru | minlstm | hawk
-    dim: int = 512
-    n_layers: int = 8
     lru_dim_multiplier: float = 1.0  # recurrent width = lru_dim_multiplier * dim (Griffin uses 4/3)
     n_heads: int = 1  # hawk: the RG-LRU gates are block-diagonal with n_heads blocks, as in Griffin (1: dense)
     conv_size: int = 4  # hawk: width of the causal Conv1D before the RG-LRU
     scan: str = "odd_even"  # mingru/minlstm: odd_even | heinsen (the paper's logcumsumexp form; see scan.py)
     ffn_dim_multiplier: Optional[float] = None
     multiple_of: int = 256
-    norm_eps: float = 1e-5
-    init_base_std: Optional[float] = None  # None: fan_in ** -0.5 per matrix
-    init_std_factor: str = "disabled"  # disabled | current_depth | global_depth | dim_ratio
-    max_seqlen: int = 1024  # not a limit of the model: the longest sequence evaluation and generation feed it
-    vocab_size: int = -1
-    weight_tying: bool = False
 
 
 def lru_dim(args: FastRNNArgs) -> int:
@@ -54,7 +46,7 @@ def check_args(args: FastRNNArgs) -> None:
     if args.scan == "heinsen" and args.cell == "hawk":
         raise ConfigError("model.scan=heinsen works in log space, which needs positive values: minGRU/minLSTM only "
                           "(hawk scans in linear space)")
-    for key in ("dim", "n_layers", "n_heads", "conv_size", "max_seqlen", "multiple_of"):
+    for key in ("dim", "n_heads", "conv_size", "multiple_of"):
         if getattr(args, key) <= 0:
             raise ConfigError(f"model.{key} must be > 0 (got {getattr(args, key)})")
     if lru_dim(args) <= 0:
@@ -62,10 +54,6 @@ def check_args(args: FastRNNArgs) -> None:
     if args.cell == "hawk" and lru_dim(args) % args.n_heads:
         raise ConfigError(f"model.n_heads={args.n_heads} does not divide the recurrent width {lru_dim(args)} "
                           "(lru_dim_multiplier * dim)")
-    if args.init_std_factor not in INIT_STD_FACTORS:
-        raise ConfigError(f"model.init_std_factor={args.init_std_factor!r} is not one of {', '.join(INIT_STD_FACTORS)}")
-    if args.vocab_size <= 0:
-        raise ConfigError(f"model.vocab_size must be > 0 (got {args.vocab_size}): set it to the tokenizer's")
 
 
 @dataclass
@@ -109,8 +97,8 @@ class MinRNN(nn.Module):
         return self.wo(h.type_as(x))
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
-        _trunc_normal_(self.wi.weight, init_base_std or self.dim**-0.5)
-        _trunc_normal_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
+        trunc_normal_(self.wi.weight, init_base_std or self.dim**-0.5)
+        trunc_normal_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
 
 
 class MinGRU(MinRNN):
@@ -206,14 +194,14 @@ class Hawk(nn.Module):
         return self.wo(h.type_as(x) * F.gelu(y))
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
-        _trunc_normal_(self.wi.weight, init_base_std or self.dim**-0.5)
-        _trunc_normal_(self.conv_weight, self.conv_size**-0.5)
+        trunc_normal_(self.wi.weight, init_base_std or self.dim**-0.5)
+        trunc_normal_(self.conv_weight, self.conv_size**-0.5)
         nn.init.zeros_(self.conv_bias)
-        _trunc_normal_(self.gate_weight, (self.hidden // self.n_heads) ** -0.5)
+        trunc_normal_(self.gate_weight, (self.hidden // self.n_heads) ** -0.5)
         nn.init.zeros_(self.gate_bias)
         # Griffin: Lambda such that a^c = sigmoid(Lambda)^c is uniform in [0.9, 0.999], i.e. slow decays at first
         init_shard_(self.a_param, lambda block, gen: _lambda_init_(block, gen, self.C))
-        _trunc_normal_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
+        trunc_normal_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
 
 
 def _lambda_init_(block: torch.Tensor, gen: torch.Generator, c: float) -> None:
@@ -246,6 +234,9 @@ def build_mixer(args: FastRNNArgs) -> nn.Module:
 
 
 class FastRNNBlock(nn.Module):
+    """lingua.transformer.TransformerBlock's shape with a recurrent mixer in place of attention; a copy rather than a
+    shared base because the parameter names (mixer_norm/mixer vs attention_norm/attention) are the checkpoint format."""
+
     def __init__(self, args: FastRNNArgs):
         super().__init__()
         self.mixer_norm = RMSNorm(args.dim, args.norm_eps)
@@ -253,8 +244,8 @@ class FastRNNBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
 
-    def forward(self, x, tok_idx, valid=None, state: Optional[LayerState] = None) -> torch.Tensor:
-        h = x + self.mixer(self.mixer_norm(x), tok_idx, valid, state)
+    def forward(self, x, tok_idx, valid=None, cache: Optional[LayerState] = None) -> torch.Tensor:
+        h = x + self.mixer(self.mixer_norm(x), tok_idx, valid, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
@@ -264,61 +255,23 @@ class FastRNNBlock(nn.Module):
         self.feed_forward.init_weights(init_base_std, factor)
 
 
-class FastRNN(nn.Module):
-    def __init__(self, args: FastRNNArgs):
-        super().__init__()
-        check_args(args)
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(FastRNNBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.weight_tying:
-            self.output.weight = self.tok_embeddings.weight
+class FastRNN(Decoder):
+    block_cls = FastRNNBlock
+    check_args = staticmethod(check_args)
 
-    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None,
-                cache: Optional["RecurrentCache"] = None) -> torch.Tensor:
-        """tokens, tok_idx: int64 (bs, seqlen); target (bs, seqlen), or (bs, seqlen, n_views - 1) of which view 0 (the
-        next token) is scored. Logits (bs, seqlen, vocab_size), or the mean loss if target is given.
-
-        With a `cache` (inference) tokens continue each row from the cache's state and the cache advances; tok_idx
-        defaults to the positions after the cache's left padding (padding keeps the state at zero)."""
+    def block_inputs(self, tokens, tok_idx, cache) -> tuple:
+        """(tok_idx, valid): positions inside documents (a state resets at 0) and which tokens are real. Decoding
+        without tok_idx: the positions after each row's left padding (< 0 on padding, which keeps the state at 0)."""
         bs, seqlen = tokens.shape
-        valid = None
         if cache is not None and tok_idx is None:
-            tok_idx = cache.len + torch.arange(seqlen, device=tokens.device) - cache.pad[:, None]  # < 0 on padding
-            valid = tok_idx >= 0
-        elif tok_idx is None:
+            tok_idx = cache.len + torch.arange(seqlen, device=tokens.device) - cache.pad[:, None]  # (bs, seqlen)
+            return tok_idx, tok_idx >= 0
+        if tok_idx is None:
             tok_idx = torch.arange(seqlen, device=tokens.device).expand(bs, seqlen)
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, tok_idx, valid, None if cache is None else cache.layers[i])
-        logits = self.output(self.norm(h))  # (bs, seqlen, vocab_size)
-        if cache is not None:
-            cache.len += seqlen
-        if target is None:
-            return logits
-        return next_token_loss(logits, target)
+        return tok_idx, None
 
-    def make_cache(self, bs: int, max_len: int, pad, device, dtype) -> "RecurrentCache":
+    def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> "RecurrentCache":
         return RecurrentCache(self.args, bs, max_len, pad, device, dtype)
-
-    @torch.no_grad()
-    def init_weights(self):
-        """(Re)initialise every parameter in place after `to_empty`; the global RNG seeds it (see lingua.train)."""
-        args = self.args
-        if args.weight_tying:  # to_empty materialises each parameter separately, which unties them
-            self.output.weight = self.tok_embeddings.weight
-        std = args.init_base_std or args.dim**-0.5
-        _trunc_normal_(self.tok_embeddings.weight, std)
-        for depth, layer in enumerate(self.layers):
-            layer.init_weights(args.init_base_std, depth_factor(args.init_std_factor, depth, args.n_layers, args.dim))
-        self.norm.reset_parameters()
-        if not args.weight_tying:
-            _trunc_normal_(self.output.weight, std)
-
-    def reset_parameters(self):
-        self.init_weights()
 
 
 class RecurrentCache:
@@ -326,7 +279,8 @@ class RecurrentCache:
 
     pad[b] = number of left-padding tokens of row b; `len` = positions consumed so far (the same for every row)."""
 
-    def __init__(self, args: FastRNNArgs, bs: int, max_len: int, pad, device, dtype):
+    def __init__(self, args: FastRNNArgs, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32):
+        pad = torch.zeros(bs, dtype=torch.long) if pad is None else pad
         self.pad = torch.as_tensor(pad, dtype=torch.long, device=device)  # (bs,)
         self.max_len = max_len
         self.len = 0
@@ -337,6 +291,9 @@ class RecurrentCache:
                        None if conv is None else torch.zeros(conv, device=device, dtype=dtype))
             for _ in range(args.n_layers)
         ]
+
+    def layer(self, i: int) -> LayerState:
+        return self.layers[i]
 
 
 # ---------------------------------------------------------------- counting
@@ -354,3 +311,7 @@ def flops_per_token(args: FastRNNArgs, seq_len: int) -> int:
     if args.weight_tying:
         n += args.vocab_size * args.dim
     return 6 * n
+
+
+FASTRNN_SPEC = ModelSpec(name="fastrnn", path="apps.fastRNN.model:FASTRNN_SPEC", args_cls=FastRNNArgs, build=FastRNN,
+                         flops_per_token=flops_per_token)

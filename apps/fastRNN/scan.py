@@ -22,7 +22,8 @@ Step form, for generation: `step` advances a (bs, hidden) state by one token. mi
 from the recurrent equations as the paper writes them (no logs), so the tests comparing both forms check the log-space
 math too; Hawk shares its gate code between the two forms.
 
-Hawk's short causal convolution is here too, in the same two forms (`causal_conv`, `conv_step`), with the same reset.
+Hawk's short causal convolution is lingua.layers.causal_conv; its one-token form `conv_step` is here, with the same
+reset.
 """
 
 import math
@@ -180,28 +181,6 @@ def step(a: torch.Tensor, b: torch.Tensor, reset: torch.Tensor, valid: Optional[
 
 
 # ---------------------------------------------------------------- Hawk's causal convolution
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tok_idx: torch.Tensor,
-                history: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv over time that stops at document starts, and the inputs to remember for the next call.
-
-    x: (bs, seqlen, hidden); weight: (hidden, width), laid out as nn.Conv1d's (column width - 1 multiplies x_t);
-    tok_idx: (bs, seqlen) position in the document (tap k, reading x_{t-k}, counts only if tok_idx_t >= k);
-    history: (bs, width - 1, hidden) the inputs before x (None: zeros). Returns the output (bs, seqlen, hidden) and the
-    last width - 1 inputs, zeroed where they precede the last document start (what `conv_step` expects)."""
-    bs, seqlen, hidden = x.shape
-    width = weight.shape[1]
-    if history is None:
-        history = x.new_zeros(bs, width - 1, hidden)
-    padded = torch.cat([history.to(x.dtype), x], dim=1)  # (bs, width - 1 + seqlen, hidden)
-    out = bias.to(x.dtype).expand_as(x)
-    for k in range(width):  # tap k: x_{t-k}
-        tap = padded[:, width - 1 - k: width - 1 - k + seqlen] * weight[:, width - 1 - k]
-        out = out + tap * (tok_idx >= k)[..., None]
-    lag = torch.arange(width - 2, -1, -1, device=x.device)  # lag of each remembered input behind the last token
-    keep = lag[None, :] <= tok_idx[:, -1:]  # (bs, width - 1): inside the last token's document
-    return out, padded[:, -(width - 1):] * keep[..., None]
 
 
 def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reset: torch.Tensor,

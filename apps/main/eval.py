@@ -4,7 +4,8 @@
         [validation.max_docs=100] [validation.sources=[shakespeare]] [harness.tasks=[hellaswag,arc_easy]]
     torchrun --nproc-per-node 4 -m apps.main.eval ckpt_dir=... dump_dir=...
 
-ckpt_dir: a DCP or consolidated checkpoint, a Hugging Face Llama directory, or a run directory (its latest checkpoint).
+ckpt_dir: a DCP or consolidated checkpoint of any lingua app (params.json names its model spec), a Hugging Face Llama
+directory, or a run directory (its latest checkpoint).
 Validation reads `<root_dir>/<source>/<source>.val.jsonl` (root_dir, sources, seq_len, BOS/EOS default to the
 checkpoint's training config) and reports NLL per token, perplexity and bits per byte (lingua.evaluation). Under
 torchrun every rank holds the whole model and scores its share of the batches, or of the harness requests; rank 0
@@ -26,9 +27,10 @@ from lingua.data import DataArgs
 from lingua.distributed import DistributedArgs, init_distributed
 from lingua.errors import ConfigError, LinguaError
 from lingua.evaluation import EvalArgs, evaluate_source
-from lingua.inference import TokenizerOverride, checkpoint_kind, load_model, read_params
+from lingua.files import write_text_atomic
+from lingua.inference import TokenizerOverride, inspect_checkpoint, load_model
+from lingua.log import setup_logging
 from lingua.precision import autocast_context, resolve_model_dtype
-from lingua.train import setup_logging
 
 logger = logging.getLogger("lingua")
 
@@ -124,12 +126,22 @@ def run_harness(model, tokenizer, args: HarnessArgs) -> Optional[dict]:
     )
 
 
-def _model_kinds(model_cls, args_cls) -> dict:
-    return {k: v for k, v in (("model_cls", model_cls), ("args_cls", args_cls)) if v is not None}
+def run_validation(model, ckpt, tokenizer, args: EvalAppArgs, dist_state, autocast) -> dict:
+    """{source: {nll, ppl, bpb, tokens, bytes}} over each source's validation split."""
+    root_dir, sources, data_args = validation_plan(args, ckpt.params, ckpt.model_args.max_seqlen)
+    eval_args = EvalArgs(max_docs=args.validation.max_docs, batch_size=args.validation.batch_size)
+    results = {}
+    for source in sources:
+        flat = evaluate_source(model, root_dir, source, tokenizer, eval_args, data_args, dist_state, autocast)
+        if not flat:
+            logger.warning(f"validation split of '{source}' has no tokens to score: skipped")
+            continue
+        results[source] = {k.split("/", 1)[1]: v for k, v in flat.items()}
+    return results
 
 
-def main(args: EvalAppArgs, model_cls=None, args_cls=None) -> dict:
-    """Research apps reuse this with their own model class and args dataclass (default: the transformer)."""
+def main(args: EvalAppArgs) -> dict:
+    """Evaluate any lingua checkpoint (the architecture comes from its params.json) or Hugging Face Llama dir."""
     if not args.ckpt_dir:
         raise ConfigError("ckpt_dir is required (a checkpoint, consolidated or Hugging Face directory)")
     if not args.dump_dir:
@@ -139,25 +151,15 @@ def main(args: EvalAppArgs, model_cls=None, args_cls=None) -> dict:
     dist_state = init_distributed(DistributedArgs(device=args.device))
     try:
         setup_logging(dist_state.rank)
-        device = dist_state.device
-        path, kind = checkpoint_kind(args.ckpt_dir)
-        params = read_params(path) if kind != "hf" else {}
-        model, model_args, tokenizer = load_model(str(path), device, tokenizer=args.tokenizer,
-                                                  **_model_kinds(model_cls, args_cls))
-        dtype, _ = resolve_model_dtype(args.dtype, device)
-        autocast = autocast_context(device, dtype)
-        logger.info(f"evaluating {path} on {dist_state.world_size} process(es), {device}, {str(dtype)[6:]}")
-        results: dict = {"ckpt_dir": str(path)}
+        ckpt = inspect_checkpoint(args.ckpt_dir)
+        model, _, tokenizer = load_model(ckpt, dist_state.device, tokenizer=args.tokenizer)
+        dtype, _ = resolve_model_dtype(args.dtype, dist_state.device)
+        autocast = autocast_context(dist_state.device, dtype)
+        logger.info(f"evaluating {ckpt.path} on {dist_state.world_size} process(es), {dist_state.device}, "
+                    f"{str(dtype)[6:]}")
+        results: dict = {"ckpt_dir": str(ckpt.path)}
         if args.validation.enabled:
-            root_dir, sources, data_args = validation_plan(args, params, model_args.max_seqlen)
-            eval_args = EvalArgs(max_docs=args.validation.max_docs, batch_size=args.validation.batch_size)
-            results["validation"] = {}
-            for source in sources:
-                flat = evaluate_source(model, root_dir, source, tokenizer, eval_args, data_args, dist_state, autocast)
-                if not flat:
-                    logger.warning(f"validation split of '{source}' has no tokens to score: skipped")
-                    continue
-                results["validation"][source] = {k.split("/", 1)[1]: v for k, v in flat.items()}
+            results["validation"] = run_validation(model, ckpt, tokenizer, args, dist_state, autocast)
             if dist_state.is_main:
                 print(format_table(results["validation"]), flush=True)
         if args.harness.tasks:
@@ -168,12 +170,9 @@ def main(args: EvalAppArgs, model_cls=None, args_cls=None) -> dict:
                                       if k in harness}
                 print(format_harness(harness), flush=True)
         if dist_state.is_main:
-            out = Path(args.dump_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=1, default=str))
-            os.replace(tmp, out / "results.json")
-            logger.info(f"wrote {out / 'results.json'}")
+            Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
+            path = write_text_atomic(Path(args.dump_dir) / "results.json", json.dumps(results, indent=1, default=str))
+            logger.info(f"wrote {path}")
         return results
     finally:
         dist_state.close()

@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face Llama directory:
+"""Export a checkpoint as a Hugging Face directory (the transformer as LlamaForCausalLM; any architecture whose
+ModelSpec has an HF mapping):
 
     python -m apps.main.export_hf ckpt_dir=<dump_dir>/checkpoints/0000001000 out=<dir> [dtype=bf16]
 
@@ -12,16 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from lingua.args import run_cli
-from lingua.checkpoint import load_model_weights
+from lingua.decoder import num_params
 from lingua.errors import ConfigError, LinguaError
 from lingua.hf import export_hf
-from lingua.inference import checkpoint_kind, model_args_from_params, read_params
-from lingua.transformer import build_model, num_params
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from lingua.inference import build_for_checkpoint, inspect_checkpoint
+from lingua.precision import parse_dtype
 
 
 @dataclass
@@ -36,26 +33,23 @@ class ExportArgs:
 def main(args: ExportArgs) -> Path:
     if not args.ckpt_dir or not args.out:
         raise ConfigError("give ckpt_dir=<checkpoint dir> and out=<output dir>")
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise ConfigError(f"dtype={args.dtype!r} is not one of {', '.join(DTYPES)}")
-    ckpt, kind = checkpoint_kind(args.ckpt_dir)
-    if kind == "hf":
-        raise LinguaError(f"'{ckpt}' is already a Hugging Face directory")
-    params = read_params(ckpt)
-    model_args = model_args_from_params(params, ckpt / "params.json")
-    tokenizer = (params.get("data") or {}).get("tokenizer") or {}
+    dtype = parse_dtype(args.dtype) if args.dtype is not None else None
+    ckpt = inspect_checkpoint(args.ckpt_dir)
+    if ckpt.kind == "hf":
+        raise LinguaError(f"'{ckpt.path}' is already a Hugging Face directory")
+    if ckpt.spec.hf is None:
+        raise LinguaError(f"'{ckpt.path}' holds a {ckpt.spec.name} model, which has no Hugging Face equivalent")
+    tokenizer = (ckpt.params.get("data") or {}).get("tokenizer") or {}
     tok_name = args.tokenizer_name or tokenizer.get("name")
     tok_path = args.tokenizer_path or tokenizer.get("path")
     if tok_name not in (None, "bytes") and tok_path and not Path(tok_path).is_file():
         raise LinguaError(f"tokenizer file '{tok_path}' (data.tokenizer.path of the run) not found: "
                           "pass tokenizer_path=<file>")
 
-    model = build_model(model_args, "cpu")  # initialised, then overwritten by the checkpoint
-    load_model_weights(str(ckpt), model)
-    out = export_hf(model.state_dict(), model_args, args.out, tok_name, tok_path,
-                    dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = build_for_checkpoint(ckpt, "cpu")
+    out = export_hf(ckpt.spec.hf, model.state_dict(), ckpt.model_args, args.out, tok_name, tok_path, dtype=dtype)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
-    print(f"exported {ckpt} ({num_params(model) / 1e6:.2f}M parameters) to {out}: {files}")
+    print(f"exported {ckpt.path} ({num_params(model) / 1e6:.2f}M parameters) to {out}: {files}")
     return out
 
 

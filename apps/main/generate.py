@@ -3,7 +3,8 @@
     python -m apps.main.generate ckpt_dir=runs/debug/checkpoints/0000001000 prompt="ROMEO:" max_gen_len=100
     python -m apps.main.generate ckpt_dir=... prompts_file=prompts.txt temperature=0.8 top_p=0.95 seed=1
 
-ckpt_dir: a DCP or consolidated checkpoint, a Hugging Face Llama directory, or a run directory (its latest checkpoint).
+ckpt_dir: a DCP or consolidated checkpoint of any lingua app, a Hugging Face Llama directory, or a run directory (its
+latest checkpoint).
 `prompts_file` holds one prompt per line. Every sampling option of `lingua.generate.GeneratorArgs` is a top-level key
 (temperature=0 is greedy; stop=["\\n\\n"] ends completions at a blank line). `prompt=` is taken verbatim.
 """
@@ -19,7 +20,7 @@ from lingua.args import run_cli
 from lingua.errors import ConfigError, LinguaError
 from lingua.generate import Generator, GeneratorArgs, GenerationStats
 from lingua.inference import TokenizerOverride, load_model, pick_device
-from lingua.train import setup_logging
+from lingua.log import setup_logging
 
 
 @dataclass
@@ -48,19 +49,17 @@ def format_stats(stats: GenerationStats, args: GeneratorArgs) -> str:
             f"{stats.tok_per_s:.1f} tok/s (batch_size {args.batch_size}, cache {'on' if args.use_cache else 'off'})")
 
 
-def main(args: GenerateAppArgs, prompt: Optional[str] = None, **model_kinds) -> tuple[list[str], GenerationStats]:
-    """`prompt`, when given, replaces args.prompt: the command line passes it verbatim (see `cli`). Research apps pass
-    `model_cls=` and `args_cls=` for their architecture (default: the transformer)."""
+def main(args: GenerateAppArgs, prompt: Optional[str] = None) -> tuple[list[str], GenerationStats]:
+    """`prompt`, when given, replaces args.prompt: the command line passes it verbatim (see `cli`). Any lingua
+    checkpoint works: its params.json names the architecture."""
     if prompt is not None:
         args.prompt = prompt
-    setup_logging(0)
-    logging.getLogger().setLevel(logging.WARNING)  # the output is the completions, not the loading chatter
+    setup_logging(0, level=logging.WARNING)  # the output is the completions, not the loading chatter
     if not args.ckpt_dir:
         raise ConfigError("ckpt_dir is required (a checkpoint, consolidated or Hugging Face directory)")
     prompts = read_prompts(args)
     gen_args = GeneratorArgs(**{f.name: getattr(args, f.name) for f in fields(GeneratorArgs)})
-    model, _, tokenizer = load_model(args.ckpt_dir, pick_device(args.device), gen_args.dtype, args.tokenizer,
-                                     **model_kinds)
+    model, _, tokenizer = load_model(args.ckpt_dir, pick_device(args.device), gen_args.dtype, args.tokenizer)
     completions, stats = Generator(model, tokenizer, gen_args).generate(prompts)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         print(f"=== [{i + 1}/{len(prompts)}] {prompt!r}")
@@ -69,13 +68,13 @@ def main(args: GenerateAppArgs, prompt: Optional[str] = None, **model_kinds) -> 
     return completions, stats
 
 
-def cli(argv: Optional[list[str]] = None, **model_kinds):
+def cli(argv: Optional[list[str]] = None):
     """Like run_cli, but `prompt=...` is taken verbatim rather than parsed as YAML, so `prompt=ROMEO:` stays a string
     (a YAML parse would read it as a mapping) and `prompt=42` is not a number."""
     argv = list(sys.argv[1:] if argv is None else argv)
     raw = [a.split("=", 1)[1] for a in argv if a.startswith("prompt=")]
     rest = [a for a in argv if not a.startswith("prompt=")]
-    return run_cli(functools.partial(main, prompt=raw[-1] if raw else None, **model_kinds), GenerateAppArgs, rest)
+    return run_cli(functools.partial(main, prompt=raw[-1] if raw else None), GenerateAppArgs, rest)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apps.mamba.ssd import causal_conv, ssd_chunked, ssd_step
+from apps.mamba.ssd import ssd_chunked, ssd_step
+from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError, LinguaError, require
-from lingua.transformer import FeedForward, RMSNorm, _trunc_normal_, ffn_hidden_dim, next_token_loss
+from lingua.init import depth_factor, init_shard_, trunc_normal_, uniform_
+from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim
+from lingua.spec import ModelSpec
 
 SSM_IMPLS = ("auto", "torch", "mamba_ssm")
 
 
 @dataclass
-class MambaArgs:
-    dim: int = 512
-    n_layers: int = 8
-    vocab_size: int = -1
+class MambaArgs(DecoderArgs):
     d_state: int = 64  # N: size of each head's state per channel
     d_conv: int = 4  # width of the causal depthwise convolution
     expand: int = 2  # d_inner = expand * dim channels go through the SSM
@@ -49,17 +49,12 @@ class MambaArgs:
     mlp: bool = False  # a SwiGLU MLP after each mixer (Mamba-2 stacks mixers only)
     ffn_dim_multiplier: Optional[float] = None
     multiple_of: int = 256
-    norm_eps: float = 1e-5
-    init_base_std: Optional[float] = None  # None: dim ** -0.5 (d_inner ** -0.5 for out_proj)
-    max_seqlen: int = 1024  # no positional limit: bounds data.seq_len and generation, as for the transformer
-    weight_tying: bool = False
     ssm_impl: str = "auto"  # auto: mamba_ssm kernels on CUDA when installed | torch | mamba_ssm (required)
-    seed: int = 42
 
 
 def check_args(args: MambaArgs) -> tuple[int, int]:
     """Validate; return (d_inner, n_heads)."""
-    for key in ("dim", "n_layers", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size", "max_seqlen"):
+    for key in ("dim", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size", "multiple_of"):
         if getattr(args, key) <= 0:
             raise ConfigError(f"model.{key} must be > 0 (got {getattr(args, key)})")
     d_inner = args.expand * args.dim
@@ -199,16 +194,15 @@ class Mamba2Mixer(nn.Module):
         y = scan(x, dt, A, B, C, a.chunk_size, D=None, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx)
         return y, x
 
-    def init_weights(self, init_base_std: Optional[float], n_layers: int):
-        from lingua.distributed import init_shard_
-
+    def init_weights(self, init_base_std: Optional[float], n_layers: int, factor: float = 1.0):
         a = self.args
-        _trunc_normal_(self.in_proj.weight, init_base_std or a.dim**-0.5)
-        # residual output projections scaled down by depth, as mamba_ssm does (GPT-2's 1/sqrt(2 * n_layers))
-        _trunc_normal_(self.out_proj.weight, (init_base_std or self.d_inner**-0.5) / math.sqrt(2 * n_layers))
+        trunc_normal_(self.in_proj.weight, init_base_std or a.dim**-0.5)
+        # residual output projections scaled down by depth, as mamba_ssm does (GPT-2's 1/sqrt(2 * n_layers)),
+        # and by model.init_std_factor's `factor` on top
+        trunc_normal_(self.out_proj.weight, (init_base_std or self.d_inner**-0.5) / math.sqrt(2 * n_layers) / factor)
         bound = a.d_conv**-0.5  # nn.Conv1d's default for a depthwise conv (fan_in = width)
         for p in (self.conv_weight, self.conv_bias):
-            init_shard_(p, lambda block, gen: block.uniform_(-bound, bound, generator=gen))
+            uniform_(p, -bound, bound)
 
         def dt_bias(block, gen):  # dt log-uniform in [dt_min, dt_max]; dt_bias = softplus^-1(dt)
             lo, hi = math.log(a.dt_min), math.log(a.dt_max)
@@ -238,12 +232,12 @@ class MambaBlock(nn.Module):
             h = h + self.feed_forward(self.ffn_norm(h))
         return h
 
-    def init_weights(self, init_base_std: Optional[float], n_layers: int):
+    def init_weights(self, init_base_std: Optional[float], n_layers: int, factor: float = 1.0):
         self.mixer_norm.reset_parameters()
-        self.mixer.init_weights(init_base_std, n_layers)
+        self.mixer.init_weights(init_base_std, n_layers, factor)
         if hasattr(self, "feed_forward"):
             self.ffn_norm.reset_parameters()
-            self.feed_forward.init_weights(init_base_std, math.sqrt(2 * n_layers))
+            self.feed_forward.init_weights(init_base_std, math.sqrt(2 * n_layers) * factor)
 
 
 # ---------------------------------------------------------------- the recurrent cache (inference only)
@@ -296,71 +290,28 @@ class LayerMambaCache:
 # ---------------------------------------------------------------- the model
 
 
-class Mamba(nn.Module):
-    def __init__(self, args: MambaArgs):
-        super().__init__()
-        check_args(args)
-        if args.vocab_size <= 0:
-            raise ConfigError(f"model.vocab_size must be > 0 (got {args.vocab_size}): set it to the tokenizer's")
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(MambaBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.weight_tying:
-            self.output.weight = self.tok_embeddings.weight
+class Mamba(Decoder):
+    block_cls = MambaBlock
+    check_args = staticmethod(check_args)
 
-    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[MambaCache] = None):
-        """tokens, tok_idx: int64 (bs, seqlen); target: (bs, seqlen), or (bs, seqlen, n_views - 1) of which the next
-        token (view 0) is scored. Logits (bs, seqlen, vocab_size), or the mean loss if target.
-        With a `cache` (generation): the next seqlen tokens of every row; the cache advances."""
-        bs, seqlen = tokens.shape
+    def block_inputs(self, tokens, tok_idx, cache) -> tuple:
+        """(tok_idx,): the SSM state restarts and the conv reads nothing from before where tok_idx == 0. Decoding
+        marks the cache's left padding instead (tok_idx is None then)."""
         if cache is not None:
-            cache.start(seqlen)
-        elif seqlen > self.args.max_seqlen:
-            raise LinguaError(f"sequence length {seqlen} exceeds model.max_seqlen={self.args.max_seqlen}")
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, tok_idx, None if cache is None else cache.layer(i))
-        logits = self.output(self.norm(h))  # (bs, seqlen, vocab_size)
-        if cache is not None:
-            cache.len += seqlen
-        if target is None:
-            return logits
-        return next_token_loss(logits, target)
+            cache.start(tokens.shape[1])
+            return (None,)
+        return (tok_idx,)
 
     def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> MambaCache:
         """The generator's inference state (lingua.generate): recurrent states instead of keys and values."""
         return MambaCache(self.args, bs, max_len, pad, device, dtype)
 
-    @torch.no_grad()
-    def init_weights(self):
-        """(Re)initialise every parameter in place after `to_empty`, shard-independently (see init_shard_)."""
-        args = self.args
-        if args.weight_tying:  # to_empty materialises each parameter separately, which unties them
-            self.output.weight = self.tok_embeddings.weight
-        std = args.init_base_std or args.dim**-0.5
-        _trunc_normal_(self.tok_embeddings.weight, std)
-        for layer in self.layers:
-            layer.init_weights(args.init_base_std, args.n_layers)
-        self.norm.reset_parameters()
-        if not args.weight_tying:
-            _trunc_normal_(self.output.weight, std)
-
-    def reset_parameters(self):
-        self.init_weights()
+    def init_block(self, depth: int, block: nn.Module) -> None:
+        a = self.args
+        block.init_weights(a.init_base_std, a.n_layers, depth_factor(a.init_std_factor, depth, a.n_layers, a.dim))
 
 
 # ---------------------------------------------------------------- counting
-
-
-def non_embedding_params(model: nn.Module) -> int:
-    """Parameters outside the token embedding and the output projection (tied or not), each counted once."""
-    seen = {}
-    for name, p in model.named_parameters():
-        if not name.startswith(("tok_embeddings.", "output.")):
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
 
 
 def flops_per_token(args: MambaArgs, seq_len: int) -> float:
@@ -377,3 +328,7 @@ def flops_per_token(args: MambaArgs, seq_len: int) -> float:
     Q = min(args.chunk_size, seq_len)
     scan = 2 * Q * args.n_groups * args.d_state + 2 * Q * d_inner + 4 * d_inner * args.d_state
     return 6 * matmul + 3 * args.n_layers * scan
+
+
+MAMBA_SPEC = ModelSpec(name="mamba", path="apps.mamba.model:MAMBA_SPEC", args_cls=MambaArgs, build=Mamba,
+                       flops_per_token=flops_per_token)

@@ -136,27 +136,3 @@ def ssd_sequential(x, dt, A, B, C, reset=None, initial_state=None):
         y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], None if reset is None else reset[:, t])
         ys.append(y)
     return torch.stack(ys, dim=1), state
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tok_idx=None, state=None):
-    """Depthwise causal convolution over time, as nn.Conv1d(groups=channels, padding=width - 1) computes it:
-    out_t = bias + sum_j weight[:, j] * x_{t - (width - 1) + j} (weight[:, -1] multiplies the current input).
-
-    x: (bs, seqlen, channels); weight: (channels, width); bias: (channels,).
-    tok_idx: (bs, seqlen) positions inside documents: out_t reads x_{t-k} only when tok_idx_t >= k, so a document
-    never sees the end of the previous one (what causal_conv1d's seq_idx does).
-    state: (bs, width - 1, channels), the inputs before x (decoding), or None (zeros).
-    Returns out (bs, seqlen, channels) before the activation, and the last width - 1 inputs (the next state)."""
-    bs, seqlen, channels = x.shape
-    width = weight.shape[1]
-    if state is None:
-        state = x.new_zeros(bs, width - 1, channels)
-    full = torch.cat([state.to(x.dtype), x], dim=1)  # (bs, width - 1 + seqlen, channels)
-    taps = weight.t().to(x.dtype).contiguous()  # (width, channels): contiguous rows multiply much faster
-    out = bias.to(x.dtype).expand(bs, seqlen, channels)
-    for lag in range(width):  # lag k: weight[:, width - 1 - k] times x_{t-k}
-        term = full[:, width - 1 - lag: width - 1 - lag + seqlen] * taps[width - 1 - lag]
-        if tok_idx is not None and lag > 0:
-            term = term * (tok_idx >= lag)[..., None].to(x.dtype)
-        out = out + term
-    return out, full[:, full.shape[1] - (width - 1):]

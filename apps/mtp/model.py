@@ -9,31 +9,23 @@ transformer with n_layers + 1 layers (same parameter names, same init, same loss
     trunk:   tokens -> tok_embeddings -> layers[0] ... layers[n_layers - 1] -> h
     head k:  h -> layers[n_layers + k] -> norm -> output -> logits for token t + k + 1
 
-`model.layers` holds every block, trunk then heads, so FSDP, activation checkpointing and compile wrap the heads as
-they wrap any block. The extra heads also serve as a free drafter for self-speculative decoding (speculative.py).
+`model.layers` holds every block, trunk then heads, so FSDP, activation checkpointing, compile and the transformer's
+tensor-parallel plan wrap the heads as they wrap any block. The extra heads also serve as a free drafter for
+self-speculative decoding (speculative.py). MTP_SPEC at the end is what the train loop, eval and generate take.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.transformer import (
-    KVCache,
-    RMSNorm,
-    TransformerArgs,
-    TransformerBlock,
-    _trunc_normal_,
-    attention_mask,
-    check_args,
-    depth_factor,
-    flops_per_token as transformer_flops_per_token,
-    rope_frequencies,
-)
+from lingua.init import depth_factor
+from lingua.kv_cache import KVCache
+from lingua.loss import cross_entropy
+from lingua.spec import ModelSpec, describe_attention
+from lingua.transformer import Transformer, TransformerArgs, check_args, flops_per_token as transformer_flops
+from lingua.transformer_tp import apply_transformer_tp
 
 
 @dataclass
@@ -45,8 +37,14 @@ def check_mtp_args(args: MTPArgs) -> None:
     check_args(args)
     if args.n_future_head < 1:
         raise ConfigError(f"model.n_future_head must be >= 1 (got {args.n_future_head})")
-    if args.vocab_size <= 0:
-        raise ConfigError(f"model.vocab_size must be > 0 (got {args.vocab_size}): set it to the tokenizer's")
+
+
+def check_train_args(train_args) -> None:
+    """The data loader gives head k its target through data.n_views = model.n_future_head + 1."""
+    n_views, heads = train_args.data.n_views, train_args.model.n_future_head
+    if n_views != heads + 1:
+        raise ConfigError(f"data.n_views={n_views} must be model.n_future_head + 1 = {heads + 1} "
+                          "(one target view per head)")
 
 
 class MTPCache(KVCache):
@@ -58,69 +56,46 @@ class MTPCache(KVCache):
                  dtype=torch.float32):
         if not 1 <= n_heads <= args.n_future_head:
             raise LinguaError(f"a cache for {n_heads} heads: the model has n_future_head={args.n_future_head}")
-        super().__init__(dataclasses.replace(args, n_layers=args.n_layers + n_heads), bs, max_len, pad, device, dtype)
+        if max_len > args.max_seqlen:
+            raise LinguaError(f"KV cache of {max_len} tokens exceeds model.max_seqlen={args.max_seqlen}")
+        _, n_kv_heads, head_dim = check_args(args)
+        super().__init__(args.n_layers + n_heads, n_kv_heads, head_dim, bs, max_len, pad, device, dtype)
         self.n_heads = n_heads
 
 
-class MTPTransformer(nn.Module):
+class MTPTransformer(Transformer):
+    """`layers` holds the trunk's blocks then one block per head; the final norm and the unembedding are shared."""
+
     def __init__(self, args: MTPArgs):
-        super().__init__()
         check_mtp_args(args)
-        _, _, head_dim = check_args(args)
-        self.args = args
+        super().__init__(args, n_blocks=args.n_layers + args.n_future_head)
         self.n_trunk = args.n_layers
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers + args.n_future_head))
-        self.norm = RMSNorm(args.dim, args.norm_eps)  # shared by every head, as in the paper
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # shared unembedding
-        if args.weight_tying:
-            self.output.weight = self.tok_embeddings.weight
-        freq_cos, freq_sin = rope_frequencies(head_dim, args.max_seqlen, args.rope_theta)
-        self.register_buffer("freq_cos", freq_cos, persistent=False)  # recomputed by init_weights
-        self.register_buffer("freq_sin", freq_sin, persistent=False)
 
     # ------------------------------------------------------------ training and scoring
 
-    def _trunk(self, tokens: torch.Tensor, tok_idx: Optional[torch.Tensor]):
-        """-> (trunk state (bs, seqlen, dim), freq_cos, freq_sin, mask): what every head block needs."""
-        bs, seqlen = tokens.shape
-        if seqlen > self.args.max_seqlen:
-            raise LinguaError(f"sequence length {seqlen} exceeds model.max_seqlen={self.args.max_seqlen}")
-        if tok_idx is None:
-            freq_cos, freq_sin = self.freq_cos[:seqlen], self.freq_sin[:seqlen]  # (seqlen, head_dim // 2)
-        else:  # packed documents restart their positions
-            freq_cos, freq_sin = self.freq_cos[tok_idx], self.freq_sin[tok_idx]  # (bs, seqlen, head_dim // 2)
-        doc_idx = tok_idx if self.args.mask == "block_causal" else None
-        mask = attention_mask(self.args.attn_impl, doc_idx, bs, seqlen, tokens.device)
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        for i in range(self.n_trunk):
-            h = self.layers[i](h, freq_cos, freq_sin, mask)
-        return h, freq_cos, freq_sin, mask
-
-    def _head_logits(self, k: int, h, freq_cos, freq_sin, mask) -> torch.Tensor:
+    def head_logits(self, k: int, h: torch.Tensor, inputs: tuple) -> torch.Tensor:
         """Head k on the trunk state: (bs, seqlen, dim) -> logits (bs, seqlen, vocab_size) for token t + k + 1."""
-        return self.output(self.norm(self.layers[self.n_trunk + k](h, freq_cos, freq_sin, mask)))
+        return self.output(self.norm(self.layers[self.n_trunk + k](h, *inputs)))
 
-    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[KVCache] = None):
+    def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[MTPCache] = None):
         """tokens, tok_idx: int64 (bs, seqlen); target: (bs, seqlen) with one head, else (bs, seqlen, n_views - 1),
         view k being token t + k + 1 (lingua.data with n_views = n_future_head + 1).
 
         No target: the next-token head's logits (bs, seqlen, vocab_size). With a target: the sum over heads of each
         head's mean cross-entropy. With a `cache` (inference): the next-token head's logits, through the cache."""
         if cache is not None:
-            h = self.forward_heads(tokens, cache)[0]
-            return self.output(h)
-        h, freq_cos, freq_sin, mask = self._trunk(tokens, tok_idx)
+            return self.output(self.forward_heads(tokens, cache)[0])
+        inputs = self.prepare(tokens, tok_idx, None)
+        h = self.run_blocks(self.tok_embeddings(tokens), inputs, layers=range(self.n_trunk))
         if target is None:
-            return self._head_logits(0, h, freq_cos, freq_sin, mask)
+            return self.head_logits(0, h, inputs)
         views = target.unsqueeze(-1) if target.dim() == 2 else target  # (bs, seqlen, n_views - 1)
         if views.shape[-1] < self.args.n_future_head:
             raise LinguaError(f"model.n_future_head={self.args.n_future_head} needs data.n_views >= "
                               f"{self.args.n_future_head + 1} (the target has {views.shape[-1]} view(s))")
         loss = None
         for k in range(self.args.n_future_head):  # one head at a time: at most two heads' logits alive in forward
-            logits = self._head_logits(k, h, freq_cos, freq_sin, mask)
-            head_loss = F.cross_entropy(logits.flatten(0, 1).float(), views[..., k].flatten(0, 1))
+            head_loss = cross_entropy(self.head_logits(k, h, inputs), views[..., k])
             loss = head_loss if loss is None else loss + head_loss
         return loss
 
@@ -135,48 +110,30 @@ class MTPTransformer(nn.Module):
         """The next `seqlen` tokens of every row through the trunk and the cache's `n_heads` heads; advances the cache.
         Returns each head's normed state (bs, seqlen, dim): `model.output(h)` gives its logits, so a caller can project
         only the positions it needs."""
-        positions, mask = cache.positions_and_mask(tokens.shape[1])  # (bs, seqlen), (bs, 1, seqlen, kv_len)
-        freq_cos, freq_sin = self.freq_cos[positions], self.freq_sin[positions]  # (bs, seqlen, head_dim // 2)
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        for i in range(self.n_trunk):
-            h = self.layers[i](h, freq_cos, freq_sin, mask, cache.layer(i))
-        outs = []
-        for k in range(cache.n_heads):
-            i = self.n_trunk + k
-            outs.append(self.norm(self.layers[i](h, freq_cos, freq_sin, mask, cache.layer(i))))
+        inputs = self.prepare(tokens, None, cache)  # positions and mask from the cache
+        h = self.run_blocks(self.tok_embeddings(tokens), inputs, cache, layers=range(self.n_trunk))
+        outs = [self.norm(self.layers[i](h, *inputs, cache=cache.layer(i)))
+                for i in range(self.n_trunk, self.n_trunk + cache.n_heads)]
         cache.len += tokens.shape[1]
         return outs
 
     # ------------------------------------------------------------ init
 
-    @torch.no_grad()
-    def init_weights(self):
-        """As lingua.transformer.Transformer.init_weights, each head initialised as the block right after the trunk
-        (depth n_layers, of a path n_layers + 1 blocks deep): with one head, exactly the (n_layers + 1)-layer init."""
-        args = self.args
-        if args.weight_tying:  # to_empty materialises each parameter separately, which unties them
-            self.output.weight = self.tok_embeddings.weight
-        _, _, head_dim = check_args(args)
-        freq_cos, freq_sin = rope_frequencies(head_dim, args.max_seqlen, args.rope_theta, self.freq_cos.device)
-        self.freq_cos.copy_(freq_cos)
-        self.freq_sin.copy_(freq_sin)
-        std = args.init_base_std or args.dim**-0.5
-        _trunc_normal_(self.tok_embeddings.weight, std)
-        depth_of_path = args.n_layers + 1
-        for i, layer in enumerate(self.layers):
-            depth = min(i, args.n_layers)  # every head sits right after the trunk
-            layer.init_weights(args.init_base_std, depth_factor(args.init_std_factor, depth, depth_of_path, args.dim))
-        self.norm.reset_parameters()
-        if not args.weight_tying:
-            _trunc_normal_(self.output.weight, std)
-
-    def reset_parameters(self):
-        self.init_weights()
+    def init_block(self, depth: int, block) -> None:
+        """Each head is initialised as the block right after the trunk (depth n_layers, of a path n_layers + 1 blocks
+        deep): with one head, exactly the (n_layers + 1)-layer transformer's init."""
+        a = self.args
+        block.init_weights(a.init_base_std, depth_factor(a.init_std_factor, min(depth, a.n_layers), a.n_layers + 1,
+                                                         a.dim))
 
 
 def flops_per_token(args: MTPArgs, seq_len: int) -> float:
     """Training FLOPs per token (see lingua.transformer.flops_per_token): the trunk and every head block count as
     layers, and each extra head runs the final norm and the output projection once more."""
-    as_layers = dataclasses.replace(args, n_layers=args.n_layers + args.n_future_head)
     extra_unembed = (args.n_future_head - 1) * (args.vocab_size * args.dim + args.dim)
-    return transformer_flops_per_token(as_layers, seq_len) + 6 * extra_unembed
+    return transformer_flops(args, seq_len, n_layers=args.n_layers + args.n_future_head) + 6 * extra_unembed
+
+
+MTP_SPEC = ModelSpec(name="mtp", path="apps.mtp.model:MTP_SPEC", args_cls=MTPArgs, build=MTPTransformer,
+                     flops_per_token=flops_per_token, tp_plan=apply_transformer_tp, describe=describe_attention,
+                     check_train_args=check_train_args)

@@ -27,10 +27,11 @@ from typing import Optional
 
 import torch
 
-from apps.mtp.model import MTPArgs, MTPTransformer
+from apps.mtp.model import MTPTransformer
 from lingua.args import run_cli
 from lingua.errors import ConfigError, LinguaError
 from lingua.inference import TokenizerOverride, load_model, pick_device
+from lingua.log import setup_logging
 
 
 @dataclass
@@ -221,9 +222,11 @@ def main(args: SpeculativeAppArgs) -> dict:
         raise ConfigError('give prompt="..." or prompts=[...]')
     if args.batch_size < 1 or args.repeats < 1 or args.max_gen_len < 1:
         raise ConfigError("batch_size, repeats and max_gen_len must be >= 1")
-    logging.getLogger().setLevel(logging.WARNING)
-    model, _, tok = load_model(args.ckpt_dir, pick_device(args.device), args.dtype, args.tokenizer,
-                               model_cls=MTPTransformer, args_cls=MTPArgs)
+    setup_logging(0, level=logging.WARNING)
+    model, _, tok = load_model(args.ckpt_dir, pick_device(args.device), args.dtype, args.tokenizer)
+    if not isinstance(model, MTPTransformer):
+        raise LinguaError(f"'{args.ckpt_dir}' holds a {type(model).__name__}, not a multi-token prediction model "
+                          "(apps.mtp.train): it has no extra heads to draft with")
     prompts = [tok.encode(t, add_bos=args.add_bos, add_eos=False) for t in texts]
     r = compare(model, prompts, args.max_gen_len, args.batch_size, tok.eos_id, tok.n_words, args.n_draft,
                 args.repeats)

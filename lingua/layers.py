@@ -1,0 +1,84 @@
+"""Building blocks every architecture shares: RMSNorm, the SwiGLU feed-forward, and a causal depthwise convolution
+that stops at document boundaries (Hawk and Mamba-2 put one before their recurrence)."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lingua.init import trunc_normal_
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim (same parameters as a 4*dim GELU MLP), scaled, rounded up to multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich), computed in fp32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer, 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (bs, seqlen, hidden_dim) inside, (bs, seqlen, dim) out
+
+    def init_weights(self, init_base_std: Optional[float], factor: float):
+        in_std = init_base_std or self.dim**-0.5
+        for w in (self.w1, self.w3):
+            trunc_normal_(w.weight, in_std)
+        trunc_normal_(self.w2.weight, (init_base_std or self.hidden_dim**-0.5) / factor)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tok_idx: Optional[torch.Tensor] = None,
+                history: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution over time, as nn.Conv1d(groups=channels, padding=width - 1) computes it:
+    out_t = bias + sum_j weight[:, j] * x_{t - (width - 1) + j} (weight[:, -1] multiplies the current input).
+
+    x: (bs, seqlen, channels); weight: (channels, width); bias: (channels,).
+    tok_idx: (bs, seqlen) positions inside documents, or None (one document): out_t reads x_{t-k} only when
+    tok_idx_t >= k, so a document never sees the end of the previous one (causal_conv1d's seq_idx).
+    history: (bs, width - 1, channels), the inputs before x (decoding), or None (zeros).
+    Returns out (bs, seqlen, channels) and the last width - 1 inputs, the history of the next call (with tok_idx,
+    zeroed where they precede the last document start)."""
+    bs, seqlen, channels = x.shape
+    width = weight.shape[1]
+    if history is None:
+        history = x.new_zeros(bs, width - 1, channels)
+    full = torch.cat([history.to(x.dtype), x], dim=1)  # (bs, width - 1 + seqlen, channels)
+    taps = weight.t().to(x.dtype).contiguous()  # (width, channels): contiguous rows multiply much faster
+    out = bias.to(x.dtype).expand(bs, seqlen, channels)
+    for lag in range(width):  # lag k: weight[:, width - 1 - k] times x_{t-k}
+        term = full[:, width - 1 - lag: width - 1 - lag + seqlen] * taps[width - 1 - lag]
+        if tok_idx is not None and lag > 0:
+            term = term * (tok_idx >= lag)[..., None].to(x.dtype)
+        out = out + term
+    last = full[:, full.shape[1] - (width - 1):]
+    if tok_idx is not None:
+        lag = torch.arange(width - 2, -1, -1, device=x.device)  # lag of each remembered input behind the last token
+        last = last * (lag[None, :] <= tok_idx[:, -1:])[..., None].to(x.dtype)  # inside the last token's document
+    return out, last

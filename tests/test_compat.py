@@ -1,0 +1,55 @@
+"""Checkpoints written before the decoder/ModelSpec redesign (tests/fixtures/v0_checkpoints) still load, compute the
+same logits, evaluate, generate and resume training."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from apps.main.eval import EvalAppArgs, main as eval_main
+from apps.main.generate import cli as generate_cli
+from apps.mtp.model import MTP_SPEC, MTPTransformer
+from lingua.args import load_config
+from lingua.inference import inspect_checkpoint, load_model
+from lingua.spec import TRANSFORMER_SPEC
+from lingua.train import train, train_args_cls
+from lingua.transformer import Transformer
+from tests.conftest import read_jsonl
+
+FIXTURES = Path(__file__).parent / "fixtures" / "v0_checkpoints"
+
+
+@pytest.mark.parametrize("name, spec, cls", [("transformer", TRANSFORMER_SPEC, Transformer),
+                                             ("mtp", MTP_SPEC, MTPTransformer)])
+def test_old_checkpoints_find_their_spec_and_give_the_same_logits(name, spec, cls):
+    ckpt = inspect_checkpoint(FIXTURES / name)
+    assert ckpt.spec is spec and "model_spec" not in ckpt.params and "seed" in ckpt.params["model"]
+    model, _, _ = load_model(FIXTURES / name)
+    assert type(model) is cls
+    ref = torch.load(FIXTURES / "reference_logits.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(ref["tokens"], tok_idx=ref["tok_idx"])
+    torch.testing.assert_close(logits, ref[name], rtol=0, atol=1e-6)
+
+
+def test_old_checkpoints_evaluate_and_generate_through_the_main_apps(tmp_path, capsys):
+    results = eval_main(load_config(EvalAppArgs, [f"ckpt_dir={FIXTURES / 'mtp'}", f"dump_dir={tmp_path}",
+                                                  f"validation.root_dir={FIXTURES / 'corpus'}"]))
+    assert 4 < results["validation"]["alpha"]["bpb"] < 10  # 2 steps of training: near a uniform 8 bits per byte
+    completions, _ = generate_cli([f"ckpt_dir={FIXTURES / 'transformer'}", "prompt=the", "max_gen_len=4"])
+    assert len(completions) == 1
+
+
+def test_an_old_run_resumes_with_its_old_config(tmp_path):
+    """config.yaml of an old run names model.seed and optim.annealing_step: accepted with a warning, and training
+    continues from its step-2 checkpoint."""
+    run = tmp_path / "transformer"
+    shutil.copytree(FIXTURES / "transformer", run)
+    args = load_config(train_args_cls(TRANSFORMER_SPEC), [f"config={run / 'config.yaml'}", f"dump_dir={run}",
+                                                           f"data.root_dir={FIXTURES / 'corpus'}", "steps=4",
+                                                           "logging.freq=1"])
+    result = train(args, TRANSFORMER_SPEC)
+    assert result["step"] == 4
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 4]  # it did not start again from step 1
