@@ -83,7 +83,7 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
 
     def flops_per_token(self, seq_len: int) -> int:
         """6 N + 12 L H (C/H) T, N the non-embedding matmul weights plus the output projection (PaLM accounting, as

@@ -19,7 +19,7 @@ from torch import nn
 from lingua.errors import ConfigError, LinguaError
 from lingua.init import INIT_STD_FACTORS, depth_factor, trunc_normal_
 from lingua.layers import RMSNorm
-from lingua.loss import cross_entropy
+from lingua.loss import cross_entropy, linear_cross_entropy
 
 
 @dataclass
@@ -32,6 +32,7 @@ class DecoderArgs:
     init_std_factor: str = "disabled"  # residual output projections' std / : disabled | current_depth | global_depth | dim_ratio
     max_seqlen: int = 1024  # the longest sequence training, evaluation and generation may feed the model
     weight_tying: bool = False  # the output projection is the embedding table
+    fused_loss: bool = True  # training loss in chunks with its gradient, never the whole logits (lingua.loss)
 
 
 def check_decoder_args(args: DecoderArgs) -> None:
@@ -138,6 +139,15 @@ class Decoder(nn.Module):
         """Mean next-token cross-entropy of the final-normed hidden states h (bs, seqlen, dim)."""
         if target.dim() == 3:  # data.n_views > 2: view 0 is the next token
             target = target[..., 0]
+        return self.lm_loss(h, target)
+
+    def lm_loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output projection of h (bs, seqlen, dim) against target (bs, seqlen): the fused
+        chunked form when training, through the logits otherwise (and under tensor parallelism, whose vocab-sharded
+        output projection computes the loss on sharded logits)."""
+        weight = self.output.weight
+        if self.args.fused_loss and torch.is_grad_enabled() and not hasattr(weight, "device_mesh"):
+            return linear_cross_entropy(h, weight, target)
         return cross_entropy(self.output(h), target)
 
     # ------------------------------------------------------------ init

@@ -256,3 +256,33 @@ def test_the_defaults_are_a_valid_model():
         model = Transformer(args)
     assert model.layers[0].attention.wq.out_features == 512
     assert check_args(TransformerArgs(dim=32)) == (1, 1, 32)  # narrower than one head: one head of dim
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_equals_the_loss_through_the_logits(dtype):
+    """model.fused_loss: the chunked loss with its gradient computed in the forward gives the plain loss and the plain
+    gradients (bf16: as nn.Linear under autocast would), also over several chunks and ignored targets."""
+    from lingua.loss import cross_entropy, linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 50, 16, requires_grad=True)
+    w = torch.randn(70, 16, requires_grad=True)
+    target = torch.randint(0, 70, (3, 50))
+    target[0, :5] = -1  # ignored, as evaluation pads
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        fused = linear_cross_entropy(h, w, target, chunk=32)
+        plain = cross_entropy(torch.nn.functional.linear(h, w), target)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(3 * fused, (h, w)), torch.autograd.grad(3 * plain, (h, w))):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol)
+
+
+def test_models_train_with_the_fused_loss_and_evaluate_through_the_logits():
+    model = Transformer.build(tiny())
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    fused = model(x, y)
+    with torch.no_grad():
+        assert torch.allclose(model(x, y), fused.detach(), atol=1e-6)  # no grad: the logits path, the same value
+    model.args.fused_loss = False
+    assert torch.allclose(model(x, y), fused, atol=1e-6)

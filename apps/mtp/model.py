@@ -22,7 +22,6 @@ import torch
 from lingua.errors import ConfigError, LinguaError
 from lingua.init import depth_factor
 from lingua.kv_cache import KVCache
-from lingua.loss import cross_entropy
 from lingua.spec import ModelSpec, describe_attention
 from lingua.transformer import Transformer, TransformerArgs, check_args, flops_per_token as transformer_flops
 from lingua.transformer_tp import apply_transformer_tp
@@ -73,9 +72,10 @@ class MTPTransformer(Transformer):
 
     # ------------------------------------------------------------ training and scoring
 
-    def head_logits(self, k: int, h: torch.Tensor, inputs: tuple) -> torch.Tensor:
-        """Head k on the trunk state: (bs, seqlen, dim) -> logits (bs, seqlen, vocab_size) for token t + k + 1."""
-        return self.output(self.norm(self.layers[self.n_trunk + k](h, *inputs)))
+    def head_state(self, k: int, h: torch.Tensor, inputs: tuple) -> torch.Tensor:
+        """Head k on the trunk state: (bs, seqlen, dim) -> its normed state, whose output projection gives the logits
+        for token t + k + 1."""
+        return self.norm(self.layers[self.n_trunk + k](h, *inputs))
 
     def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[MTPCache] = None):
         """tokens, tok_idx: int64 (bs, seqlen); target: (bs, seqlen) with one head, else (bs, seqlen, n_views - 1),
@@ -88,14 +88,14 @@ class MTPTransformer(Transformer):
         inputs = self.prepare(tokens, tok_idx, None)
         h = self.run_blocks(self.tok_embeddings(tokens), inputs, layers=range(self.n_trunk))
         if target is None:
-            return self.head_logits(0, h, inputs)
+            return self.output(self.head_state(0, h, inputs))
         views = target.unsqueeze(-1) if target.dim() == 2 else target  # (bs, seqlen, n_views - 1)
         if views.shape[-1] < self.args.n_future_head:
             raise LinguaError(f"model.n_future_head={self.args.n_future_head} needs data.n_views >= "
                               f"{self.args.n_future_head + 1} (the target has {views.shape[-1]} view(s))")
         loss = None
-        for k in range(self.args.n_future_head):  # one head at a time: at most two heads' logits alive in forward
-            head_loss = cross_entropy(self.head_logits(k, h, inputs), views[..., k])
+        for k in range(self.args.n_future_head):  # one head at a time: at most one head's activations in flight
+            head_loss = self.lm_loss(self.head_state(k, h, inputs), views[..., k])
             loss = head_loss if loss is None else loss + head_loss
         return loss
 
