@@ -182,7 +182,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         logger.info("attention kernels:\n" + spec.describe(args.model, device, dtype, args.data.seq_len))
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
 
-    data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size))
+    data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size, args.grad_acc_steps))
     checkpoints = CheckpointManager(args.checkpoint, args.dump_dir)
     step, tokens_seen = 0, 0
     checkpoints.clean_incomplete()
@@ -194,10 +194,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         step, tokens_seen = mine["step"], mine["tokens_seen"]
         scheduler.load_state_dict(mine["scheduler"])
         if len(states) == dist_state.world_size:
-            data.load_state_dict(mine["data"])
             set_rng_state(mine["rng"])
-        else:
-            data.load_state_dicts([s["data"] for s in states])
+        data.load_state_dicts([s["data"] for s in states])  # any old layout: each rank takes its streams
         logger.info(f"resumed from {latest} at step {step} (saved by {len(states)} rank(s))")
     elif args.checkpoint.init_ckpt_path:
         load_model_weights(args.checkpoint.init_ckpt_path, model)
