@@ -121,13 +121,21 @@ def resolve_format(fmt: str, root_dir: str, source: str, tokenizer_args, add_bos
 
 
 class TokenDocs:
-    """One split of a source's token shards as a document store: `count(k)` documents in shard k, `tokens(k, j)`
-    of document j (a view into the memory-mapped shard), `n_bytes(k, j)` of its text."""
+    """One split of a source's token shards as a document store, addressed like the jsonl it was made from:
+    `count(k)` documents in input file k (a chunk file), `tokens(k, j)` of its document j (a view into the
+    memory-mapped shard that holds it). So a stream's cursor means the same in both formats."""
 
     def __init__(self, name: str, manifest: dict, split: str = "train"):
         self.name, self.folder = name, manifest["folder"]
         self.shards = manifest["splits"][split]["shards"]
-        self.n_files = len(self.shards)
+        # shards are consecutive pieces of the input files: group them by input, in order
+        self._files: list[list[int]] = []
+        for k, shard in enumerate(self.shards):
+            if not self._files or self.shards[self._files[-1][-1]]["input"] != shard["input"]:
+                self._files.append([])
+            self._files[-1].append(k)
+        self._firsts = [np.cumsum([0] + [self.shards[k]["docs"] for k in ks]) for ks in self._files]
+        self.n_files = len(self._files)
         self._open: dict = {}
 
     def _shard(self, k: int):
@@ -145,17 +153,20 @@ class TokenDocs:
         return self._open[k]
 
     def count(self, k: int) -> int:
-        return self.shards[k]["docs"]
+        return int(self._firsts[k][-1])
 
     def tokens(self, k: int, j: int) -> np.ndarray:
-        tokens, offsets, _ = self._shard(k)
+        firsts = self._firsts[k]
+        i = int(np.searchsorted(firsts, j, side="right")) - 1  # the shard of file k holding document j
+        tokens, offsets, _ = self._shard(self._files[k][i])
+        j -= firsts[i]
         return tokens[offsets[j]: offsets[j + 1]]
 
     def documents(self) -> Iterator[tuple[np.ndarray, int]]:
         """(tokens, UTF-8 bytes of the text) of every document, in order (validation)."""
-        for k in range(self.n_files):
+        for k, shard in enumerate(self.shards):
             tokens, offsets, byte_offsets = self._shard(k)
-            for j in range(self.count(k)):
+            for j in range(shard["docs"]):
                 yield tokens[offsets[j]: offsets[j + 1]], int(byte_offsets[j + 1] - byte_offsets[j])
 
     def close(self) -> None:
