@@ -307,10 +307,12 @@ class DataLoader:
 
                 self._pipeline = AsyncPipeline(self.plan, self._stream_states())
             else:
-                self._pipeline = rank_batches(self.plan, dict(self._stream_states()), self.tokenizer)
-        rows, tok_idx, after = next(self._pipeline)
+                S, n_views = self.args.seq_len, self.args.n_views
+                self._pipeline = ((make_batch(rows, tok_idx, S, n_views), after) for rows, tok_idx, after in
+                                  rank_batches(self.plan, dict(self._stream_states()), self.tokenizer))
+        batch, after = next(self._pipeline)
         self._positions[after[0]] = after
-        return make_batch(rows, tok_idx, self.args.seq_len, self.args.n_views)
+        return batch
 
     def _stream_states(self) -> dict[int, dict]:
         """Every stream's state after the last batch returned (positions the pipeline yielded, made states)."""

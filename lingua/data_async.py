@@ -19,7 +19,7 @@ import numpy as np
 from lingua.errors import LinguaError
 
 SLOTS = 8  # groups of batches produced ahead of the trainer
-GROUP = 16  # batches per group at most
+GROUP = 64  # batches per group at most
 GROUP_SECONDS = 0.02  # a slow loader hands over a partial group after this long
 SLOT_BYTES = 4 << 20  # a group holds at most this many bytes (and at least one batch)
 ONE_THREAD = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -28,7 +28,7 @@ ONE_THREAD = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 class Slots:
     """Shared memory holding SLOTS groups of compact batches: rows [slot, group, B, S + n_views - 1] and tok_idx
     [slot, group, B, S], int32. Batches cross without pickling or pipe copies (the queue carries slot numbers and
-    stream positions); the trainer's side makes the int64 batch, then hands the slot back."""
+    stream positions); the trainer's side makes the int64 batches of a group at once, then hands the slot back."""
 
     def __init__(self, shm, layout: tuple):
         n_slots, group, batch, row_len, seq_len = layout
@@ -144,8 +144,7 @@ def _spawn(ctx, target, args, name: str):
 
 
 class AsyncPipeline:
-    """Iterator of lingua.data.rank_batches' items, produced by a child process. The rows it returns are views of
-    shared memory, valid until the next call: make the batch (a copy) before asking for the next one."""
+    """Iterator of (batch, position after) like the loader's sync pipeline, produced by a child process."""
 
     def __init__(self, plan, states: dict):
         from multiprocessing import shared_memory
@@ -153,19 +152,18 @@ class AsyncPipeline:
         ctx = mp.get_context("spawn")  # fork is unsafe once torch has started threads
         layout = Slots.layout(plan.args)
         shm = shared_memory.SharedMemory(create=True, size=Slots.nbytes(layout))
-        self.slots = Slots(shm, layout)
+        self.slots, self.seq_len, self.n_views = Slots(shm, layout), plan.args.seq_len, plan.args.n_views
         self.queue, self.free, self.stop = ctx.Queue(maxsize=SLOTS + 1), ctx.Queue(), ctx.Event()
         for k in range(SLOTS):
             self.free.put(k)
         self.proc = _spawn(ctx, _worker, (plan, states, self.queue, self.free, self.stop, shm.name, layout),
                            f"lingua-data-rank{plan.dp_rank}")
         self._finalize = weakref.finalize(self, _stop_worker, self.proc, self.stop, (self.queue, self.free), shm)
-        self.batches, self._ready, self._release = 0, [], None
+        self.batches, self._ready = 0, []
 
     def __next__(self):
-        if self._release is not None:  # the caller has made its batch from the last rows of this slot
-            self.free.put(self._release)
-            self._release = None
+        from lingua.data import make_batch
+
         if not self._ready:
             kind, payload = self._receive()
             if kind != "batches":
@@ -174,12 +172,13 @@ class AsyncPipeline:
                     raise LinguaError(payload)
                 raise RuntimeError(f"the data loader process failed:\n{payload}")
             k, after = payload
-            self._ready = [(k, g, after[g]) for g in reversed(range(len(after)))]
-        k, g, after = self._ready.pop()
-        if not self._ready:
-            self._release = k
+            n = len(after)
+            # one int64 conversion (a copy) for the whole group, then the slot goes back to the child
+            group = make_batch(self.slots.rows[k, :n], self.slots.tok_idx[k, :n], self.seq_len, self.n_views)
+            self.free.put(k)
+            self._ready = [({key: v[g] for key, v in group.items()}, after[g]) for g in reversed(range(n))]
         self.batches += 1
-        return self.slots.rows[k, g], self.slots.tok_idx[k, g], after
+        return self._ready.pop()
 
     def _receive(self):
         while True:

@@ -16,6 +16,7 @@ shard, so opening a source reads one small JSON file and maps shards only when a
 start-up and memory do not grow with the dataset.
 """
 
+import bisect
 import functools
 import hashlib
 import json
@@ -134,7 +135,7 @@ class TokenDocs:
             if not self._files or self.shards[self._files[-1][-1]]["input"] != shard["input"]:
                 self._files.append([])
             self._files[-1].append(k)
-        self._firsts = [np.cumsum([0] + [self.shards[k]["docs"] for k in ks]) for ks in self._files]
+        self._firsts = [np.cumsum([0] + [self.shards[k]["docs"] for k in ks]).tolist() for ks in self._files]
         self.n_files = len(self._files)
         self._open: dict = {}
 
@@ -153,11 +154,11 @@ class TokenDocs:
         return self._open[k]
 
     def count(self, k: int) -> int:
-        return int(self._firsts[k][-1])
+        return self._firsts[k][-1]
 
     def tokens(self, k: int, j: int) -> np.ndarray:
         firsts = self._firsts[k]
-        i = int(np.searchsorted(firsts, j, side="right")) - 1  # the shard of file k holding document j
+        i = bisect.bisect_right(firsts, j) - 1  # the shard of file k holding document j
         tokens, offsets, _ = self._shard(self._files[k][i])
         j -= firsts[i]
         return tokens[offsets[j]: offsets[j + 1]]
