@@ -13,6 +13,8 @@ shards with the async and the sync loader and report the median step time and th
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "setup"))  # tokenize_data, importable by name: its worker processes import it too
 
 from lingua.data import DataArgs, DataLoader  # noqa: E402
-from lingua.errors import LinguaError  # noqa: E402
+from lingua.errors import LinguaError, exit_on_error  # noqa: E402
 from lingua.tokenizer import TokenizerArgs  # noqa: E402
 
 TOKEN_TARGET = 20e6  # tokens/s per process for the token-shard loader (lingua issue 14)
@@ -82,8 +84,9 @@ def tokenize_rates(root: Path, source: str, tokenizer: str, workers: list[int]) 
     rows = []
     for n in workers:
         shutil.rmtree(root / source / "tokens", ignore_errors=True)
-        m = tokenize_data.main(["--data_dir", str(root), "--source", source, "--tokenizer", tokenizer,
-                                "--workers", str(n), "--quiet", "--force"])
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary line: the table below says it
+            m = tokenize_data.main(["--data_dir", str(root), "--source", source, "--tokenizer", tokenizer,
+                                    "--workers", str(n), "--quiet"])
         mb = sum(s["end"] - s["start"] for split in m["splits"].values() for s in split["shards"]) / 1e6
         rows.append({"workers": n, "mb": mb, "seconds": m["seconds"], "mb_s": mb / m["seconds"],
                      "tokens": sum(split["tokens"] for split in m["splits"].values())})
@@ -160,8 +163,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    exit_on_error(main)

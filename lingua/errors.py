@@ -13,6 +13,17 @@ class ConfigError(LinguaError):
     exit_code = 2
 
 
+def exit_on_error(main) -> None:
+    """A script's `if __name__ == "__main__":` body: run main(); a LinguaError becomes one line and its exit code."""
+    import sys
+
+    try:
+        main()
+    except LinguaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
 def require(package: str, extra: str):
     """Import an optional package, or fail with one line naming the extra that installs it."""
     import importlib

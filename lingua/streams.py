@@ -11,9 +11,9 @@ what would have come next:
   3. `stream_fills`: concatenates the documents (their tokens already carry BOS/EOS) and cuts a *fill* of
      prefetch_size sequences of seq_len + n_views - 1 tokens at a time, consecutive sequences overlapping by
      n_views - 1 tokens (every token is an input once and a target once per view; no padding), with the fill's
-     rows to be yielded in a permutation seeded by (seed, stream, fill). State: the mixer state before the document holding the
-     fill's first token, how many of its tokens came before ("offset"), the fill number and how many rows of it were
-     yielded ("next"). Resuming re-reads one fill (deterministically) and skips the rows already yielded.
+     rows to be yielded in a permutation seeded by (seed, stream, fill). State: the mixer state before the document
+     holding the fill's first token, how many of its tokens came before ("offset"), the fill number and how many rows
+     of it were yielded ("next"). Resuming re-reads one fill (deterministically) and skips the rows already yielded.
 
 A document store (lingua.jsonl.JsonlDocs, lingua.token_data.TokenDocs) gives the documents as token arrays:
 `name`, `n_files`, `count(k)` (documents in file k) and `tokens(k, j)` (int array, or None for a skipped bad line).

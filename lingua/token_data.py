@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FORMATS = ("auto", "jsonl", "tokens")
+TOKENIZE = "setup/tokenize_data.py"
 
 
 def token_folder(root_dir: str, source: str) -> str:
@@ -147,9 +148,9 @@ class TokenDocs:
                 tokens = np.load(tokens_path, mmap_mode="r").view(np.ndarray)
                 index = np.load(index_path, mmap_mode="r").view(np.ndarray)
             except (OSError, ValueError) as e:
-                raise LinguaError(f"cannot read token shard {tokens_path}: {e} (re-run setup/tokenize_data.py)") from None
+                raise LinguaError(f"cannot read token shard {tokens_path}: {e} (re-run {TOKENIZE})") from None
             if tokens.shape != (shard["tokens"],) or index.shape != (shard["docs"] + 1, 2):
-                raise LinguaError(f"token shard {tokens_path} does not match {MANIFEST} (re-run setup/tokenize_data.py)")
+                raise LinguaError(f"token shard {tokens_path} does not match {MANIFEST} (re-run {TOKENIZE})")
             self._open[k] = (tokens, index[:, 0], index[:, 1])
         return self._open[k]
 

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from lingua.errors import LinguaError  # noqa: E402
+from lingua.errors import LinguaError, exit_on_error  # noqa: E402
 from lingua.jsonl import chunk_files, line_number, parse_document, scan_lines  # noqa: E402
 from lingua.token_data import (FORMAT_VERSION, MANIFEST, read_manifest, shard_paths, token_dtype,  # noqa: E402
                                token_folder, tokenizer_sha256)
@@ -272,8 +272,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LinguaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    exit_on_error(main)

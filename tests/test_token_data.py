@@ -20,7 +20,7 @@ from lingua.token_data import MANIFEST, read_manifest, shard_paths, token_folder
 from lingua.tokenizer import ByteTokenizer, TokenizerArgs
 from lingua.val_data import val_iterator
 from tests.conftest import ROOT
-from tests.test_data import args_for, doc_text, global_batches, same, take, write_source
+from tests.test_data import args_for, doc_text, global_batches, same, write_source
 
 TOK = ByteTokenizer()
 SMALL = "0.001"  # --shard_mb: ~1 KB of jsonl per shard, so that files are cut into several pieces
