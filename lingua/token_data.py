@@ -94,6 +94,19 @@ def manifest_problem(manifest: dict, folder: str, tokenizer_args, add_bos: bool,
                 f"{manifest['add_eos']}, not data.add_bos={add_bos} data.add_eos={add_eos}")
     if split not in manifest["splits"]:
         return f"token shards in {folder} have no '{split}' split"
+    return _stale_inputs(manifest, folder, split)
+
+
+def _stale_inputs(manifest: dict, folder: str, split: str) -> Optional[str]:
+    """Do the jsonl files next to the shards (when they are there) differ in size from those tokenized?"""
+    made = {i["file"]: i["size"] for i in manifest.get("settings", {}).get("inputs", []) if i["split"] == split}
+    source = os.path.dirname(folder)
+    names = [n for n in os.listdir(source) if n.endswith(".val.jsonl" if split == "val" else ".jsonl")
+             and (split == "val" or ".chunk." in n)]
+    now = {n: os.path.getsize(os.path.join(source, n)) for n in names}
+    if made and now and now != made:
+        return (f"token shards in {folder} were made from other jsonl files than those in {source} (re-run "
+                f"{TOKENIZE} --force)")
     return None
 
 

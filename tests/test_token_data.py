@@ -204,6 +204,11 @@ def test_auto_takes_the_shards_only_when_the_manifest_matches(corpus, caplog):
     with pytest.raises(LinguaError, match="not data.add_bos=False") as e:
         DataLoader(args_for(root, add_bos=False, format="tokens"))
     assert "\n" not in str(e.value)
+    write_source(root, "a", [20, 25, 16])  # the jsonl changed since it was tokenized: the shards are stale
+    with pytest.raises(LinguaError, match="were made from other jsonl files than those in"):
+        DataLoader(args_for(root, format="tokens"))
+    with DataLoader(args_for(root)) as loader:
+        assert loader.plan.sources["a"]["format"] == "jsonl"
 
 
 def test_a_tokenizer_that_does_not_match_the_manifest_is_refused(corpus, tmp_path_factory):
