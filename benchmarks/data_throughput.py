@@ -1,5 +1,6 @@
 """Data throughput, in one run: the token-shard loader and the jsonl loader (tokens/s per process, sync and async),
-setup/tokenize_data.py (MB/s with 1 and 2 workers), and the loader's share of a real training step.
+setup/tokenize_data.py (MB/s with 1 and 2 workers), the async worker's share of a core, and the loader's share of a
+real training step.
 
     python setup/prepare_data.py shakespeare --data_dir data
     python setup/train_tokenizer.py --data_dir data --source shakespeare
@@ -67,6 +68,29 @@ def measure(args: DataArgs, seconds: float, min_batches: int, windows: int = 5) 
     return startup, total * tokens / elapsed, max(rates) * tokens
 
 
+def worker_share(args: DataArgs, step_s: float, steps: int) -> tuple[float, int]:
+    """(share of one core the async worker used, its thread count) while a trainer takes a batch every step_s, in
+    steady state (after its start-up and run-ahead)."""
+    with DataLoader(args) as loader:
+        for _ in range(2 * args.prefetch_size):
+            next(loader)
+        time.sleep(1.0)
+        pid = loader._pipeline.proc.pid
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu_s() -> float:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+        c0, t0 = cpu_s(), time.perf_counter()
+        for _ in range(steps):
+            time.sleep(step_s)  # the training step (the worker's cores are the trainer's)
+            next(loader)
+        share = (cpu_s() - c0) / (time.perf_counter() - t0)
+        threads = int(open(f"/proc/{pid}/status").read().split("Threads:")[1].split()[0])
+    return share, threads
+
+
 def link_source(data_dir: str, source: str, tmp: Path) -> Path:
     """A data folder holding symlinks to the source's jsonl files (tokenizing it writes nothing into data_dir)."""
     folder = tmp / "data" / source
@@ -116,12 +140,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--prefetch_size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per loader configuration")
+    parser.add_argument("--step_ms", type=float, default=20.0, help="simulated step for the worker's core share")
     parser.add_argument("--train_steps", type=int, default=12, help="debug-model steps per training run (0: skip)")
     a = parser.parse_args(argv)
     if not os.path.isfile(a.tokenizer):
         raise LinguaError(f"no sentencepiece model at {a.tokenizer} (run setup/train_tokenizer.py)")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; load average {os.getloadavg()[0]:.2f} at start")
-    out = {"cpu": cpu_name(), "loader": [], "tokenize": [], "train": []}
+    out = {"cpu": cpu_name(), "loader": [], "tokenize": [], "worker": [], "train": []}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = link_source(a.data_dir, a.source, tmp)
@@ -146,6 +171,15 @@ def main(argv=None) -> dict:
                                       "tok_s": rate, "best_tok_s": best})
                 print(f"{fmt:>7} {tok.name:>10} {mode:>6} {startup:>10.2f} {rate:>13,.0f} {best:>13,.0f}",
                       flush=True)
+
+        print(f"\nasync worker while a trainer takes a batch every {a.step_ms:.0f} ms")
+        print(f"{'format':>7} {'core share':>11} {'threads':>8}")
+        for fmt in ("tokens", "jsonl"):
+            args = DataArgs(root_dir=str(root), sources={a.source: 1.0}, format=fmt, batch_size=a.batch_size,
+                            seq_len=a.seq_len, prefetch_size=a.prefetch_size, load_async=True, tokenizer=sp)
+            share, threads = worker_share(args, a.step_ms / 1000, steps=4 * a.prefetch_size)
+            out["worker"].append({"format": fmt, "core_share": share, "threads": threads})
+            print(f"{fmt:>7} {100 * share:>10.1f}% {threads:>8}", flush=True)
 
         if a.train_steps:
             print(f"\ntraining the debug model from the token shards, {a.train_steps} steps (medians of steps 2..)")

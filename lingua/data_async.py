@@ -18,8 +18,8 @@ import numpy as np
 
 from lingua.errors import LinguaError
 
-SLOTS = 8  # groups of batches produced ahead of the trainer
-GROUP = 64  # batches per group at most
+SLOTS = 4  # groups of batches produced ahead of the trainer
+GROUP = 32  # batches per group at most
 GROUP_SECONDS = 0.02  # a slow loader hands over a partial group after this long
 SLOT_BYTES = 4 << 20  # a group holds at most this many bytes (and at least one batch)
 ONE_THREAD = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
