@@ -235,6 +235,10 @@ def traced_batches(args, dp_rank: int = 0, dp_size: int = 1, grad_acc_steps: int
 class StateMismatch(LinguaError):
     """A saved loader state this run cannot continue (older lingua, other stream layout): data.reset_state applies."""
 
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; set data.reset_state=true to restart the data order from the beginning")
+        self.reason = reason
+
 
 def restore_streams(states: list[dict], plan: Plan) -> dict[int, dict]:
     """This rank's stream states from the states of all old ranks (any old layout of the same streams)."""
@@ -244,15 +248,14 @@ def restore_streams(states: list[dict], plan: Plan) -> dict[int, dict]:
     for s in states:
         if s.get("version") != STATE_VERSION:
             raise StateMismatch(f"data loader state version {s.get('version')} in the checkpoint was written by an "
-                                f"older lingua (one data order per rank); resume with data.reset_state=true to "
-                                f"restart the data order from the beginning")
+                                f"older lingua (one data order per rank), which this one cannot continue")
     for key, want in (("n_streams", plan.n_streams), ("seq_len", a.seq_len), ("n_views", a.n_views),
                       ("prefetch_size", a.prefetch_size)):
         got = sorted({s[key] for s in states})
         if got != [want]:
             hint = " (default: the global batch, batch_size x dp x grad_acc_steps)" if key == "n_streams" else ""
             raise StateMismatch(f"the checkpoint's data loader has {key}={got[0]}, this run data.{key}={want}{hint}: "
-                                f"keep it to resume the data order, or set data.reset_state=true to restart it")
+                                f"keep it to resume the data order")
     merged = {int(k): v for s in states for k, v in s["streams"].items()}  # tensor-parallel ranks repeat theirs
     missing = [s for s in plan.own() if s not in merged]
     if missing:
@@ -341,7 +344,7 @@ class DataLoader:
         except StateMismatch as e:
             if not self.args.reset_state:
                 raise
-            logger.warning("data.reset_state=true: %s; the data order starts from the beginning", e)
+            logger.warning("data.reset_state=true: %s; the data order starts from the beginning", e.reason)
             streams = {s: initial_stream_state(s, self.plan.sources) for s in self.plan.own()}
         self.close()
         self._streams, self._positions = streams, {}
