@@ -24,8 +24,9 @@ v predicting the token v ahead) and `tok_idx [B, S]`, the position of each token
 each document start and at position 0 of every sequence (a sequence continuing a document starts a new segment).
 
 `DataLoader` runs the pipeline in the trainer's process (load_async=False) or in a spawned child process feeding a
-bounded queue (load_async=True, lingua/data_async.py). Each batch travels with the states of the streams it advanced,
-so `state_dict()` always describes the batches the trainer consumed, never those produced ahead.
+bounded ring of shared-memory slots (load_async=True, lingua/data_async.py). Each batch travels with the position of
+the streams it advanced, so `state_dict()` always describes the batches the trainer consumed, never those produced
+ahead.
 """
 
 import copy
