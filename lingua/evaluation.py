@@ -43,7 +43,8 @@ def _token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_args: DataArgs, dist_state, autocast) -> dict:
     seq_len = args.seq_len or data_args.seq_len
     batches = list(val_iterator(root_dir, source, tokenizer, seq_len, args.batch_size, max_docs=args.max_docs,
-                                add_bos=data_args.add_bos, add_eos=data_args.add_eos))
+                                add_bos=data_args.add_bos, add_eos=data_args.add_eos, data_format=data_args.format,
+                                tokenizer_args=data_args.tokenizer))
     device = dist_state.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     # Every rank runs the same number of forwards (FSDP all-gathers need all of them); extra ones count for nothing.

@@ -1,12 +1,11 @@
-"""Documents: a source's chunk files read as one global stream shared out between data-parallel ranks, and the
-sources mixed by weight. The first stages of the pipeline in `lingua.data`.
+"""jsonl documents: a source's chunk files as a document store for the loader (lingua/streams.py), and the line
+scanner shared with setup/tokenize_data.py.
 
-The documents of a source are its lines, numbered across all its chunk files in order (`<source>.chunk.0.jsonl`, then
-`.chunk.1.jsonl`, ...). Rank r of n owns the lines i with i % n == r, so every chunk file is read whatever the world
-size and no two ranks ever own the same document. At the end of the last file the stream starts again (next epoch).
-
-A reader's state is a cursor (epoch, next line, file, line in file, byte offset) plus, after a resume at another world
-size (see `lingua.data`), rules naming lines an older world already consumed and documents it had partly consumed.
+The documents of a source are its non-blank lines, numbered across all its chunk files in order
+(`<source>.chunk.0.jsonl`, then `.chunk.1.jsonl`, ...); each is one JSON object with a string `text`. A stream reads
+every n_streams-th document, so the store needs random access: it indexes a chunk file's line offsets (one fast
+numpy pass over its bytes) the first time a document of that file is asked for, and keeps the few most recent
+indexes, so memory and start-up grow with the size of one chunk file, not with the dataset.
 """
 
 import glob
@@ -14,7 +13,8 @@ import json
 import logging
 import os
 import re
-from typing import Iterator, Optional
+from collections import OrderedDict
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -22,7 +22,10 @@ from lingua.errors import LinguaError
 
 logger = logging.getLogger(__name__)
 
-MIX_BLOCK = 1024  # source draws are generated in blocks of this many documents
+SCAN_BLOCK = 8 << 20  # bytes read at a time when indexing lines
+INDEX_CACHE = 4  # chunk-file line indexes kept per source
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True  # what bytes.strip() removes
 
 
 def chunk_files(root_dir: str, source: str) -> list[str]:
@@ -43,132 +46,111 @@ def chunk_files(root_dir: str, source: str) -> list[str]:
     return sorted(files, key=order)
 
 
-def parse_document(raw: bytes, where: str) -> str:
-    """The text of one JSON line; LinguaError naming `where` (file:line) when the line is not a document."""
+def parse_document(raw: bytes, where: Union[str, Callable[[], str]]) -> str:
+    """The text of one JSON line; LinguaError naming `where` (file:line, or a function computing it, called only on
+    an error) when the line is not a document."""
     try:
         doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+            return doc["text"]
+        problem = "no string 'text' field in this line"
     except ValueError as e:
-        raise LinguaError(f"{where}: malformed JSON line ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-        raise LinguaError(f"{where}: no string 'text' field in this line")
-    return doc["text"]
+        problem = f"malformed JSON line ({e})"
+    raise LinguaError(f"{where if isinstance(where, str) else where()}: {problem}")
 
 
-def initial_cursor() -> dict:
-    return {"epoch": 0, "line": 0, "file": 0, "fline": 0, "offset": 0}
+def line_number(path: str, offset: int) -> int:
+    """The 1-based line number of the line starting at byte `offset` (for error messages only: it reads the file)."""
+    n = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            data = f.read(min(SCAN_BLOCK, offset))
+            n, offset = n + data.count(b"\n"), offset - len(data)
+    return n
 
 
-def position(state: dict) -> tuple[int, int]:
-    """Where a reader stands in the global stream, comparable across ranks: (epoch, next line)."""
-    return state["epoch"], state["line"]
-
-
-def consumed(epoch: int, line: int, rules) -> bool:
-    """Did an older world consume line `line` of `epoch`? Rule (mod, until): old rank line % mod had consumed every
-    line it owned before until[line % mod]."""
-    return any((epoch, line) < until[line % mod] for mod, until in rules)
-
-
-def read_documents(files: list[str], state: dict, source: str, dp_rank: int, dp_size: int,
-                   skip_bad_lines: bool = False) -> Iterator[tuple[str, tuple, int, dict]]:
-    """Yield (text, (source, epoch, line), tokens to skip, state after this document) for this rank's documents,
-    forever. `tokens to skip` is > 0 only for a document an older world had partly consumed."""
-    epoch, line, k, fline, offset = (state[key] for key in ("epoch", "line", "file", "fline", "offset"))
-    if k > len(files):
-        raise LinguaError(f"data source '{source}': saved state points at chunk file {k} but only "
-                          f"{len(files)} exist (were the chunk files changed?)")
-    rules = [(r["mod"], [tuple(u) for u in r["until"]]) for r in state.get("skip", [])]
-    partial = {(e, i): n for e, i, n in state.get("partial", [])}
-    bad = state.get("bad", 0)
-    found_in_epoch, empty_epochs = 0, 0
+def scan_lines(f, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) byte offsets of the non-blank lines in bytes [start, end) of the open binary file f; `start`
+    is a line start and `end` a line start or the end of the file. A line's bytes include its newline."""
+    starts, ends = [], []
+    f.seek(start)
+    pos, carry = start, b""  # carry: an unfinished line from the previous block
     while True:
-        if k >= len(files):  # next epoch
-            empty_epochs = empty_epochs + 1 if found_in_epoch == 0 else 0
-            if empty_epochs >= 2:
-                raise LinguaError(f"data source '{source}' has no document for data-parallel rank {dp_rank} of "
-                                  f"{dp_size} (too few documents, or only bad lines, in {len(files)} chunk files)")
-            epoch, line, k, fline, offset, found_in_epoch = epoch + 1, 0, 0, 0, 0, 0
-        path = files[k]
+        data = f.read(min(SCAN_BLOCK, end - pos)) if pos < end else b""
+        pos += len(data)
+        last = not data
+        buf = carry + data
+        if not buf:
+            break
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        line_ends = np.flatnonzero(arr == 10) + 1
+        if last and (not len(line_ends) or line_ends[-1] < len(arr)):
+            line_ends = np.append(line_ends, len(arr))  # a last line without a newline
+        carry = b"" if last else buf[line_ends[-1] if len(line_ends) else 0:]
+        line_starts = np.concatenate([[0], line_ends])[: len(line_ends)]
+        content = np.concatenate([[0], np.cumsum(~_WHITESPACE[arr], dtype=np.int64)])
+        keep = content[line_ends] > content[line_starts]  # a line with a non-whitespace byte is a document
+        base = pos - len(buf)
+        starts.append(base + line_starts[keep])
+        ends.append(base + line_ends[keep])
+        if last:
+            break
+    if not starts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64)
+
+
+class JsonlDocs:
+    """A source's chunk files as a document store: `count(k)` documents in file k, `tokens(k, j)` of document j."""
+
+    def __init__(self, name: str, files: list[str], tokenizer, add_bos: bool, add_eos: bool,
+                 skip_bad_lines: bool = False):
+        self.name, self.files, self.tokenizer = name, files, tokenizer
+        self.add_bos, self.add_eos, self.skip_bad_lines = add_bos, add_eos, skip_bad_lines
+        self.n_files, self.bad = len(files), 0
+        self._indexes: OrderedDict = OrderedDict()
+        self._handles: dict = {}
+
+    def _file(self, k: int):
+        if k not in self._handles:
+            try:
+                self._handles[k] = open(self.files[k], "rb")
+            except OSError as e:
+                raise LinguaError(f"cannot read chunk file {self.files[k]}: {e.strerror}") from None
+        return self._handles[k]
+
+    def _index(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k in self._indexes:
+            self._indexes.move_to_end(k)
+        else:
+            f = self._file(k)
+            self._indexes[k] = scan_lines(f, 0, os.fstat(f.fileno()).st_size)
+            if len(self._indexes) > INDEX_CACHE:
+                self._indexes.popitem(last=False)
+        return self._indexes[k]
+
+    def count(self, k: int) -> int:
+        return len(self._index(k)[0])
+
+    def tokens(self, k: int, j: int) -> Optional[np.ndarray]:
+        starts, ends = self._index(k)
+        f = self._file(k)
+        f.seek(starts[j])
+        raw = f.read(int(ends[j] - starts[j]))
         try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise LinguaError(f"cannot read chunk file {path}: {e.strerror}") from None
-        with f:
-            f.seek(offset)
-            for raw in f:
-                i = line
-                line, fline, offset = line + 1, fline + 1, offset + len(raw)
-                if i % dp_size != dp_rank or not raw.strip():
-                    continue
-                if rules and consumed(epoch, i, rules):
-                    continue
-                try:
-                    text = parse_document(raw, f"{path}:{fline}")
-                except LinguaError as e:
-                    if not skip_bad_lines:
-                        raise
-                    bad += 1
-                    logger.warning("skipping bad line (%d so far in '%s'): %s", bad, source, e)
-                    continue
-                skip = partial.pop((epoch, i), 0) if partial else 0
-                if rules and all((epoch, line) >= max(until) for _, until in rules):
-                    rules = []  # this rank has passed every old rank's position: the rules are spent
-                after = {"epoch": epoch, "line": line, "file": k, "fline": fline, "offset": offset}
-                if rules:
-                    after["skip"] = [{"mod": mod, "until": [list(u) for u in until]} for mod, until in rules]
-                if partial:
-                    partial = {key: n for key, n in partial.items() if key >= (epoch, line)}
-                    after["partial"] = [[e, j, n] for (e, j), n in sorted(partial.items())]
-                if bad:
-                    after["bad"] = bad
-                found_in_epoch += 1
-                yield text, (source, epoch, i), skip, after
-        k, fline, offset = k + 1, 0, 0
+            text = parse_document(raw, lambda: f"{self.files[k]}:{line_number(self.files[k], int(starts[j]))}")
+        except LinguaError as e:
+            if not self.skip_bad_lines:
+                raise
+            self.bad += 1
+            logger.warning("skipping bad line (%d so far in '%s'): %s", self.bad, self.name, e)
+            return None
+        return np.asarray(self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos), dtype=np.int32)
 
-
-def mixed_documents(files: dict[str, list[str]], weights: dict[str, float], seed: int, dp_rank: int, dp_size: int,
-                    gen: int, state: dict, skip_bad_lines: bool = False) -> Iterator[tuple[tuple, dict]]:
-    """Yield ((text, ref, skip), state after) with each document's source drawn by weight (per document).
-    state = {"n": documents drawn so far, "sources": {name: reader state}}. The draw for document n depends only on
-    (seed, rank, world size, gen, n), so the state needs no RNG dump; gen changes after an elastic resume."""
-    names = list(weights)
-    cum = np.cumsum([weights[s] for s in names], dtype=np.float64)
-    cum /= cum[-1]
-    cursors = {s: state["sources"].get(s, initial_cursor()) for s in names}
-    readers = {s: read_documents(files[s], cursors[s], s, dp_rank, dp_size, skip_bad_lines) for s in names}
-    n, block_id, draws = state["n"], None, None
-    while True:
-        if n // MIX_BLOCK != block_id:
-            block_id = n // MIX_BLOCK
-            rng = np.random.default_rng([seed, 0, dp_rank, dp_size, gen, block_id])
-            draws = np.minimum(np.searchsorted(cum, rng.random(MIX_BLOCK), side="right"), len(names) - 1)
-        source = names[draws[n % MIX_BLOCK]]
-        text, ref, skip, cursors[source] = next(readers[source])
-        n += 1
-        yield (text, ref, skip), {"n": n, "sources": dict(cursors)}
-
-
-def merge_cursors(cursors: list[dict], partly: list[tuple[int, int, int]]) -> dict:
-    """One reader state continuing the old ranks' readers of a source (old rank r's cursor is cursors[r]), for a new
-    world of any size: start at the earliest cursor, skip what each old rank had consumed past it, resume the
-    documents in `partly` ((epoch, line, tokens used)) where they stopped. Old positions in a later epoch than the
-    slowest rank's are capped at the end of its epoch."""
-    low = min(cursors, key=position)
-    cap = (position(low)[0] + 1, 0)
-    rules = {}
-    for rule in [r for c in cursors for r in c.get("skip", [])] + [
-            {"mod": len(cursors), "until": [list(min(position(c), cap)) for c in cursors]}]:
-        rules[repr(rule)] = rule
-    used = {}
-    for e, i, n in [tuple(p) for c in cursors for p in c.get("partial", [])] + list(partly):
-        used[(e, i)] = max(n, used.get((e, i), 0))
-    merged = {k: low[k] for k in ("epoch", "line", "file", "fline", "offset")}
-    merged["skip"] = [r for r in rules.values() if max(map(tuple, r["until"])) > position(merged)]
-    merged["partial"] = [[e, i, n] for (e, i), n in sorted(used.items()) if (e, i) >= position(merged)]
-    bad = sum(c.get("bad", 0) for c in cursors)
-    if bad:
-        merged["bad"] = bad
-    return merged
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
 
 
 def read_lines(path: str, what: Optional[str] = None) -> Iterator[tuple[str, str]]:

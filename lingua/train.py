@@ -144,16 +144,15 @@ class TrainState:
 
     def load_state_dicts(self, states: list[dict], rank: int, world_size: int) -> None:
         """Every saving rank's state; a run resumed on another world size takes the loop position from any rank
-        (they agree) and merges the data loaders' positions (the RNG only matters to an exact resume)."""
+        (they agree) and its data streams from whichever old ranks held them (the RNG only matters to an exact
+        resume)."""
         same_world = len(states) == world_size
         mine = states[rank] if same_world else states[0]
         self.step, self.tokens_seen = mine["step"], mine["tokens_seen"]
         self.scheduler.load_state_dict(mine["scheduler"])
         if same_world:
-            self.data.load_state_dict(mine["data"])
             set_rng_state(mine["rng"])
-        else:
-            self.data.load_state_dicts([s["data"] for s in states])
+        self.data.load_state_dicts([s["data"] for s in states])  # any old layout: each rank takes its streams
 
 
 def resume(state: TrainState, checkpoints: CheckpointManager, model, optimizer, args: TrainArgs, spec: ModelSpec,
@@ -311,7 +310,7 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     if spec.describe is not None:
         logger.info("attention kernels:\n" + spec.describe(args.model, dist_state.device, dtype, args.data.seq_len))
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
-    data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size))
+    data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size, args.grad_acc_steps))
     state = TrainState(scheduler, data)
     checkpoints = CheckpointManager(args.checkpoint, args.dump_dir, spec.path)
     resume(state, checkpoints, model, optimizer, args, spec, dist_state)

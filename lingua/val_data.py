@@ -1,4 +1,5 @@
-"""Validation batches for bits per byte: a source's `<source>.val.jsonl` packed as in training, every token scored once.
+"""Validation batches for bits per byte: a source's `<source>.val.jsonl` (or the `val` split of its token shards)
+packed as in training, every token scored once.
 
 Kept apart from the training loader (lingua/data.py): no mixing, shuffling or resumable state, but padding and a mask
 for the last sequence, and the UTF-8 byte count of the text each batch covers.
@@ -9,17 +10,40 @@ from typing import Optional
 
 import numpy as np
 
-from lingua.data import segment_positions
-from lingua.tokenizer import TokenizerArgs
 from lingua.errors import LinguaError
 from lingua.jsonl import read_lines
-from lingua.tokenizer import build_tokenizer
+from lingua.streams import segment_positions
+from lingua.token_data import TokenDocs, resolve_format
+from lingua.tokenizer import TokenizerArgs, build_tokenizer
+
+
+def val_documents(root_dir: str, source: str, tokenizer, add_bos: bool, add_eos: bool, data_format: str = "jsonl",
+                  tokenizer_args: Optional[TokenizerArgs] = None):
+    """(tokens, UTF-8 bytes of the text) of every validation document of `source`, in order, from the token shards'
+    val split when data_format (jsonl | tokens | auto) and tokenizer_args say so, else from the jsonl file."""
+    manifest = None
+    if tokenizer_args is not None:
+        manifest = resolve_format(data_format, root_dir, source, tokenizer_args, add_bos, add_eos, split="val")
+    if manifest is not None:
+        yield from TokenDocs(source, manifest, split="val").documents()
+        return
+    path = os.path.join(root_dir, source, f"{source}.val.jsonl")
+    if not os.path.isfile(path):
+        raise LinguaError(f"no validation file for source '{source}': {path}")
+    if isinstance(tokenizer, TokenizerArgs):
+        tokenizer = build_tokenizer(tokenizer.name, tokenizer.path)
+    for text, _ in read_lines(path, "validation file"):
+        yield np.asarray(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=np.int64), \
+            len(text.encode("utf-8"))
 
 
 def val_iterator(root_dir, source: str, tokenizer, seq_len: int, batch_size: int, max_docs: Optional[int] = None,
-                 add_bos: bool = True, add_eos: bool = True, dp_rank: int = 0, dp_size: int = 1):
-    """Yield (batch, n_bytes) over `<root_dir>/<source>/<source>.val.jsonl` (root_dir: a path or a DataArgs;
-    tokenizer: a tokenizer or a TokenizerArgs), reading documents i % dp_size == dp_rank among the first max_docs.
+                 add_bos: bool = True, add_eos: bool = True, dp_rank: int = 0, dp_size: int = 1,
+                 data_format: str = "jsonl", tokenizer_args: Optional[TokenizerArgs] = None):
+    """Yield (batch, n_bytes) over `<root_dir>/<source>/<source>.val.jsonl`, or the val split of its token shards
+    (data_format tokens or auto, with the tokenizer_args the shards must match; see val_documents) (root_dir: a path
+    or a DataArgs; tokenizer: a tokenizer or a TokenizerArgs), reading documents i % dp_size == dp_rank among the
+    first max_docs.
 
     batch: `input`, `target`, `tok_idx`, `mask`, each [B, S] int64. Documents are packed as in training (stride S);
     the last sequence and batch are padded and `mask` is 1 exactly on real targets, so every token but the very first
@@ -27,25 +51,22 @@ def val_iterator(root_dir, source: str, tokenizer, seq_len: int, batch_size: int
     over the iterator it is the size of all the text, so bits per byte = sum of masked target NLLs (nats) / (ln 2 *
     total bytes)."""
     if isinstance(tokenizer, TokenizerArgs):
-        tokenizer = build_tokenizer(tokenizer.name, tokenizer.path)
+        tokenizer_args = tokenizer_args or tokenizer
     root_dir = getattr(root_dir, "root_dir", root_dir)
-    path = os.path.join(root_dir, source, f"{source}.val.jsonl")
-    if not os.path.isfile(path):
-        raise LinguaError(f"no validation file for source '{source}': {path}")
+    docs = val_documents(root_dir, source, tokenizer, add_bos, add_eos, data_format, tokenizer_args)
     S = seq_len
 
     def sequences():
         tokens, starts, pending = np.empty(0, dtype=np.int64), np.empty(0, dtype=bool), 0
-        for i, (text, _) in enumerate(read_lines(path, "validation file")):
+        for i, (doc, n_bytes) in enumerate(docs):
             if max_docs is not None and i >= max_docs:
                 break
             if i % dp_size != dp_rank:
                 continue
-            doc = np.asarray(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=np.int64)
             flags = np.zeros(len(doc), dtype=bool)
             flags[:1] = True
             tokens, starts = np.concatenate([tokens, doc]), np.concatenate([starts, flags])
-            pending += len(text.encode("utf-8"))
+            pending += n_bytes
             while len(tokens) >= S + 1:
                 yield tokens[: S + 1], segment_positions(starts[:S]), np.ones(S, dtype=np.int64), pending
                 tokens, starts, pending = tokens[S:], starts[S:], 0

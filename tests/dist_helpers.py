@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
     out_dir = Path(opts.record) if opts.record else None
 
     class Loader(loop.DataLoader):
-        def __init__(self, args, dp_rank=0, dp_size=1):
+        def __init__(self, args, dp_rank=0, dp_size=1, grad_acc_steps=1):
             record.update(dp_rank=dp_rank, dp_size=dp_size)
             self.rows = None
             if opts.global_batch and dp_size > 1:
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
                 args = copy.deepcopy(args)
                 args.batch_size = b * dp_size
                 dp_rank, dp_size = 0, 1
-            super().__init__(args, dp_rank, dp_size)
+            super().__init__(args, dp_rank, dp_size, grad_acc_steps)
 
         def __next__(self):
             step = len(record["batches"]) + 1

@@ -1,4 +1,5 @@
-"""The loader (lingua/data.py, lingua/jsonl.py) on small corpora written by the tests, with the bytes tokenizer."""
+"""The loader (lingua/data.py, lingua/streams.py, lingua/jsonl.py) on small corpora written by the tests, with the bytes
+tokenizer: packing, the world-size-invariant data order, exact resume on any layout, the async process, bad input."""
 
 import json
 import logging
@@ -12,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from lingua.data import DataArgs, DataLoader, Plan, initial_state, merge_states, shuffled_batches, validate
-from lingua.val_data import val_iterator
-from lingua.errors import LinguaError
-from lingua.jsonl import mixed_documents
+from lingua.data import DataArgs, DataLoader, open_stores, traced_batches
+from lingua.errors import ConfigError, LinguaError
+from lingua.streams import group_states, initial_stream_state, mixed_documents
 from lingua.tokenizer import ByteTokenizer, TokenizerArgs
+from lingua.val_data import val_iterator
 
 TOK = ByteTokenizer()
 
@@ -48,12 +49,6 @@ def args_for(root, **kw) -> DataArgs:
     return DataArgs(root_dir=str(root), **{"batch_size": 2, "seq_len": 32, "prefetch_size": 4, **kw})
 
 
-def documents(plan):
-    """The document stream of rank 0 of 1 (what the packer consumes)."""
-    state = initial_state(plan.files, 0, 1)["seqs"]["docs"]
-    return mixed_documents(plan.files, plan.args.sources, plan.args.seed, 0, 1, 0, state)
-
-
 def take(loader, n):
     return [next(loader) for _ in range(n)]
 
@@ -61,6 +56,23 @@ def take(loader, n):
 def same(batches_a, batches_b):
     return len(batches_a) == len(batches_b) and all(
         a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(batches_a, batches_b))
+
+
+def global_batches(args, dp_size: int, steps: int, grad_acc: int = 1, states=None) -> list[dict]:
+    """The global batch of each step as `dp_size` ranks of batch args.batch_size see it: every rank's micro-batches,
+    rows in rank order, micro-batches one after the other. `states`: resume all ranks from these."""
+    loaders = [DataLoader(args, r, dp_size, grad_acc) for r in range(dp_size)]
+    for loader in loaders:
+        if states is not None:
+            loader.load_state_dicts(states)
+    out = []
+    for _ in range(steps):
+        micro = [[next(loader) for loader in loaders] for _ in range(grad_acc)]
+        out.append({k: np.concatenate([b[k] for m in micro for b in m]) for k in micro[0][0]})
+    saved = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]  # as a checkpoint stores it
+    for loader in loaders:
+        loader.close()
+    return out, saved
 
 
 @pytest.fixture
@@ -75,12 +87,12 @@ def corpus(tmp_path):
 
 @pytest.mark.parametrize("n_views", [2, 3])
 def test_packing_no_padding_and_boundaries(corpus, n_views):
-    # prefetch 1 x batch 1: the shuffle is the identity, so batches follow the token stream
-    args = args_for(corpus, batch_size=1, prefetch_size=1, n_views=n_views, seq_len=24)
-    plan = Plan(args, validate(args), 0, 1)
-    docs = documents(plan)
-    stream = np.concatenate([TOK.encode(next(docs)[0][0]) for _ in range(40)])
+    # one stream and a fill of one row: the shuffle is the identity, so batches follow the stream's tokens
+    args = args_for(corpus, batch_size=1, prefetch_size=1, n_views=n_views, seq_len=24, sources={"a": 1.0, "b": 1.0})
     with DataLoader(args) as loader:
+        stores = open_stores(loader.plan, TOK)
+        docs = mixed_documents(stores, args.sources, args.seed, 0, 1, initial_stream_state(0, args.sources))
+        stream = np.concatenate([next(docs)[0] for _ in range(40)])
         batches = take(loader, 30)
     S = args.seq_len
     for i, b in enumerate(batches):
@@ -108,23 +120,50 @@ def test_bos_eos_options(corpus):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sharding and sampling
+# The data order: streams, ranks, sources
 
-def epoch0_spans(args, dp_rank, dp_size, state=None, max_batches=10_000):
-    """{(source, line): [(start, end), ...]} of the input tokens yielded by one rank until its whole first epoch is
-    out of the shuffle buffer, plus the number of batches."""
-    plan = Plan(args, validate(args), dp_rank, dp_size)
-    state = state or initial_state(plan.files, dp_rank, dp_size)
-    spans, n = {}, 0
-    for n, (_, st, rows) in enumerate(shuffled_batches(plan, TOK, state, with_spans=True), 1):
-        for row in rows:
-            for source, epoch, line, a, b in row:
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_global_batch_is_the_same_on_1_2_4_ranks_and_with_grad_accumulation(corpus, n_views):
+    args = args_for(corpus, sources={"a": 1.0, "b": 2.0}, n_views=n_views, batch_size=8)
+    reference, _ = global_batches(args, 1, 20)
+    for dp_size, grad_acc in [(2, 1), (4, 1), (1, 2), (2, 2), (8, 1)]:
+        b = 8 // dp_size // grad_acc
+        got, _ = global_batches(args_for(corpus, sources={"a": 1.0, "b": 2.0}, n_views=n_views, batch_size=b),
+                                dp_size, 20, grad_acc)
+        assert same(got, reference), (dp_size, grad_acc)
+    # the seed, and only the seed, changes the order
+    other, _ = global_batches(args_for(corpus, sources={"a": 1.0, "b": 2.0}, n_views=n_views, batch_size=8,
+                                       seed=7), 1, 20)
+    assert not same(other, reference)
+
+
+def test_n_streams_is_a_multiple_of_the_rows_of_a_micro_batch(corpus):
+    args = args_for(corpus, batch_size=2, n_streams=16)
+    reference, _ = global_batches(args, 1, 12)
+    got, _ = global_batches(args_for(corpus, batch_size=1, n_streams=16), 2, 12)
+    assert same(got, reference)  # 16 streams: 2 ranks x 1 row == 1 rank x 2 rows
+    with pytest.raises(ConfigError, match=r"data.n_streams=6 is not a multiple of data.batch_size x data-parallel "
+                                          r"ranks = 2 x 2 = 4") as e:
+        DataLoader(args_for(corpus, batch_size=2, n_streams=6), 0, 2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="is not a multiple"):  # 4 streams cannot be shared out between 3 ranks
+        DataLoader(args_for(corpus, batch_size=1, n_streams=4), 0, 3)
+
+
+def spans_until_epoch(args, dp_rank, dp_size, epochs=2, max_batches=20_000):
+    """{(source, doc): [(start, end), ...]} of the epoch-0 input tokens a rank yields, reading until every stream of
+    it has started epoch `epochs` of every source (so no epoch-0 token is left in a shuffle buffer)."""
+    with DataLoader(args, dp_rank, dp_size) as loader:
+        states = {int(k): v for k, v in loader.state_dict()["streams"].items()}
+    spans = {}
+    for n, (_, refs, after) in enumerate(traced_batches(args, dp_rank, dp_size)):
+        for row in refs:
+            for source, epoch, doc, a, b in row:
                 if epoch == 0:
-                    spans.setdefault((source, line), []).append((a, b))
-        start = st["seqs"]
-        if all(c["epoch"] >= 1 for c in start["docs"]["sources"].values()) and (
-                start["doc"] is None or start["doc"][1] >= 1):
-            return spans, n
+                    spans.setdefault((source, doc), []).append((a, b))
+        states.update(group_states(after))
+        if all(c["epoch"] >= epochs for st in states.values() for c in st["src"].values()):
+            return spans
         assert n < max_batches
     raise AssertionError("unreachable")
 
@@ -144,38 +183,41 @@ def coverage(spans_list, lengths_by_source):
             c = counts.setdefault(key, np.zeros(lengths_by_source[key[0]][key[1]], dtype=np.int64))
             for a, b in ranges:
                 c[a:b] += 1
-    complete = all((source, line) in counts and counts[(source, line)].min() >= 1
-                   for source, lengths in lengths_by_source.items() for line in range(len(lengths)))
+    complete = all((source, doc) in counts and counts[(source, doc)].min() >= 1
+                   for source, lengths in lengths_by_source.items() for doc in range(len(lengths)))
     repeated = int(sum(np.maximum(c - 1, 0).sum() for c in counts.values()))
     return complete, repeated
 
 
-@pytest.mark.parametrize("dp_size", [1, 2, 3])
-def test_every_chunk_read_no_document_shared(corpus, dp_size):
-    args = args_for(corpus, sources={"a": 1.0, "b": 2.0})
-    per_rank = [epoch0_spans(args, r, dp_size)[0] for r in range(dp_size)]
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+def test_every_token_once_per_epoch_and_ranks_own_their_streams(corpus, dp_size):
+    args = args_for(corpus, sources={"a": 1.0, "b": 2.0}, batch_size=4 // dp_size, n_streams=4)
+    per_rank = [spans_until_epoch(args, r, dp_size) for r in range(dp_size)]
     lengths = {s: doc_lengths(corpus, s) for s in ("a", "b")}
     complete, repeated = coverage(per_rank, lengths)
     assert complete and repeated == 0  # every document of every chunk file, each token once
     for r in range(dp_size):
+        # rank r owns streams r * b .. r * b + b - 1 of the 4, hence documents i with i % 4 in that range
+        b = 4 // dp_size
+        assert all(doc % 4 // b == r for (_, doc) in per_rank[r])
         for q in range(r + 1, dp_size):
             assert not set(per_rank[r]) & set(per_rank[q])  # no document on two ranks
-    assert all(line % dp_size == r for r, spans in enumerate(per_rank) for (_, line) in spans)
 
 
 def test_source_weights_respected(corpus):
     args = args_for(corpus, sources={"a": 3.0, "b": 1.0})
-    plan = Plan(args, validate(args), 0, 1)
-    docs = documents(plan)
+    with DataLoader(args) as loader:
+        stores = open_stores(loader.plan, TOK)
+    docs = mixed_documents(stores, args.sources, args.seed, 1, 2, initial_stream_state(1, args.sources))
     n = 4000
-    share_a = sum(next(docs)[0][1][0] == "a" for _ in range(n)) / n
+    share_a = sum(next(docs)[1][0] == "a" for _ in range(n)) / n
     assert abs(share_a - 0.75) < 0.03  # binomial sd is 0.007
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Exact resume
 
-@pytest.mark.parametrize("stop_at", [3, 4, 9])  # mid-buffer, at a buffer boundary (prefetch_size 4), later
+@pytest.mark.parametrize("stop_at", [3, 4, 9])  # mid-fill, at a fill boundary (prefetch_size 4), later
 def test_exact_resume_sync(corpus, stop_at):
     args = args_for(corpus, sources={"a": 1.0, "b": 0.5})
     with DataLoader(args) as loader:
@@ -189,12 +231,12 @@ def test_exact_resume_sync(corpus, stop_at):
 
 
 def test_exact_resume_across_epochs(tmp_path):
-    write_source(tmp_path, "tiny", [2, 1])  # a few hundred tokens: 20 batches of 64 cycle through it many times
+    write_source(tmp_path, "tiny", [2, 1])  # a few hundred tokens per stream: 20 batches cycle through it many times
     write_source(tmp_path, "a", [4])
-    args = args_for(tmp_path, sources={"tiny": 1.0, "a": 1.0}, prefetch_size=3)
+    args = args_for(tmp_path, sources={"tiny": 3.0, "a": 1.0}, prefetch_size=3)
     with DataLoader(args) as loader:
         reference = take(loader, 20)
-        assert loader.state_dict()["seqs"]["docs"]["sources"]["tiny"]["epoch"] >= 1
+        assert max(st["src"]["tiny"]["epoch"] for st in loader.state_dict()["streams"].values()) >= 2
     for stop_at in (7, 14):
         with DataLoader(args) as loader:
             take(loader, stop_at)
@@ -222,70 +264,59 @@ def test_exact_resume_async_matches_sync(corpus):
         assert same(take(loader, 8), reference[6:])
 
 
-def test_load_state_dict_checks_rank(corpus):
+@pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (4, 1)), ((4, 1), (2, 1)),
+                                     ((1, 1), (4, 1)), ((2, 1), (1, 2)), ((1, 2), (4, 1))])
+def test_resume_on_another_layout_continues_the_same_global_batches(corpus, old, new):
+    # (dp ranks, grad_acc_steps) of the same global batch of 8 rows; stopped mid-fill (prefetch_size 4, 6 steps)
+    def args(dp, acc):
+        return args_for(corpus, sources={"a": 1.0, "b": 2.0}, batch_size=8 // dp // acc)
+
+    reference, _ = global_batches(args(1, 1), 1, 14)
+    first, states = global_batches(args(*old), old[0], 6, old[1])
+    assert same(first, reference[:6])
+    # the train loop gives every rank the states of all old ranks (tensor-parallel ranks repeat theirs)
+    rest, _ = global_batches(args(*new), new[0], 8, new[1], states=states + states[:1])
+    assert same(rest, reference[6:])  # nothing dropped, nothing repeated, bit-identical
+
+
+def test_load_state_dict_takes_only_this_ranks_streams(corpus):
     states = []
     for r in range(2):
         with DataLoader(args_for(corpus), r, 2) as loader:
             take(loader, 3)
             states.append(loader.state_dict())
     with DataLoader(args_for(corpus), 1, 2) as loader:
-        with pytest.raises(LinguaError, match="load_state_dicts"):
+        with pytest.raises(LinguaError, match=r"no saved state for stream\(s\) \[2, 3\] of data-parallel rank 1"):
             loader.load_state_dict(states[0])
-        loader.load_state_dicts(states * 2)  # same world size: each rank takes its own state, exactly
+        loader.load_state_dict(states[1])
         assert loader.state_dict() == states[1]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Resume at another world size
-
-@pytest.mark.parametrize("old_size,new_size,steps", [(2, 1, 5), (1, 2, 6), (2, 3, 7), (3, 2, 4)])
-def test_elastic_resume_within_bound(corpus, old_size, new_size, steps):
-    args = args_for(corpus, sources={"a": 1.0, "b": 1.0})
-    plan_old = [Plan(args, validate(args), r, old_size) for r in range(old_size)]
-    old_spans, old_states = [], []
-    for plan in plan_old:
-        spans = {}
-        batches = shuffled_batches(plan, TOK, initial_state(plan.files, plan.dp_rank, old_size), with_spans=True)
-        for _ in range(steps):
-            _, state, rows = next(batches)
-            for row in rows:
-                for source, epoch, line, a, b in row:
-                    spans.setdefault((source, line), []).append((a, b))
-        old_spans.append(spans)
-        old_states.append(json.loads(json.dumps(state)))
-    merged = merge_states(old_states, ["a", "b"])
-    new_spans = []
-    for r in range(new_size):
-        state = dict(merged, dp_rank=r, dp_size=new_size)
-        new_spans.append(epoch0_spans(args, r, new_size, state)[0])
-    lengths = {s: doc_lengths(corpus, s) for s in ("a", "b")}
-    complete, repeated = coverage(old_spans + new_spans, lengths)
-    assert complete  # nothing dropped
-    bound = old_size * (args.prefetch_size - 1) * args.batch_size * args.seq_len  # see lingua/data.py docstring
-    assert repeated <= bound
-    # the same through the public API (tensor-parallel ranks repeat their group's state: duplicates are fine)
-    with DataLoader(args, 0, new_size) as loader:
-        loader.load_state_dicts(old_states + old_states[:1])
-        assert loader.state_dict()["dp_size"] == new_size and next(loader)["input"].shape == (2, 32)
-
-
-def test_elastic_resume_at_buffer_boundary_repeats_nothing(corpus):
-    args = args_for(corpus, sources={"a": 1.0})
-    old = []
-    for r in range(2):
-        plan = Plan(args, validate(args), r, 2)
-        batches = shuffled_batches(plan, TOK, initial_state(plan.files, r, 2), with_spans=True)
-        spans = {}
-        for _ in range(args.prefetch_size):  # exactly one full buffer
-            _, state, rows = next(batches)
-            for row in rows:
-                for source, epoch, line, a, b in row:
-                    spans.setdefault((source, line), []).append((a, b))
-        old.append((spans, state))
-    merged = merge_states([s for _, s in old], ["a"])
-    new = epoch0_spans(args, 0, 1, dict(merged, dp_rank=0, dp_size=1))[0]
-    complete, repeated = coverage([s for s, _ in old] + [new], {"a": doc_lengths(corpus, "a")})
-    assert complete and repeated == 0
+def test_resume_refuses_states_it_cannot_continue(corpus, caplog):
+    args = args_for(corpus)
+    _, states = global_batches(args, 1, 3)
+    v1 = {"version": 1, "dp_rank": 0, "dp_size": 1, "gen": 0, "fill": 0, "next": 3, "seqs": {}}
+    cases = [
+        ([v1], "data loader state version 1 in the checkpoint was written by an older lingua"),
+        ([dict(states[0], n_streams=4)], r"has n_streams=4, this run data.n_streams=2 \(default: the global batch"),
+        ([dict(states[0], seq_len=64)], "has seq_len=64, this run data.seq_len=32"),
+    ]
+    for bad, message in cases:
+        with DataLoader(args) as loader:
+            with pytest.raises(LinguaError, match=message) as e:
+                loader.load_state_dicts(bad)
+            assert "\n" not in str(e.value) and "data.reset_state=true" in str(e.value)
+        with DataLoader(args_for(corpus, reset_state=True)) as loader, caplog.at_level(logging.WARNING):
+            loader.load_state_dicts(bad)  # restarts the data order, says so
+            assert same(take(loader, 2), global_batches(args, 1, 2)[0])
+        assert "data.reset_state=true" in caplog.text
+    # states of two different steps are not one position of the data order
+    _, later = global_batches(args_for(corpus, batch_size=1), 2, 5)
+    _, earlier = global_batches(args_for(corpus, batch_size=1), 2, 3)
+    with DataLoader(args) as loader, pytest.raises(LinguaError, match="do not describe one position"):
+        loader.load_state_dicts([earlier[0], later[1]])
+    with DataLoader(args, 0, 1) as loader, pytest.raises(LinguaError, match="no data loader states given"):
+        loader.load_state_dicts([])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,6 +333,18 @@ def gone(pid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_async_worker_runs_one_compute_thread(corpus):
+    # the trainer's cores are for the step: BLAS/OpenMP runtimes in the loader's process get one thread each
+    with DataLoader(args_for(corpus, load_async=True)) as loader:
+        next(loader)
+        pid = loader._pipeline.proc.pid
+        env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+        threads = int(open(f"/proc/{pid}/status").read().split("Threads:")[1].split()[0])
+    assert all(env[k] == "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+    assert threads <= 3  # the pipeline, the queue's feeder thread (and at most one more of Python's own)
+    assert os.environ.get("OMP_NUM_THREADS") != "0"  # the trainer's environment is left as it was
 
 
 def test_async_close_and_exceptions_leave_no_process(corpus):
@@ -407,14 +450,16 @@ def test_bad_line_names_file_and_line(tmp_path, line, message):
 
 
 def test_skip_bad_lines_counts_and_logs(tmp_path, caplog):
-    write_source(tmp_path, "a", [4])
+    texts = write_source(tmp_path, "a", [4])
     path = tmp_path / "a" / "a.chunk.0.jsonl"
     path.write_text(path.read_text() + "not json\n" + '{"no_text": 1}\n')
     with caplog.at_level(logging.WARNING, logger="lingua.jsonl"):
-        with DataLoader(args_for(tmp_path, skip_bad_lines=True, prefetch_size=1)) as loader:
-            take(loader, 10)
-            assert loader.state_dict()["seqs"]["docs"]["sources"]["a"]["bad"] >= 2
+        with DataLoader(args_for(tmp_path, skip_bad_lines=True, prefetch_size=1, batch_size=1)) as loader:
+            tokens = np.concatenate([b["input"][0] for b in take(loader, 40)])
     assert "a.chunk.0.jsonl:5: malformed JSON" in caplog.text and "a.chunk.0.jsonl:6" in caplog.text
+    assert "(2 so far in 'a')" in caplog.text
+    good = np.concatenate([TOK.encode(t) for t in texts])  # one stream: the good documents, again and again
+    assert np.array_equal(tokens[: len(good)], good)
 
 
 def test_config_errors_are_one_line(corpus, tmp_path):
@@ -426,6 +471,8 @@ def test_config_errors_are_one_line(corpus, tmp_path):
         (args_for(corpus, sources={"b": -1}), r"data.sources.b: weight must be > 0"),
         (args_for(corpus, sources={}), "data.sources is empty"),
         (args_for(corpus, n_views=1), "n_views must be >= 2"),
+        (args_for(corpus, format="parquet"), "data.format must be one of auto, jsonl, tokens, got 'parquet'"),
+        (args_for(corpus, format="tokens"), "data.format=tokens but source 'a' has no token shards"),
     ]
     (corpus / "empty").mkdir()
     cases.append((args_for(corpus, sources={"empty": 1.0}), "data source 'empty' has no chunk files"))
@@ -435,10 +482,10 @@ def test_config_errors_are_one_line(corpus, tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_too_few_documents_for_ranks(tmp_path):
-    write_source(tmp_path, "a", [1])
-    with DataLoader(args_for(tmp_path), 1, 2) as loader:
-        with pytest.raises(LinguaError, match="no document for data-parallel rank 1 of 2"):
+def test_too_few_documents_for_the_streams(tmp_path):
+    write_source(tmp_path, "a", [3])
+    with DataLoader(args_for(tmp_path, batch_size=4), 0, 1) as loader:
+        with pytest.raises(LinguaError, match=r"data source 'a' has no document for stream 3 of 4 \(too few "):
             next(loader)
 
 

@@ -68,11 +68,10 @@ def test_async_loader_resume_is_bit_identical(tiny_corpus, tmp_path):
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_corpus, tmp_path):
-    # The loader shuffles within a buffer of prefetch_size * batch_size sequences: keep that size equal so both runs
-    # see the same 4 sequences per step, in one batch or split in two micro-batches.
-    big = run(tiny_corpus, tmp_path / "big", steps=3, data__batch_size=4, data__prefetch_size=8, optim__warmup=0)
-    acc = run(tiny_corpus, tmp_path / "acc", steps=3, data__batch_size=2, data__prefetch_size=16, grad_acc_steps=2,
-              optim__warmup=0)
+    # The global batch (batch_size x grad_acc_steps) fixes the data order: both runs see the same 4 sequences per
+    # step, in one batch or split in two micro-batches.
+    big = run(tiny_corpus, tmp_path / "big", steps=3, data__batch_size=4, optim__warmup=0)
+    acc = run(tiny_corpus, tmp_path / "acc", steps=3, data__batch_size=2, grad_acc_steps=2, optim__warmup=0)
     # Equal up to fp32 summation order.
     assert abs(big["loss"] - acc["loss"]) < 1e-4, (big, acc)
 
