@@ -1,19 +1,22 @@
-"""Training throughput of the debug shape in each mode, through the real train loop, against a plain PyTorch loop.
+"""Training throughput of lingua's real train loop against a plain nanoGPT-style loop of the same shape, in one run.
 
-    python benchmarks/train_throughput.py [--steps 12] [--modes fp32-eager,fp32-compile,...] [key=value ...]
+    python benchmarks/train_throughput.py [--steps 10] [--repeats 2] [--shapes debug,issue13] [key=value ...]
 
-For every mode it prints tok/s, achieved model FLOP/s, MFU against a matmul calibration of the same dtype measured in
-this process, and the share of step time spent waiting for data. Modes whose dtype this CPU does not run natively (bf16
-on an AVX2-only CPU is ~30x slower) run 2 steps only and are marked "emulated". Needs data/ and tokenizers/ from
-setup/prepare_data.py and setup/train_tokenizer.py (or data.*/model.* overrides pointing elsewhere).
+For each shape it runs every mode of lingua (`apps.main.train`'s loop with the real data loader; "default" is what a
+user gets without flags: model_dtype auto, compile auto, the async loader) and every mode of the plain loop
+(benchmarks/plain_gpt.py: fixed random batch, fused AdamW, compile and bf16 autocast as options), interleaved over
+--repeats rounds so that a noisy machine slows all of them alike, then prints tok/s, model FLOP/s, MFU against this
+run's matmul peak of the mode's dtype, the data loader's share of the step, and each mode's ratio to the best plain
+mode. Modes whose dtype this CPU only emulates (bf16 without AMX/AVX512-BF16, ~30x slower) run 2 steps and are
+marked "emulated". Needs data/ and tokenizers/ (setup/prepare_data.py, setup/train_tokenizer.py).
 """
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,85 +24,139 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
+from benchmarks.plain_gpt import GPT, GPTConfig, train_steps  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.metrics import calibrate_matmul  # noqa: E402
 from lingua.precision import cpu_bf16_features  # noqa: E402
+from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.transformer import Transformer, flops_per_token  # noqa: E402
+from lingua.transformer import flops_per_token  # noqa: E402
 
-MODES = {
-    "fp32-eager": {"distributed.model_dtype": "fp32", "distributed.compile": False, "optim.fused": True},
-    "fp32-eager-unfused": {"distributed.model_dtype": "fp32", "distributed.compile": False, "optim.fused": False},
-    "fp32-compile": {"distributed.model_dtype": "fp32", "distributed.compile": True, "optim.fused": True},
-    "bf16-eager": {"distributed.model_dtype": "bf16", "distributed.compile": False, "optim.fused": True},
-    "bf16-compile": {"distributed.model_dtype": "bf16", "distributed.compile": True, "optim.fused": True},
+SHAPES = {  # overrides of apps/main/configs/debug.yaml
+    "debug": [],
+    "issue13": ["data.seq_len=512", "model.max_seqlen=512"],  # 4 layers, 4 heads, dim 256, vocab 4096, batch 8
 }
+LINGUA_MODES = {
+    "default": [],
+    "default-sync-loader": ["data.load_async=false"],
+    "fp32-eager": ["distributed.model_dtype=fp32", "distributed.compile=false"],
+    "fp32-compile": ["distributed.model_dtype=fp32", "distributed.compile=true"],
+    "bf16-eager": ["distributed.model_dtype=bf16", "distributed.compile=false"],
+    "bf16-compile": ["distributed.model_dtype=bf16", "distributed.compile=true"],
+}
+PLAIN_MODES = {"fp32-eager": (torch.float32, False), "fp32-compile": (torch.float32, True),
+               "bf16-eager": (torch.bfloat16, False), "bf16-compile": (torch.bfloat16, True)}
 
 
-def run_mode(name: str, steps: int, overrides: list[str]) -> dict:
-    native_bf16 = bool(cpu_bf16_features()) or torch.cuda.is_available()
-    emulated = MODES[name]["distributed.model_dtype"] == "bf16" and not native_bf16
-    n = 2 if emulated else steps
+def native_bf16() -> bool:
+    return bool(cpu_bf16_features()) or torch.cuda.is_available()
+
+
+def lingua_config(shape: str, mode: str, dump_dir: str, steps: int, extra: list[str]) -> TrainArgs:
+    argv = [f"config={ROOT}/apps/main/configs/debug.yaml", f"dump_dir={dump_dir}", f"steps={steps}",
+            "logging.freq=1", "logging.progress=false", "checkpoint.dump.every=0", "eval.at_end=false",
+            "eval.every=0", "logging.peak_flops=1e12", "optim.warmup=0"]
+    return load_config(TrainArgs, argv + SHAPES[shape] + LINGUA_MODES[mode] + extra)
+
+
+def run_lingua(shape: str, mode: str, steps: int, extra: list[str]) -> dict:
+    """Step times (after the first two, which pay for compilation and warm-up) and the data wait of one run."""
+    emulated = "bf16" in mode and not native_bf16()
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [f"config={ROOT}/apps/main/configs/debug.yaml", f"dump_dir={tmp}", f"steps={n}",
-                "logging.freq=1", "logging.progress=false", "checkpoint.dump.every=0", "eval.at_end=false",
-                "logging.peak_flops=1e12", "optim.warmup=0"]
-        argv += [f"{k}={v}" for k, v in MODES[name].items()] + overrides
-        cfg = load_config(TrainArgs, argv)
+        cfg = lingua_config(shape, mode, tmp, 3 if emulated else steps, extra)
         train(cfg, TRANSFORMER_SPEC)
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
-    warm = rows[1:] if len(rows) > 2 else rows[-1:]  # the first step pays for compilation and allocator warm-up
-    step_s = statistics.median(r["step_ms"] for r in warm) / 1000
-    tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps
-    dtype = torch.bfloat16 if MODES[name]["distributed.model_dtype"] == "bf16" else torch.float32
-    peak, _ = calibrate_matmul(dtype, time_box_s=1.0)
-    model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / step_s
-    return {"mode": name + (" (emulated)" if emulated else ""), "tok_per_s": tokens / step_s,
-            "model_tflops": model_flops / 1e12, "peak_tflops": peak / 1e12, "mfu": model_flops / peak,
-            "data_share": statistics.median(r["data_ms"] / r["step_ms"] for r in warm)}
+    warm = rows[2:] or rows[-1:]
+    return {"step_s": [r["step_ms"] / 1000 for r in warm], "data_s": [r["data_ms"] / 1000 for r in warm],
+            "tokens": cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps, "cfg": cfg, "emulated": emulated}
 
 
-def plain_loop(steps: int, overrides: list[str]) -> dict:
-    """The best plain PyTorch loop for the same model: fused AdamW, fp32, no loader, no logging, no checkpoints."""
-    cfg = load_config(TrainArgs, [f"config={ROOT}/apps/main/configs/debug.yaml"] + overrides)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    B, S = cfg.data.batch_size, cfg.data.seq_len
-    x = torch.randint(0, cfg.model.vocab_size, (B, S + 1))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])
-    peak, _ = calibrate_matmul(torch.float32, time_box_s=1.0)
-    model_flops = flops_per_token(cfg.model, S) * B * S / step_s
-    return {"mode": "plain PyTorch loop (fp32)", "tok_per_s": B * S / step_s, "model_tflops": model_flops / 1e12,
-            "peak_tflops": peak / 1e12, "mfu": model_flops / peak, "data_share": 0.0}
+def run_plain(cfg: TrainArgs, mode: str, steps: int) -> dict:
+    dtype, compile = PLAIN_MODES[mode]
+    emulated = dtype == torch.bfloat16 and not native_bf16()
+    shape = GPTConfig(n_layer=cfg.model.n_layers, n_head=cfg.model.n_heads, n_embd=cfg.model.dim,
+                      block_size=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    times = train_steps(shape, cfg.data.batch_size, 3 if emulated else steps, dtype, compile)
+    return {"step_s": times[2:] or times[-1:], "data_s": [0.0], "tokens": cfg.data.batch_size * cfg.data.seq_len,
+            "emulated": emulated}
+
+
+def model_dtype(mode: str) -> torch.dtype:
+    if "bf16" in mode:
+        return torch.bfloat16
+    if "fp32" in mode:
+        return torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32  # what model_dtype=auto picks
+
+
+def bench_shape(shape: str, args, extra: list[str], peaks: dict) -> list[dict]:
+    lingua_modes = [m for m in args.lingua_modes.split(",") if m]
+    plain_modes = [m for m in args.plain_modes.split(",") if m]
+    runs = {("lingua", m): [] for m in lingua_modes} | {("plain", m): [] for m in plain_modes}
+    base_cfg = lingua_config(shape, "default", "unused", 1, extra)
+    for r in range(args.repeats):
+        for kind, mode in runs:
+            result = run_plain(base_cfg, mode, args.steps) if kind == "plain" else run_lingua(shape, mode, args.steps,
+                                                                                               extra)
+            runs[(kind, mode)].append(result)
+            print(f"  [{shape} round {r + 1}/{args.repeats}] {kind} {mode}: "
+                  f"{result['tokens'] / statistics.median(result['step_s']):.0f} tok/s", flush=True)
+    fpt_lingua = flops_per_token(base_cfg.model, base_cfg.data.seq_len)
+    fpt_plain = GPT(GPTConfig(n_layer=base_cfg.model.n_layers, n_head=base_cfg.model.n_heads,
+                              n_embd=base_cfg.model.dim, block_size=base_cfg.data.seq_len,
+                              vocab_size=base_cfg.model.vocab_size)).flops_per_token(base_cfg.data.seq_len)
+    rows = []
+    for (kind, mode), results in runs.items():
+        step_s = statistics.median([t for res in results for t in res["step_s"]])
+        data_s = statistics.median([t for res in results for t in res["data_s"]])
+        tok_s = results[0]["tokens"] / step_s
+        flops = (fpt_lingua if kind == "lingua" else fpt_plain) * tok_s
+        peak = peaks[model_dtype(mode)]
+        rows.append({"shape": shape, "kind": kind, "mode": mode + (" (emulated)" if results[0]["emulated"] else ""),
+                     "tok_per_s": tok_s, "step_ms": 1000 * step_s, "tflops": flops / 1e12, "mfu": flops / peak,
+                     "data_share": data_s / step_s, "emulated": results[0]["emulated"]})
+    best_plain = max((r for r in rows if r["kind"] == "plain" and not r["emulated"]), key=lambda r: r["tok_per_s"])
+    for r in rows:
+        r["vs_best_plain"] = r["tok_per_s"] / best_plain["tok_per_s"]
+    return rows
+
+
+def print_table(rows: list[dict], peaks: dict) -> None:
+    print(f"\n{'shape':8s} {'loop':6s} {'mode':26s} {'tok/s':>8s} {'ms/step':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'data':>6s} {'vs best plain':>13s}")
+    for r in rows:
+        print(f"{r['shape']:8s} {r['kind']:6s} {r['mode']:26s} {r['tok_per_s']:8.0f} {r['step_ms']:8.0f} "
+              f"{r['tflops']:8.4f} {100 * r['mfu']:5.1f}% {100 * r['data_share']:5.2f}% {r['vs_best_plain']:12.3f}x")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        default = next(r for r in mine if r["kind"] == "lingua" and r["mode"] == "default")
+        best = max((r for r in mine if r["kind"] == "plain" and not r["emulated"]), key=lambda r: r["tok_per_s"])
+        print(f"{shape}: default lingua / best plain ({best['mode']}) = {default['vs_best_plain']:.3f}x; "
+              f"default MFU {100 * default['mfu']:.1f}% of the same-run matmul peak; data wait "
+              f"{100 * default['data_share']:.2f}% of a step")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--modes", default=",".join(MODES))
-    args, overrides = parser.parse_known_args()
-    rows = [plain_loop(args.steps, overrides)]
-    for name in args.modes.split(","):
-        rows.append(run_mode(name, args.steps, overrides))
-        print(f"  done: {rows[-1]['mode']}", flush=True)
-    base = rows[0]["tok_per_s"]
-    print(f"\n{'mode':32s} {'tok/s':>9s} {'model TFLOP/s':>14s} {'matmul peak':>12s} {'MFU':>6s} {'data wait':>10s} {'vs plain':>9s}")
-    for r in rows:
-        print(f"{r['mode']:32s} {r['tok_per_s']:9.0f} {r['model_tflops']:14.4f} {r['peak_tflops']:12.4f} "
-              f"{100 * r['mfu']:5.1f}% {100 * r['data_share']:9.1f}% {r['tok_per_s'] / base:8.2f}x")
+    parser.add_argument("--steps", type=int, default=10, help="steps per run (the first two are not timed)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all modes, interleaved")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--lingua-modes", default=",".join(LINGUA_MODES))
+    parser.add_argument("--plain-modes", default=",".join(PLAIN_MODES))
+    args, extra = parser.parse_known_args()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"CPU: {cpu}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16: {', '.join(cpu_bf16_features()) or 'no'}; torch {torch.__version__}", flush=True)
+    peaks = {torch.float32: calibrate_matmul(torch.float32, size=2048, time_box_s=2.0)[0],
+             torch.bfloat16: calibrate_matmul(torch.bfloat16, size=2048, time_box_s=2.0)[0]}
+    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, args, extra, peaks)]
+    print(f"\nmatmul peak (2048^3 or the largest that fits the time box, this run): fp32 "
+          f"{peaks[torch.float32] / 1e9:.1f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s")
+    print_table(rows, peaks)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ def _worker(plan, states: dict, out, free, stop, shm_name: str, layout: tuple) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     if "torch" in sys.modules:  # imported by the parent's main module, which spawn re-imports
         sys.modules["torch"].set_num_threads(1)
+    try:  # below the trainer's threads: on a machine with no spare core the batches wait, not the step
+        os.nice(10)
+    except OSError:
+        pass
     parent = mp.parent_process()
 
     def alive() -> bool:

@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -32,11 +32,11 @@ class DistributedArgs:
     tp_size: int = 1
     fsdp_type: str = "full_shard"  # full_shard (FSDP2) | no_shard (DDP-style replicate)
     model_dtype: str = "auto"  # auto | bf16 | fp32: auto takes bf16 only where the hardware runs it natively
-    compile: bool = False  # torch.compile each block
+    compile: Union[bool, str] = "auto"  # auto | true | false: see lingua.parallelize.resolve_compile
     activation_checkpointing: bool = False  # full AC of every block
     selective_activation_checkpointing: bool = False  # save matmul outputs, recompute the rest
     float8_recipe: Optional[str] = None  # torchao float8 (GPU only): tensorwise | rowwise | rowwise_with_gw_hp
-    matmul_allow_tf32: bool = False
+    matmul_allow_tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (Ampere and later)
     fsdp_reshard_after_forward: bool = True
     loss_parallel: bool = True  # with TP: keep logits sharded over the vocabulary for the loss
     device: str = "auto"  # auto | cpu | cuda
@@ -197,7 +197,9 @@ def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> tuple[int, int
         raise ConfigError(f"distributed.fsdp_type must be full_shard or no_shard, got '{args.fsdp_type}'")
     if args.fsdp_type == "no_shard" and shard > 1:
         raise ConfigError(f"distributed.fsdp_type=no_shard needs dp_shard=1 (got dp_shard={shard}); use dp_replicate")
-    if args.compile and tp > 1:
+    if args.compile not in (True, False, "auto"):
+        raise ConfigError(f"distributed.compile must be auto, true or false, got {args.compile!r}")
+    if args.compile is True and tp > 1:
         # torch 2.13: AOTAutograd's backward hands DTensor's redistribute a plain tensor in our TP blocks
         # ("'Tensor' object has no attribute '_local_tensor'"), with or without sequence parallel.
         raise ConfigError(f"distributed.compile=true with distributed.tp_size={tp} fails in backward under torch "

@@ -73,17 +73,20 @@ def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_arg
 
 
 def evaluate(model, data_args: DataArgs, args: EvalArgs, tokenizer, dist_state, autocast) -> dict:
-    """Evaluate every training source that has a val split; the model is left in train mode."""
+    """Evaluate every training source that has a val split; the model is left in train mode. A compiled model runs
+    eagerly here: compiling its no-grad graph at evaluation's batch shape would cost more than the few evaluation
+    forwards gain."""
     results = {}
     was_training = model.training
     model.eval()
     try:
-        for source in data_args.sources:
-            path = os.path.join(data_args.root_dir, source, f"{source}.val.jsonl")
-            if not os.path.isfile(path):
-                logger.warning(f"no validation split for '{source}' ({path}): skipped")
-                continue
-            results.update(evaluate_source(model, data_args.root_dir, source, tokenizer, args, data_args, dist_state, autocast))
+        with torch.compiler.set_stance("force_eager"):
+            for source in data_args.sources:
+                path = os.path.join(data_args.root_dir, source, f"{source}.val.jsonl")
+                if not os.path.isfile(path):
+                    logger.warning(f"no validation split for '{source}' ({path}): skipped")
+                    continue
+                results.update(evaluate_source(model, data_args.root_dir, source, tokenizer, args, data_args, dist_state, autocast))
     finally:
         model.train(was_training)
     return results

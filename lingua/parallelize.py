@@ -4,7 +4,10 @@ per block, then data parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, 
 fsdp_type=no_shard). Any model whose blocks live in `model.layers` works.
 """
 
+import importlib.util
 import logging
+import os
+import shutil
 from typing import Callable, Optional
 
 import torch
@@ -73,10 +76,33 @@ def apply_ac(model: nn.Module, selective: bool) -> None:
         model.layers[i] = checkpoint_wrapper(block, **kwargs)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (parameter names stay the same, so checkpoints do not see compilation)."""
-    for block in model.layers:
-        block.compile()
+def resolve_compile(setting, device: torch.device, tp: int) -> tuple[bool, str]:
+    """distributed.compile -> (compile or not, why). auto compiles wherever inductor can generate code for the device
+    (a CUDA GPU with triton; a CPU with a C++ compiler), except under tensor parallelism, whose backward fails
+    compiled in this torch. Measured on 2 CPU cores (benchmarks/train_throughput.py): fused elementwise work, the
+    compiled chunked loss and one graph for the model are worth it once the first steps have paid for compilation."""
+    if setting is not True and setting is not False:  # auto
+        if tp > 1:
+            return False, "off (auto): tensor parallelism"
+        if device.type == "cuda":
+            found = importlib.util.find_spec("triton") is not None
+            return found, "on (auto): CUDA + triton" if found else "off (auto): triton is not installed"
+        if device.type == "cpu":
+            cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+            return cxx is not None, "on (auto): CPU + C++ compiler" if cxx else "off (auto): no C++ compiler found"
+        return False, f"off (auto): no inductor backend for {device.type}"
+    return setting, f"{'on' if setting else 'off'} (distributed.compile={str(setting).lower()})"
+
+
+def apply_compile(model: nn.Module, whole: bool) -> None:
+    """Compile in place, so parameter names stay the same and checkpoints do not see compilation: the whole model
+    (one graph, loss included) when no data-parallel wrapper splits it, else each block (FSDP/replicate hooks run
+    between blocks)."""
+    if whole:
+        model.compile(dynamic=False)
+    else:
+        for block in model.layers:
+            block.compile(dynamic=False)
 
 
 def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype) -> None:
@@ -134,9 +160,10 @@ def parallelize_model(
     param_dtype: torch.dtype = torch.float32,
     tp_plan: Optional[Callable] = None,
     model_name: str = "this model",
+    device: torch.device = torch.device("cpu"),
 ) -> nn.Module:
-    """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> activation checkpointing -> compile per block ->
-    FSDP2/replicate. `mesh` is None on one process. Call it on the meta-device model, then
+    """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> activation checkpointing -> compile (whole model, or
+    per block under data parallelism) -> FSDP2/replicate. `mesh` is None on one process. Call it on the meta-device model, then
     `lingua.decoder.materialize` (see lingua.train.build_model)."""
     tp = mesh["tp"].size() if mesh is not None else 1
     applied = []
@@ -151,15 +178,17 @@ def parallelize_model(
     if args.activation_checkpointing or args.selective_activation_checkpointing:
         apply_ac(model, selective=args.selective_activation_checkpointing)
         applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
-    if args.compile:
-        apply_compile(model)
-        applied.append("compile per block")
     rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
+    compile, why = resolve_compile(args.compile, torch.device(device), tp)
+    if compile:
+        apply_compile(model, whole=rep * shard == 1)
+    applied.append(f"compile {'of the whole model ' if compile and rep * shard == 1 else 'per block ' if compile else ''}"
+                   f"{why}")
     if rep * shard > 1:
         apply_data_parallel(model, mesh, args, param_dtype)
         if args.fsdp_type == "no_shard":
             applied.append(f"replicate (DDP) x{rep}")
         else:
             applied.append(f"FSDP2 {'HSDP ' + str(rep) + ' x ' if rep > 1 and shard > 1 else ''}full_shard x{rep * shard}")
-    logger.info("parallelism: " + (" | ".join(applied) or "none (one process)"))
+    logger.info("parallelism: " + " | ".join(applied))
     return model

@@ -124,7 +124,8 @@ def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_d
     """Meta-device construction, parallelization, then materialization and init: no rank holds the full model."""
     with torch.device("meta"):
         model = spec.build(args.model)
-    model = parallelize_model(model, dist_state.mesh, args.distributed, param_dtype, spec.tp_plan, spec.name)
+    model = parallelize_model(model, dist_state.mesh, args.distributed, param_dtype, spec.tp_plan, spec.name,
+                              dist_state.device)
     return materialize(model, dist_state.device, seed=args.seed)
 
 
@@ -187,21 +188,29 @@ def _grad_sync(model: nn.Module, enabled: bool) -> None:
 
 @dataclass
 class StepResult:
-    loss: float  # mean over micro-batches and ranks
-    grad_norm: float
+    """One step's numbers, left on the device until `read` (a host sync, which a GPU step should not pay every step)."""
+
+    stats: torch.Tensor  # [mean loss over micro-batches and ranks, grad norm before clipping, ranks asked to stop]
     data_s: float  # time spent waiting for batches
-    stop: bool  # some rank was asked to stop (preemption)
+    loss: float = float("nan")  # filled in by read()
+    grad_norm: float = float("nan")
+    stop: bool = False  # some rank was asked to stop (preemption)
+
+    def read(self) -> "StepResult":
+        self.loss, self.grad_norm, stopping = self.stats.tolist()
+        self.stop = stopping > 0
+        return self
 
 
 class Trainer:
     """One optimizer step at a time: forward/backward over the micro-batches, one small collective (the global loss
-    and whether any rank must stop), the NaN check, clipping, the update."""
+    and whether any rank must stop), clipping, the update. Nothing here waits for the device: the loop reads the
+    step's numbers (and checks the loss is finite) only where it needs them, at logging and checkpoint steps."""
 
     def __init__(self, args: TrainArgs, model, optimizer, scheduler, data, dist_state: DistState, autocast, preempt,
-                 probe: Probe, checkpoints: CheckpointManager):
+                 probe: Probe):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
-        self.data_iter, self.dist, self.autocast, self.preempt = iter(data), dist_state, autocast, preempt
-        self.probe, self.checkpoints = probe, checkpoints
+        self.data_iter, self.dist, self.autocast, self.preempt, self.probe = iter(data), dist_state, autocast, preempt, probe
 
     def step(self, step: int) -> StepResult:
         """Run optimizer step number `step` (1-based)."""
@@ -220,16 +229,12 @@ class Trainer:
             loss_sum += _local(loss.detach())
         self.probe.after_backward(step, self.model)
         stopping = torch.tensor(float(self.preempt.requested is not None), device=device)
-        flags = dist_state.all_reduce(torch.stack([loss_sum / args.grad_acc_steps, stopping]))
-        loss_value, stop = flags[0].item() / dist_state.world_size, flags[1].item() > 0
-        if not math.isfinite(loss_value):
-            raise LinguaError(f"loss is {loss_value} at step {step}: stopping without saving "
-                              f"(last complete checkpoint: {self.checkpoints.latest() or 'none'})")
+        flags = dist_state.all_reduce(torch.stack([loss_sum / (args.grad_acc_steps * dist_state.world_size), stopping]))
         grad_norm = clip_grad_norm_(self.model, args.optim.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, float(grad_norm), data_s, stop)
+        return StepResult(torch.stack([flags[0], grad_norm.to(flags.device, flags.dtype), flags[1]]), data_s)
 
 
 class ThroughputWindow:
@@ -251,6 +256,14 @@ class ThroughputWindow:
         tok_per_s = self.tokens / elapsed
         return {"tok_per_s": tok_per_s, "mfu": self.flops_per_token * tok_per_s / (self.peak * self.world_size),
                 "data_share": self.data_s / elapsed}
+
+
+def read_checked(result: StepResult, step: int, checkpoints: CheckpointManager) -> None:
+    """Bring the step's numbers to the host; a non-finite loss stops the run before anything can save it."""
+    result.read()
+    if not math.isfinite(result.loss):
+        raise LinguaError(f"loss is {result.loss} at step {step}: stopping without saving "
+                          f"(last complete checkpoint: {checkpoints.latest() or 'none'})")
 
 
 def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow, state: TrainState,
@@ -335,10 +348,9 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     progress = stack.enter_context(Progress(args.steps, start=state.step,
                                             enabled=dist_state.is_main and args.logging.progress))
     autocast = autocast_context(dist_state.device, dtype)
-    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe,
-                      checkpoints)
+    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe)
     window = ThroughputWindow(flops_per_token, peak, dist_state.world_size)
-    status, result = "done", None
+    status, result, last_read = "done", None, None
     model.train()
     while state.step < args.steps:
         step_start = time.perf_counter()
@@ -346,8 +358,12 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
         window.add(tokens_per_step, result.data_s)
         profiler.step()
-        progress.update(state.step, f"loss {result.loss:.4f}")
-        if state.step % args.logging.freq == 0 or state.step == args.steps or result.stop:
+        logging_step = state.step % args.logging.freq == 0 or state.step == args.steps
+        if logging_step or checkpoints.kinds_due(state.step) or dist_state.device.type == "cpu":
+            read_checked(result, state.step, checkpoints)  # on a GPU, the only host syncs: log and save steps
+            last_read = result
+        progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
+        if logging_step or result.stop:
             log_step(metrics, progress, window, state, result, step_start, dist_state.device)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)

@@ -79,6 +79,7 @@ def tiny_overrides(corpus: Path, dump_dir: Path, **extra) -> list[str]:
         "checkpoint.dump.every": 4,
         "eval.max_docs": 4,
         "distributed.model_dtype": "fp32",
+        "distributed.compile": False,  # compiling costs tens of seconds per process: tests run eager unless they ask
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]

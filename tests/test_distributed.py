@@ -233,7 +233,7 @@ def test_activation_checkpointing_full_and_selective_match_eager(tiny_corpus, tm
 
 
 @pytest.mark.slow
-def test_compile_per_block_matches_eager(tiny_corpus, tmp_path, runs):
+def test_compile_matches_eager(tiny_corpus, tmp_path, runs):
     # Inductor fuses pointwise ops, which may change fp32 rounding: same tolerance as the layouts.
     ref = curve(runs("ref"))
     assert_same_curve(ref, _one_process(tiny_corpus, tmp_path / "compile", distributed__compile=True))
