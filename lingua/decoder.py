@@ -10,6 +10,7 @@ models); generation also needs `make_cache`. Plain PyTorch, no ranks or meshes: 
 block by block over `model.layers` (lingua/parallelize.py). Build on the meta device, then `materialize`.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,6 +34,8 @@ class DecoderArgs:
     max_seqlen: int = 1024  # the longest sequence training, evaluation and generation may feed the model
     weight_tying: bool = False  # the output projection is the embedding table
     fused_loss: bool = True  # training loss in chunks with its gradient, never the whole logits (lingua.loss)
+    logit_softcap: Optional[float] = None  # logits = c * tanh(logits / c) (Gemma 2, modded-nanogpt); null: off
+    zero_init_proj: bool = False  # residual output projections start at zero: every block starts as the identity
 
 
 def check_decoder_args(args: DecoderArgs) -> None:
@@ -45,6 +48,8 @@ def check_decoder_args(args: DecoderArgs) -> None:
         raise ConfigError(f"model.init_base_std must be > 0 or null (got {args.init_base_std})")
     if args.init_std_factor not in INIT_STD_FACTORS:
         raise ConfigError(f"model.init_std_factor={args.init_std_factor!r} is not one of {', '.join(INIT_STD_FACTORS)}")
+    if args.logit_softcap is not None and args.logit_softcap <= 0:
+        raise ConfigError(f"model.logit_softcap must be > 0 or null (got {args.logit_softcap})")
 
 
 class Decoder(nn.Module):
@@ -96,8 +101,13 @@ class Decoder(nn.Module):
         """Recompute derived buffers (a meta-device build leaves them empty), e.g. RoPE tables."""
 
     def init_block(self, depth: int, block: nn.Module) -> None:
+        block.init_weights(self.args.init_base_std, self.residual_factor(depth, self.args.n_layers))
+
+    def residual_factor(self, depth: int, n_layers: int) -> float:
+        """What block `depth` divides its residual output projections' std by: model.init_std_factor's depth factor,
+        or infinity (a zero init) with model.zero_init_proj."""
         a = self.args
-        block.init_weights(a.init_base_std, depth_factor(a.init_std_factor, depth, a.n_layers, a.dim))
+        return math.inf if a.zero_init_proj else depth_factor(a.init_std_factor, depth, n_layers, a.dim)
 
     # ------------------------------------------------------------ the shared forward
 
@@ -110,8 +120,14 @@ class Decoder(nn.Module):
         With a `cache` (inference): tokens are the next `seqlen` tokens of every row; the cache advances."""
         h = self.hidden(tokens, tok_idx, cache)
         if target is None:
-            return self.output(h)
+            return self.logits(h)
         return self.loss(h, target)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection of final-normed hidden states, soft-capped when model.logit_softcap is set."""
+        logits = self.output(h)
+        cap = self.args.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def hidden(self, tokens: torch.Tensor, tok_idx: Optional[torch.Tensor] = None, cache=None,
                layers: Optional[range] = None) -> torch.Tensor:
@@ -147,8 +163,8 @@ class Decoder(nn.Module):
         output projection computes the loss on sharded logits)."""
         weight = self.output.weight
         if self.args.fused_loss and torch.is_grad_enabled() and not hasattr(weight, "device_mesh"):
-            return linear_cross_entropy(h, weight, target)
-        return cross_entropy(self.output(h), target)
+            return linear_cross_entropy(h, weight, target, softcap=self.args.logit_softcap)
+        return cross_entropy(self.logits(h), target)
 
     # ------------------------------------------------------------ init
 

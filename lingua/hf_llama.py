@@ -1,5 +1,5 @@
-"""The Hugging Face Llama mapping of lingua's Transformer (`LlamaForCausalLM`): parameter names, the RoPE layout and
-config.json, in both directions. lingua/hf.py does the file handling; lingua/spec.py hands this mapping to it.
+"""The Hugging Face mapping of lingua's Transformer (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with model.qk_norm):
+parameter names, the RoPE layout and config.json, in both directions. lingua/hf.py does the file handling; lingua/spec.py hands this mapping to it.
 
 The two models compute the same function; only names and one layout differ:
 
@@ -36,6 +36,8 @@ HF_LAYER_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+QK_NORM_NAMES = {"attention.q_norm.weight": "self_attn.q_norm.weight",  # model.qk_norm: Qwen3's
+                 "attention.k_norm.weight": "self_attn.k_norm.weight"}
 HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
 
@@ -43,8 +45,9 @@ HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight":
 def hf_name(name: str) -> str:
     """Our parameter name -> the Hugging Face Llama one."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m and m.group(2) in HF_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}"
+    layer_names = {**HF_LAYER_NAMES, **QK_NORM_NAMES}
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}"
     if name in HF_NAMES:
         return HF_NAMES[name]
     raise LinguaError(f"parameter '{name}' has no Hugging Face Llama equivalent")
@@ -52,7 +55,8 @@ def hf_name(name: str) -> str:
 
 def _expected_names(args: TransformerArgs) -> list[str]:
     names = ["tok_embeddings.weight", "norm.weight", "output.weight"]
-    return names + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in HF_LAYER_NAMES]
+    per_layer = list(HF_LAYER_NAMES) + (list(QK_NORM_NAMES) if args.qk_norm else [])
+    return names + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in per_layer]
 
 
 # ---------------------------------------------------------------- the RoPE layout
@@ -72,6 +76,18 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim).contiguous()
 
 
+def _relayout(name: str, w: torch.Tensor, args: TransformerArgs, to_hf: bool) -> torch.Tensor:
+    """Permute what the RoPE layout touches: the rows of wq and wk, and the head_dim weights of the q/k norms (one
+    head's worth of rows)."""
+    n_heads, n_kv_heads, _ = check_args(args)
+    heads = {"attention.wq.weight": n_heads, "attention.wk.weight": n_kv_heads,
+             "attention.q_norm.weight": 1, "attention.k_norm.weight": 1}.get(name.split(".", 2)[-1])
+    if heads is None:
+        return w
+    permute = interleaved_to_halves if to_hf else halves_to_interleaved
+    return permute(w, heads) if w.dim() == 2 else permute(w[:, None], heads)[:, 0]
+
+
 # ---------------------------------------------------------------- state dicts
 
 
@@ -79,29 +95,20 @@ def llama_to_hf(model_state: dict, args: TransformerArgs) -> dict:
     """Our state dict (full tensors or DTensors) -> Hugging Face Llama names and RoPE layout. Tied embeddings: no
     `lm_head.weight` (safetensors refuses two names for one storage). Tensors other than wq/wk may share memory
     with `model_state`."""
-    n_heads, n_kv_heads, _ = check_args(args)
     expected = _expected_names(args)
     if args.weight_tying:
         expected.remove("output.weight")
     for name in expected:
         if name not in model_state:
             raise LinguaError(f"model state has no '{name}': it is not a {args.n_layers}-layer lingua Transformer")
-    hf = {}
-    for name in expected:
-        w = full_tensor(model_state[name]).detach()
-        if name.endswith("attention.wq.weight"):
-            w = interleaved_to_halves(w, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            w = interleaved_to_halves(w, n_kv_heads)
-        hf[hf_name(name)] = w.contiguous()
-    return hf
+    return {hf_name(name): _relayout(name, full_tensor(model_state[name]).detach(), args, to_hf=True).contiguous()
+            for name in expected}
 
 
 def llama_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
     """Hugging Face Llama tensors -> our names and RoPE layout (the exact inverse of `llama_to_hf`).
 
     A checkpoint without `lm_head.weight` has tied embeddings: `output.weight` is then the embedding table."""
-    n_heads, n_kv_heads, _ = check_args(args)
     theirs_to_ours = {hf_name(n): n for n in _expected_names(args)}
     ours = {}
     for key, w in hf_state.items():
@@ -109,12 +116,7 @@ def llama_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
             continue  # a buffer older transformers saved; we derive it from rope_theta
         if key not in theirs_to_ours:
             raise LinguaError(f"Hugging Face tensor '{key}' has no place in a {args.n_layers}-layer lingua Transformer")
-        name = theirs_to_ours[key]
-        if name.endswith("attention.wq.weight"):
-            w = halves_to_interleaved(w, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            w = halves_to_interleaved(w, n_kv_heads)
-        ours[name] = w
+        ours[theirs_to_ours[key]] = _relayout(theirs_to_ours[key], w, args, to_hf=False)
     if "output.weight" not in ours and "tok_embeddings.weight" in ours:
         ours["output.weight"] = ours["tok_embeddings.weight"]
     for name in _expected_names(args):
@@ -128,13 +130,17 @@ def llama_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
 
 def llama_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
               dtype: torch.dtype = torch.float32) -> dict:
-    """The `LlamaConfig` fields of a model built from `args`, as transformers writes them to config.json.
+    """The `LlamaConfig` fields of a model built from `args`, as transformers writes them to config.json; with
+    model.qk_norm a `Qwen3Config` (Llama plus a per-head RMSNorm of queries and keys).
 
     RoPE theta is written both ways: `rope_parameters` (transformers >= 5) and `rope_theta` (4.x)."""
     n_heads, n_kv_heads, head_dim = check_args(args)
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.n_layers,
+             "layer_types": ["full_attention"] * args.n_layers} if args.qk_norm else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if args.qk_norm else "llama",
+        **qwen3,
         "hidden_size": args.dim,
         "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
         "num_hidden_layers": args.n_layers,
@@ -176,7 +182,10 @@ def _ffn_args(dim: int, intermediate_size: int) -> tuple[Optional[float], int]:
 
 
 def llama_args_from_config(cfg_path, cfg: dict) -> TransformerArgs:
-    """TransformerArgs for a Hugging Face Llama config.json, or one line saying why it cannot be represented."""
+    """TransformerArgs for a Hugging Face Llama (or Qwen3) config.json, or one line saying why it cannot be
+    represented."""
+    if cfg.get("use_sliding_window"):
+        raise LinguaError(f"{cfg_path}: use_sliding_window=true is not supported (lingua attends to every position)")
     rope = cfg.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if cfg.get("rope_scaling") or rope_type != "default":
@@ -204,6 +213,7 @@ def llama_args_from_config(cfg_path, cfg: dict) -> TransformerArgs:
             max_seqlen=int(cfg.get("max_position_embeddings", 2048)),
             vocab_size=int(cfg["vocab_size"]),
             weight_tying=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm=cfg.get("model_type") == "qwen3",
         )
     except KeyError as e:
         raise LinguaError(f"{cfg_path}: missing {e.args[0]}") from None
@@ -214,6 +224,7 @@ def llama_check_matches(hf_args: TransformerArgs, args: TransformerArgs, path) -
     numerics (rope_theta, norm_eps, max_seqlen), which a fine-tuning run may change on purpose."""
     theirs, ours = check_args(hf_args), check_args(args)
     shape_keys = {"model.dim": (hf_args.dim, args.dim), "model.n_layers": (hf_args.n_layers, args.n_layers),
+                  "model.qk_norm": (hf_args.qk_norm, args.qk_norm), "model.mlp": ("swiglu", args.mlp),
                   "model.vocab_size": (hf_args.vocab_size, args.vocab_size),
                   "model.n_heads": (theirs[0], ours[0]), "model.n_kv_heads": (theirs[1], ours[1]),
                   "model.head_dim": (theirs[2], ours[2]),
@@ -229,5 +240,15 @@ def llama_check_matches(hf_args: TransformerArgs, args: TransformerArgs, path) -
 
 
 
-LLAMA = HFMapping(model_types=("llama",), config=llama_config, args_from_config=llama_args_from_config,
-                  to_hf=llama_to_hf, from_hf=llama_from_hf, check_matches=llama_check_matches)
+def llama_check_exportable(args: TransformerArgs) -> None:
+    """Llama and Qwen3 have a gated SiLU MLP and plain logits: a model with neither cannot be written as them."""
+    if args.mlp != "swiglu":
+        raise LinguaError(f"model.mlp={args.mlp} has no Hugging Face Llama/Qwen3 equivalent (their MLP is SwiGLU): "
+                          "export refused")
+    if args.logit_softcap is not None:
+        raise LinguaError("model.logit_softcap has no Hugging Face Llama/Qwen3 equivalent: export refused")
+
+
+LLAMA = HFMapping(model_types=("llama", "qwen3"), config=llama_config, args_from_config=llama_args_from_config,
+                  to_hf=llama_to_hf, from_hf=llama_from_hf, check_matches=llama_check_matches,
+                  check_exportable=llama_check_exportable)

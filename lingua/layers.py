@@ -10,9 +10,13 @@ from torch import nn
 from lingua.init import trunc_normal_
 
 
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """Llama's SwiGLU width: 2/3 of 4*dim (same parameters as a 4*dim GELU MLP), scaled, rounded up to multiple_of."""
-    hidden = int(2 * 4 * dim / 3)
+MLPS = ("swiglu", "relu2")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float], mlp: str = "swiglu") -> int:
+    """The feed-forward width: Llama's SwiGLU takes 2/3 of 4*dim (three matrices, the parameters of a 4*dim two-matrix
+    MLP), ReLU² takes 4*dim; then scaled by ffn_dim_multiplier and rounded up to multiple_of."""
+    hidden = int(2 * 4 * dim / 3) if mlp == "swiglu" else 4 * dim
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
@@ -34,7 +38,7 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer, 2020): w2(silu(w1 x) * w3 x)."""
+    """SwiGLU (Shazeer, 2020): w2(silu(w1 x) * w3 x). `init_weights(..., factor=inf)` zero-initialises w2."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -50,7 +54,38 @@ class FeedForward(nn.Module):
         in_std = init_base_std or self.dim**-0.5
         for w in (self.w1, self.w3):
             trunc_normal_(w.weight, in_std)
-        trunc_normal_(self.w2.weight, (init_base_std or self.hidden_dim**-0.5) / factor)
+        init_output_(self.w2.weight, (init_base_std or self.hidden_dim**-0.5) / factor)
+
+
+class ReLU2FeedForward(nn.Module):
+    """ReLU² (So et al. 2021, "Primer"; the nanoGPT speedruns): w2(relu(w1 x)²), two matrices 4*dim wide."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.relu(self.w1(x)).square())  # (bs, seqlen, hidden_dim) inside, (bs, seqlen, dim) out
+
+    def init_weights(self, init_base_std: Optional[float], factor: float):
+        trunc_normal_(self.w1.weight, init_base_std or self.dim**-0.5)
+        init_output_(self.w2.weight, (init_base_std or self.hidden_dim**-0.5) / factor)
+
+
+def build_mlp(mlp: str, dim: int, hidden_dim: int) -> nn.Module:
+    return FeedForward(dim, hidden_dim) if mlp == "swiglu" else ReLU2FeedForward(dim, hidden_dim)
+
+
+def init_output_(weight: torch.Tensor, std: float) -> None:
+    """A residual output projection: truncated normal, or zeros for std 0 (model.zero_init_proj: every block starts
+    as the identity, as in the nanoGPT speedruns)."""
+    if std == 0:
+        with torch.no_grad():
+            weight.zero_()
+    else:
+        trunc_normal_(weight, std)
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tok_idx: Optional[torch.Tensor] = None,

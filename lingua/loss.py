@@ -10,6 +10,8 @@ Two forms with the same value:
   model's FLOPs, and on a CPU its big logits tensor costs more in memory traffic than in arithmetic.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -23,28 +25,35 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "
                            reduction=reduction)
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor,
+                         softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits (n, vocab) of one chunk -> (sum of its NLLs, d(sum)/d(logits) = softmax - one_hot(target)), with
-    ignored targets contributing nothing."""
+    ignored targets contributing nothing. With a soft cap c the loss is of c * tanh(logits / c), and the gradient is
+    carried back through the tanh."""
+    capped = None
+    if softcap is not None:
+        capped = torch.tanh(logits / softcap)
+        logits = capped * softcap
     valid = target != IGNORE_INDEX
     safe = target.clamp(min=0)[:, None]
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
     nll = ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
     grad = logits.sub_(lse).exp_()  # the softmax, in place of the logits
     grad.scatter_add_(1, safe, -valid[:, None].to(grad.dtype))
-    return nll, grad.mul_(valid[:, None])
+    grad.mul_(valid[:, None])
+    return nll, grad if capped is None else grad.mul_(1 - capped * capped)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, compute_dtype, chunk):
+    def forward(ctx, h, weight, target, compute_dtype, chunk, softcap):
         """h (n, dim), weight (vocab, dim), target (n,) -> the mean NLL; the gradients are kept for backward."""
         hc_all, w = h.to(compute_dtype), weight.to(compute_dtype)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         total, grad_h = torch.zeros((), dtype=torch.float32, device=h.device), []
         for start in range(0, h.shape[0], chunk):
             hc, tc = hc_all[start: start + chunk], target[start: start + chunk]
-            nll, grad = _chunk_loss_and_grad((hc @ w.t()).float(), tc)  # (rows, vocab) logits, then their grad
+            nll, grad = _chunk_loss_and_grad((hc @ w.t()).float(), tc, softcap)  # (rows, vocab) logits, their grad
             total = total + nll
             grad = grad.to(compute_dtype)
             grad_h.append(grad @ w)  # (rows, dim)
@@ -59,14 +68,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad_output / count
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None
+        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean cross-entropy of the logits h @ weight.T against target, never materialising them (see the module
-    docstring). h (..., dim), weight (vocab, dim), target (...). Under autocast the matmuls run in its dtype, as
-    nn.Linear's would; the softmax is fp32 either way."""
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK_TOKENS,
+                         softcap: Optional[float] = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weight.T (soft-capped: c * tanh(. / c)) against target, never
+    materialising them (see the module docstring). h (..., dim), weight (vocab, dim), target (...). Under autocast
+    the matmuls run in its dtype, as nn.Linear's would; the softmax is fp32 either way."""
     compute = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h.flatten(0, -2), weight, target.flatten(), compute, chunk)
+        return _LinearCrossEntropy.apply(h.flatten(0, -2), weight, target.flatten(), compute, chunk, softcap)

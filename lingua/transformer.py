@@ -19,7 +19,7 @@ from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError, LinguaError
 from lingua.init import trunc_normal_
 from lingua.kv_cache import KVCache, LayerKVCache
-from lingua.layers import FeedForward, RMSNorm, ffn_hidden_dim
+from lingua.layers import MLPS, RMSNorm, build_mlp, ffn_hidden_dim, init_output_
 
 ATTN_IMPLS = ("sdpa", "flex_attention", "xformers")
 MASKS = ("causal", "block_causal")
@@ -36,6 +36,8 @@ class TransformerArgs(DecoderArgs):
     rope_theta: float = 10000.0
     attn_impl: str = "sdpa"  # sdpa | flex_attention | xformers
     mask: str = "causal"  # causal | block_causal (packed documents attend only within themselves)
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Qwen3, the speedruns)
+    mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1 x)^2), 4 * dim wide)
 
 
 def check_args(args: TransformerArgs) -> tuple[int, int, int]:
@@ -61,7 +63,7 @@ def check_args(args: TransformerArgs) -> tuple[int, int, int]:
         raise ConfigError(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}")
     if head_dim % 2:
         raise ConfigError(f"model.head_dim={head_dim} must be even for RoPE")
-    for key, allowed in (("attn_impl", ATTN_IMPLS), ("mask", MASKS)):
+    for key, allowed in (("attn_impl", ATTN_IMPLS), ("mask", MASKS), ("mlp", MLPS)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"model.{key}={getattr(args, key)!r} is not one of {', '.join(allowed)}")
     return n_heads, n_kv_heads, head_dim
@@ -93,13 +95,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, head_dim: int, n_heads: int, n_kv_heads: int, attn_impl: str):
+    def __init__(self, dim: int, head_dim: int, n_heads: int, n_kv_heads: int, attn_impl: str,
+                 qk_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         self.dim, self.head_dim, self.attn_impl = dim, head_dim, attn_impl
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        if qk_norm:  # one weight per head dimension, shared by the heads (as OLMo 2 and Qwen3)
+            self.q_norm = RMSNorm(head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim, norm_eps)
 
     def forward(self, x, freq_cos, freq_sin, mask, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
         """x: (bs, seqlen, dim); freq_cos/sin: each token's RoPE angles; mask: from `attention_mask`, or from
@@ -109,6 +115,8 @@ class Attention(nn.Module):
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
         xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        if hasattr(self, "q_norm"):
+            xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rope(xq, freq_cos, freq_sin), apply_rope(xk, freq_cos, freq_sin)
         if cache is None:
             out = attend(xq, xk, xv, mask, self.attn_impl)  # (bs, seqlen, n_local_heads, head_dim)
@@ -120,7 +128,10 @@ class Attention(nn.Module):
         std = init_base_std or self.dim**-0.5
         for w in (self.wq, self.wk, self.wv):
             trunc_normal_(w.weight, std)
-        trunc_normal_(self.wo.weight, std / factor)  # output projections feed the residual: scaled by depth
+        init_output_(self.wo.weight, std / factor)  # output projections feed the residual: scaled by depth
+        if hasattr(self, "q_norm"):
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
 
 
 class TransformerBlock(nn.Module):
@@ -128,9 +139,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         n_heads, n_kv_heads, head_dim = check_args(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args.dim, head_dim, n_heads, n_kv_heads, args.attn_impl)
+        self.attention = Attention(args.dim, head_dim, n_heads, n_kv_heads, args.attn_impl, args.qk_norm,
+                                   args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
+        hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
+        self.feed_forward = build_mlp(args.mlp, args.dim, hidden)
 
     def forward(self, x, freq_cos, freq_sin, mask, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freq_cos, freq_sin, mask, cache)  # pre-norm residual
@@ -195,8 +208,9 @@ def flops_per_token(args: TransformerArgs, seq_len: int, n_layers: Optional[int]
     forward + backward, with no discount for the causal mask (PaLM's convention; real kernels skip about half)."""
     n_heads, n_kv_heads, head_dim = check_args(args)
     n_layers = args.n_layers if n_layers is None else n_layers
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
     attn = 2 * args.dim * n_heads * head_dim + 2 * args.dim * n_kv_heads * head_dim  # wq, wo; wk, wv
-    per_layer = attn + 3 * args.dim * hidden + 2 * args.dim  # + w1, w2, w3 + two norms
+    mlp = (3 if args.mlp == "swiglu" else 2) * args.dim * hidden  # w1, w2 (, w3)
+    per_layer = attn + mlp + 2 * args.dim + (2 * head_dim if args.qk_norm else 0)  # + the norms
     n = n_layers * per_layer + args.dim + args.vocab_size * args.dim  # + final norm + output projection
     return 6 * n + 12 * n_layers * n_heads * head_dim * seq_len

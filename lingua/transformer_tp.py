@@ -16,6 +16,8 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
     tp = tp_mesh.size()
     if model.output.weight is model.tok_embeddings.weight:
         raise ConfigError("model.weight_tying=true cannot be combined with distributed.tp_size > 1")
+    if hasattr(model.layers[0].attention, "q_norm"):  # its weights would see only the local heads' gradients
+        raise ConfigError("model.qk_norm=true cannot be combined with distributed.tp_size > 1 yet")
     attn = model.layers[0].attention
     n_heads, n_kv_heads = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
     hidden = model.layers[0].feed_forward.w1.out_features
@@ -39,6 +41,6 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
             "ffn_norm": SequenceParallel(),
             "feed_forward": gather_sequence(),
             "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            **({"feed_forward.w3": ColwiseParallel()} if hasattr(block.feed_forward, "w3") else {}),
         })

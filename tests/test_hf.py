@@ -55,6 +55,8 @@ CONFIGS = {
                                multiple_of=48, rope_theta=1e6),
     "head-dim-tied": dict(dim=32, n_layers=1, head_dim=16, vocab_size=64, weight_tying=True, multiple_of=32,
                           ffn_dim_multiplier=0.5),
+    # model.qk_norm exports as Qwen3ForCausalLM: its q/k RMSNorm weights go through the RoPE permutation too
+    "qk-norm-qwen3": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, qk_norm=True),
 }
 
 
@@ -71,7 +73,7 @@ def make_model(name: str, seed: int = 0):
 
 def load_hf(path):
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    assert type(model).__name__ == "LlamaForCausalLM"
+    assert type(model).__name__ == ("Qwen3ForCausalLM" if model.config.model_type == "qwen3" else "LlamaForCausalLM")
     return model.eval()
 
 
@@ -362,3 +364,12 @@ def test_init_ckpt_path_from_hf_under_fsdp(tiny_corpus, tmp_path):
     load_model_weights(str(list_checkpoints(tmp_path / "run" / "checkpoints")[-1]), trained)
     for (k, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("switch, message", [(dict(mlp="relu2"), "model.mlp=relu2 has no Hugging Face"),
+                                             (dict(logit_softcap=15.0), "model.logit_softcap has no Hugging Face")])
+def test_export_refuses_what_llama_and_qwen3_cannot_express(switch, message, tmp_path):
+    args = TransformerArgs(**{**CONFIGS["mha-untied"], **switch})
+    with pytest.raises(LinguaError, match=message):
+        hf.export_hf(LLAMA, Transformer.build(args).state_dict(), args, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()

@@ -286,3 +286,43 @@ def test_models_train_with_the_fused_loss_and_evaluate_through_the_logits():
         assert torch.allclose(model(x, y), fused.detach(), atol=1e-6)  # no grad: the logits path, the same value
     model.args.fused_loss = False
     assert torch.allclose(model(x, y), fused, atol=1e-6)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = Transformer.build(tiny(zero_init_proj=True))
+    for block in model.layers:
+        assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
+        assert block.attention.wq.weight.std() > 0
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():  # blocks add nothing to the residual stream: embeddings -> norm -> output
+        torch.testing.assert_close(model(x), model.output(model.norm(model.tok_embeddings(x))))
+
+
+@pytest.mark.parametrize("switch", [dict(mlp="relu2"), dict(qk_norm=True), dict(logit_softcap=3.0),
+                                    dict(zero_init_proj=True)])
+def test_architecture_switches_train_and_agree_with_their_unfused_loss(switch):
+    """Each model.* switch builds, its fused training loss equals the loss through the (soft-capped) logits, and a few
+    AdamW steps on one batch bring the loss down."""
+    model = Transformer.build(tiny(**switch))
+    x, y = torch.randint(0, 64, (4, 24)), torch.randint(0, 64, (4, 24))
+    with torch.no_grad():
+        plain = model(x, y)  # no grad: through the logits
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(8):
+        loss = model(x, y)
+        first = loss.item() if first is None else first
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert abs(first - plain.item()) < 1e-5
+    assert loss.item() < first - 0.5, (first, loss.item())
+
+
+def test_relu2_and_qk_norm_shapes_and_softcap_bound():
+    model = Transformer.build(tiny(mlp="relu2", qk_norm=True, logit_softcap=2.0))
+    ff, attn = model.layers[0].feed_forward, model.layers[0].attention
+    assert not hasattr(ff, "w3") and ff.w1.out_features == 4 * 32  # relu2: two matrices, 4 * dim wide
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (8,)  # one weight per head dimension
+    with torch.no_grad():
+        assert model(torch.randint(0, 64, (2, 16))).abs().max() < 2.0  # logits within the soft cap

@@ -17,7 +17,7 @@ from apps.fastRNN.scan import SCANS, conv_step, g, linear_scan, log_g, log_scan,
 from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError
 from lingua.init import init_shard_, trunc_normal_
-from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim
+from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim, init_output_
 from lingua.spec import ModelSpec
 
 CELLS = ("mingru", "minlstm", "hawk")
@@ -98,7 +98,7 @@ class MinRNN(nn.Module):
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
         trunc_normal_(self.wi.weight, init_base_std or self.dim**-0.5)
-        trunc_normal_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
+        init_output_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
 
 
 class MinGRU(MinRNN):
@@ -201,7 +201,7 @@ class Hawk(nn.Module):
         nn.init.zeros_(self.gate_bias)
         # Griffin: Lambda such that a^c = sigmoid(Lambda)^c is uniform in [0.9, 0.999], i.e. slow decays at first
         init_shard_(self.a_param, lambda block, gen: _lambda_init_(block, gen, self.C))
-        trunc_normal_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
+        init_output_(self.wo.weight, (init_base_std or self.hidden**-0.5) / factor)
 
 
 def _lambda_init_(block: torch.Tensor, gen: torch.Generator, c: float) -> None:

@@ -26,8 +26,8 @@ from torch import nn
 from apps.mamba.ssd import ssd_chunked, ssd_step
 from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError, LinguaError, require
-from lingua.init import depth_factor, init_shard_, trunc_normal_, uniform_
-from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim
+from lingua.init import init_shard_, trunc_normal_, uniform_
+from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim, init_output_
 from lingua.spec import ModelSpec
 
 SSM_IMPLS = ("auto", "torch", "mamba_ssm")
@@ -199,7 +199,7 @@ class Mamba2Mixer(nn.Module):
         trunc_normal_(self.in_proj.weight, init_base_std or a.dim**-0.5)
         # residual output projections scaled down by depth, as mamba_ssm does (GPT-2's 1/sqrt(2 * n_layers)),
         # and by model.init_std_factor's `factor` on top
-        trunc_normal_(self.out_proj.weight, (init_base_std or self.d_inner**-0.5) / math.sqrt(2 * n_layers) / factor)
+        init_output_(self.out_proj.weight, (init_base_std or self.d_inner**-0.5) / math.sqrt(2 * n_layers) / factor)
         bound = a.d_conv**-0.5  # nn.Conv1d's default for a depthwise conv (fan_in = width)
         for p in (self.conv_weight, self.conv_bias):
             uniform_(p, -bound, bound)
@@ -307,8 +307,7 @@ class Mamba(Decoder):
         return MambaCache(self.args, bs, max_len, pad, device, dtype)
 
     def init_block(self, depth: int, block: nn.Module) -> None:
-        a = self.args
-        block.init_weights(a.init_base_std, a.n_layers, depth_factor(a.init_std_factor, depth, a.n_layers, a.dim))
+        block.init_weights(self.args.init_base_std, self.args.n_layers, self.residual_factor(depth, self.args.n_layers))
 
 
 # ---------------------------------------------------------------- counting

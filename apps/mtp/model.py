@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.init import depth_factor
 from lingua.kv_cache import KVCache
 from lingua.spec import ModelSpec, describe_attention
 from lingua.transformer import Transformer, TransformerArgs, check_args, flops_per_token as transformer_flops
@@ -84,11 +83,11 @@ class MTPTransformer(Transformer):
         No target: the next-token head's logits (bs, seqlen, vocab_size). With a target: the sum over heads of each
         head's mean cross-entropy. With a `cache` (inference): the next-token head's logits, through the cache."""
         if cache is not None:
-            return self.output(self.forward_heads(tokens, cache)[0])
+            return self.logits(self.forward_heads(tokens, cache)[0])
         inputs = self.prepare(tokens, tok_idx, None)
         h = self.run_blocks(self.tok_embeddings(tokens), inputs, layers=range(self.n_trunk))
         if target is None:
-            return self.output(self.head_state(0, h, inputs))
+            return self.logits(self.head_state(0, h, inputs))
         views = target.unsqueeze(-1) if target.dim() == 2 else target  # (bs, seqlen, n_views - 1)
         if views.shape[-1] < self.args.n_future_head:
             raise LinguaError(f"model.n_future_head={self.args.n_future_head} needs data.n_views >= "
@@ -108,7 +107,7 @@ class MTPTransformer(Transformer):
 
     def forward_heads(self, tokens: torch.Tensor, cache: MTPCache) -> list[torch.Tensor]:
         """The next `seqlen` tokens of every row through the trunk and the cache's `n_heads` heads; advances the cache.
-        Returns each head's normed state (bs, seqlen, dim): `model.output(h)` gives its logits, so a caller can project
+        Returns each head's normed state (bs, seqlen, dim): `model.logits(h)` gives its logits, so a caller can project
         only the positions it needs."""
         inputs = self.prepare(tokens, None, cache)  # positions and mask from the cache
         h = self.run_blocks(self.tok_embeddings(tokens), inputs, cache, layers=range(self.n_trunk))
@@ -123,8 +122,7 @@ class MTPTransformer(Transformer):
         """Each head is initialised as the block right after the trunk (depth n_layers, of a path n_layers + 1 blocks
         deep): with one head, exactly the (n_layers + 1)-layer transformer's init."""
         a = self.args
-        block.init_weights(a.init_base_std, depth_factor(a.init_std_factor, min(depth, a.n_layers), a.n_layers + 1,
-                                                         a.dim))
+        block.init_weights(a.init_base_std, self.residual_factor(min(depth, a.n_layers), a.n_layers + 1))
 
 
 def flops_per_token(args: MTPArgs, seq_len: int) -> float:

@@ -71,7 +71,7 @@ def _finish(rows: list[list[int]], max_gen_len: int, eos_id: Optional[int]) -> l
 
 def _argmax(model: MTPTransformer, h: torch.Tensor, n_words: Optional[int]) -> torch.Tensor:
     """Greedy tokens from normed head states (..., dim): argmax of the logits over the decodable ids."""
-    logits = model.output(h)
+    logits = model.logits(h)
     if n_words is not None:
         logits = logits[..., :n_words]  # ids the tokenizer cannot decode (a vocabulary padded for speed)
     return logits.argmax(-1)
