@@ -7,7 +7,7 @@ is comparable across tokenizers, unlike per-token loss.
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,6 +26,7 @@ class EvalArgs:
     max_docs: Optional[int] = None  # per source; None evaluates the whole val split
     batch_size: int = 4
     seq_len: Optional[int] = None  # defaults to data.seq_len
+    sources: list[str] = field(default_factory=list)  # val splits to score (held-out corpora too); empty: data.sources
 
 
 def _token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +82,7 @@ def evaluate(model, data_args: DataArgs, args: EvalArgs, tokenizer, dist_state, 
     model.eval()
     try:
         with torch.compiler.set_stance("force_eager"):
-            for source in data_args.sources:
+            for source in args.sources or data_args.sources:
                 path = os.path.join(data_args.root_dir, source, f"{source}.val.jsonl")
                 if not os.path.isfile(path):
                     logger.warning(f"no validation split for '{source}' ({path}): skipped")

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 
 from lingua.errors import LinguaError
+from lingua.tokenizer import encode_array
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class JsonlDocs:
             self.bad += 1
             logger.warning("skipping bad line (%d so far in '%s'): %s", self.bad, self.name, e)
             return None
-        return np.asarray(self.tokenizer.encode(text, add_bos=self.add_bos, add_eos=self.add_eos), dtype=np.int32)
+        return encode_array(self.tokenizer, text, self.add_bos, self.add_eos)
 
     def close(self) -> None:
         for f in self._handles.values():

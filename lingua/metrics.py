@@ -20,7 +20,7 @@ import torch
 from lingua.errors import require
 
 # Keys every logged train step carries in metrics.jsonl (the train loop fills them).
-TRAIN_KEYS = ("step", "tokens_seen", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb")
+TRAIN_KEYS = ("step", "tokens_seen", "train_s", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb")
 
 
 @dataclass

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lingua.errors import LinguaError, print_error, require
 
-X_KEYS = {"step": "step", "tokens": "tokens_seen"}
-X_LABELS = {"step": "step", "tokens": "tokens seen"}
+X_KEYS = {"step": "step", "tokens": "tokens_seen", "time": "train_s"}
+X_LABELS = {"step": "step", "tokens": "tokens seen", "time": "training time (s)"}
 SOURCE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output folder (default: <first run>/plots)")
     p.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train curves in [0, 1); 0 = none")
-    p.add_argument("--x", choices=("step", "tokens", "both"), default="both", help="x axis (default: both)")
+    p.add_argument("--x", choices=("step", "tokens", "time", "both"), default="both",
+                   help="x axis: step, tokens, time (training seconds), or both step and tokens (default)")
     args = p.parse_args(argv)
     try:
         if not 0 <= args.smooth < 1:

@@ -138,10 +138,12 @@ class TrainState:
     data: DataLoader
     step: int = 0
     tokens_seen: int = 0
+    train_s: float = 0.0  # wall time spent in training steps (not in evaluation or saving), over every resume
 
     def state_dict(self, world_size: int) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                "data": self.data.state_dict(), "rng": rng_state(), "world_size": world_size}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "train_s": self.train_s,
+                "scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": rng_state(),
+                "world_size": world_size}
 
     def load_state_dicts(self, states: list[dict], rank: int, world_size: int) -> None:
         """Every saving rank's state; a run resumed on another world size takes the loop position from any rank
@@ -149,7 +151,7 @@ class TrainState:
         resume)."""
         same_world = len(states) == world_size
         mine = states[rank] if same_world else states[0]
-        self.step, self.tokens_seen = mine["step"], mine["tokens_seen"]
+        self.step, self.tokens_seen, self.train_s = mine["step"], mine["tokens_seen"], mine.get("train_s", 0.0)
         self.scheduler.load_state_dict(mine["scheduler"])
         if same_world:
             set_rng_state(mine["rng"])
@@ -268,7 +270,7 @@ def read_checked(result: StepResult, step: int, checkpoints: CheckpointManager) 
 
 def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow, state: TrainState,
              result: StepResult, step_start: float, device) -> None:
-    entry = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": result.loss,
+    entry = {"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, "loss": result.loss,
              "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
              "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
              "mem_gb": memory_gb(device)}
@@ -284,7 +286,7 @@ def run_eval(model, args: TrainArgs, tokenizer, dist_state: DistState, autocast,
              state: TrainState) -> None:
     results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast)
     if results:
-        metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, **results})
+        metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, **results})
         logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
 
 
@@ -356,6 +358,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         step_start = time.perf_counter()
         result = trainer.step(state.step + 1)
         state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
+        state.train_s += time.perf_counter() - step_start
         window.add(tokens_per_step, result.data_s)
         profiler.step()
         logging_step = state.step % args.logging.freq == 0 or state.step == args.steps

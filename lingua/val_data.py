@@ -14,7 +14,7 @@ from lingua.errors import LinguaError
 from lingua.jsonl import read_lines
 from lingua.streams import segment_positions
 from lingua.token_data import TokenDocs, resolve_format
-from lingua.tokenizer import TokenizerArgs, build_tokenizer
+from lingua.tokenizer import TokenizerArgs, build_tokenizer, encode_array
 
 
 def val_documents(root_dir: str, source: str, tokenizer, add_bos: bool, add_eos: bool, data_format: str = "jsonl",
@@ -33,7 +33,7 @@ def val_documents(root_dir: str, source: str, tokenizer, add_bos: bool, add_eos:
     if isinstance(tokenizer, TokenizerArgs):
         tokenizer = build_tokenizer(tokenizer.name, tokenizer.path)
     for text, _ in read_lines(path, "validation file"):
-        yield np.asarray(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=np.int64), \
+        yield encode_array(tokenizer, text, add_bos, add_eos).astype(np.int64), \
             len(text.encode("utf-8"))
 
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The README's first command: environment, default corpus, tokenizer, debug training (with a progress display),
-# evaluation and a generated sample. Every stage is skipped when its output is already complete, so re-running is fast
-# (a finished training run is detected from its final checkpoint; pass extra key=value overrides to the trainer).
+# The README's first command: environment, default corpus, tokenizer, token shards, debug training (with a progress
+# display), evaluation and a generated sample. Every stage is skipped when its output is already complete, so
+# re-running is fast (a finished training run is detected from its final checkpoint; pass extra key=value overrides
+# to the trainer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash setup/setup_env.sh
 PY=.venv/bin/python
 $PY setup/prepare_data.py shakespeare --data_dir data
 $PY setup/train_tokenizer.py --data_dir data --source shakespeare --vocab_size 4096
+# token shards: the loader memory-maps them instead of tokenizing on the fly (data.format: auto picks them up)
+$PY setup/tokenize_data.py --data_dir data --source shakespeare --tokenizer tokenizers/shakespeare_sp4096.model --quiet
 $PY -m apps.main.train config=apps/main/configs/debug.yaml "$@"
 ckpt=$(ls -d runs/debug/checkpoints/[0-9]* | sort | tail -n 1)
 $PY -m apps.main.eval ckpt_dir="$ckpt" dump_dir=runs/debug/eval

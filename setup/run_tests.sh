@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 LINGUA_EXTRAS=dev,hf,eval,tiktoken,data bash setup/setup_env.sh
 .venv/bin/python setup/prepare_data.py shakespeare --data_dir data
 .venv/bin/python setup/train_tokenizer.py --data_dir data --source shakespeare
+.venv/bin/python setup/tokenize_data.py --data_dir data --source shakespeare \
+  --tokenizer tokenizers/shakespeare_sp4096.model --quiet
 set +e
 .venv/bin/python -m pytest -ra --cov=lingua --cov=apps --cov-report=term "$@"
 rc=$?

@@ -32,7 +32,7 @@ from lingua.errors import LinguaError, exit_on_error  # noqa: E402
 from lingua.jsonl import chunk_files, line_number, parse_document, scan_lines  # noqa: E402
 from lingua.token_data import (FORMAT_VERSION, MANIFEST, read_manifest, shard_paths, token_dtype,  # noqa: E402
                                token_folder, tokenizer_sha256)
-from lingua.tokenizer import TokenizerArgs, build_tokenizer  # noqa: E402
+from lingua.tokenizer import TokenizerArgs, build_tokenizer, encode_array  # noqa: E402
 
 PLAN = "plan.json"
 
@@ -102,8 +102,8 @@ def tokenize_piece(job: tuple) -> dict:
                 raise
             bad += 1
             text = None  # an empty document keeps the numbering of the jsonl loader, which skips it too
-        ids = _tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos) if text is not None else []
-        docs.append(np.asarray(ids, dtype=dtype))
+        ids = encode_array(_tokenizer, text, add_bos, add_eos) if text is not None else np.zeros(0, dtype=dtype)
+        docs.append(ids.astype(dtype))
         byte_counts.append(len(text.encode("utf-8")) if text is not None else 0)
     tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=dtype)
     index = np.zeros((len(docs) + 1, 2), dtype=np.int64)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lingua.errors import LinguaError
@@ -128,3 +129,26 @@ def test_vocab_larger_than_model():
     check_vocab_size(tok, 258)
     with pytest.raises(LinguaError, match="tokenizer has 258 tokens but model.vocab_size is 256"):
         check_vocab_size(tok, 256)
+
+
+def test_a_long_document_is_encoded_in_pieces_with_memory_bounded_by_its_tokens(tmp_path):
+    """encode_array streams a text over ENCODE_PIECE_CHARS (pieces end at newlines): the same tokens as one encode for
+    the bytes tokenizer, BOS/EOS once, and a 12 MB document no longer costs Python lists of every token id."""
+    import resource
+    import subprocess
+    import sys
+
+    from lingua.tokenizer import ENCODE_PIECE_CHARS, ByteTokenizer, encode_array
+
+    text = ("naïve line of text\n" * (ENCODE_PIECE_CHARS // 10))
+    tok = ByteTokenizer()
+    ids = encode_array(tok, text)
+    assert ids.dtype == np.int32 and ids.tolist() == tok.encode(text)
+    assert (ids == tok.bos_id).sum() == 1 and (ids == tok.eos_id).sum() == 1
+    code = ("import resource, sys; from lingua.tokenizer import ByteTokenizer, encode_array; t = 'x' * 99 + '\\n'; "
+            "text = t * 120_000; r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "ids = encode_array(ByteTokenizer(), text); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024, len(ids))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    growth_mb, n = out.stdout.split()
+    assert int(n) == 12_000_002 and float(growth_mb) < 200  # 12M tokens: 48 MB as int32 (Python lists: ~430 MB)

@@ -31,6 +31,7 @@ from lingua.files import write_text_atomic
 from lingua.inference import TokenizerOverride, inspect_checkpoint, load_model
 from lingua.log import setup_logging
 from lingua.precision import autocast_context, resolve_model_dtype
+from lingua.tokenizer import TokenizerArgs
 
 logger = logging.getLogger("lingua")
 
@@ -82,7 +83,9 @@ def validation_plan(args: EvalAppArgs, params: dict, max_seqlen: int) -> tuple[s
     seq_len = min(args.validation.seq_len or data.get("seq_len") or max_seqlen, max_seqlen)
     add_bos = args.add_bos if args.add_bos is not None else data.get("add_bos", True)
     add_eos = args.add_eos if args.add_eos is not None else data.get("add_eos", True)
-    return root_dir, sources, DataArgs(root_dir=root_dir, seq_len=seq_len, add_bos=add_bos, add_eos=add_eos)
+    tokenizer = TokenizerArgs(**(data.get("tokenizer") or {}))  # what token shards of the val split must match
+    return root_dir, sources, DataArgs(root_dir=root_dir, seq_len=seq_len, add_bos=add_bos, add_eos=add_eos,
+                                       format=data.get("format", "auto"), tokenizer=tokenizer)
 
 
 def format_table(validation: dict) -> str:
