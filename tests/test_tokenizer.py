@@ -134,7 +134,6 @@ def test_vocab_larger_than_model():
 def test_a_long_document_is_encoded_in_pieces_with_memory_bounded_by_its_tokens(tmp_path):
     """encode_array streams a text over ENCODE_PIECE_CHARS (pieces end at newlines): the same tokens as one encode for
     the bytes tokenizer, BOS/EOS once, and a 12 MB document no longer costs Python lists of every token id."""
-    import resource
     import subprocess
     import sys
 
