@@ -215,7 +215,14 @@ class Trainer:
         self.data_iter, self.dist, self.autocast, self.preempt, self.probe = iter(data), dist_state, autocast, preempt, probe
 
     def step(self, step: int) -> StepResult:
-        """Run optimizer step number `step` (1-based)."""
+        """Run optimizer step number `step` (1-based). A probed step runs a compiled model eagerly: the probe's
+        activation hooks would otherwise recompile the graph twice (with hooks, and without them again)."""
+        if self.probe.is_probe_step(step):
+            with torch.compiler.set_stance("force_eager"):
+                return self._step(step)
+        return self._step(step)
+
+    def _step(self, step: int) -> StepResult:
         args, dist_state, device = self.args, self.dist, self.dist.device
         loss_sum, data_s = torch.zeros((), device=device), 0.0
         self.probe.before_step(step, self.model)  # off steps: one integer test, no hooks

@@ -11,6 +11,7 @@ from apps.main.eval import EvalAppArgs, main as eval_main
 from apps.main.generate import cli as generate_cli
 from apps.mtp.model import MTP_SPEC, MTPTransformer
 from lingua.args import load_config
+from lingua.data import StateMismatch
 from lingua.inference import inspect_checkpoint, load_model
 from lingua.spec import TRANSFORMER_SPEC
 from lingua.train import train, train_args_cls
@@ -49,6 +50,13 @@ def test_an_old_run_resumes_with_its_old_config(tmp_path):
     args = load_config(train_args_cls(TRANSFORMER_SPEC), [f"config={run / 'config.yaml'}", f"dump_dir={run}",
                                                            f"data.root_dir={FIXTURES / 'corpus'}", "steps=4",
                                                            "logging.freq=1"])
+    # its loader state (one data order per rank) predates the world-size-invariant streams: refused in one line ...
+    with pytest.raises(StateMismatch, match="data.reset_state=true"):
+        train(args, TRANSFORMER_SPEC)
+    # ... and resumed, weights and optimizer included, once the user accepts a fresh data order
+    args = load_config(train_args_cls(TRANSFORMER_SPEC), [f"config={run / 'config.yaml'}", f"dump_dir={run}",
+                                                           f"data.root_dir={FIXTURES / 'corpus'}", "steps=4",
+                                                           "logging.freq=1", "data.reset_state=true"])
     result = train(args, TRANSFORMER_SPEC)
     assert result["step"] == 4
     rows = read_jsonl(run / "metrics.jsonl")

@@ -35,6 +35,7 @@ def _row(step):
         step_ms=310.0,
         data_ms=2.5,
         mem_gb=1.25,
+        train_s=3.5,
     )
 
 
