@@ -34,7 +34,7 @@ from lingua.errors import ConfigError, LinguaError
 from lingua.evaluation import EvalArgs, evaluate
 from lingua.log import setup_logging
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
-from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_
+from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_, sync_scheduler
 from lingua.parallelize import parallelize_model
 from lingua.precision import autocast_context, resolve_model_dtype
 from lingua.probe import Probe, ProbeArgs
@@ -153,6 +153,7 @@ class TrainState:
         mine = states[rank] if same_world else states[0]
         self.step, self.tokens_seen, self.train_s = mine["step"], mine["tokens_seen"], mine.get("train_s", 0.0)
         self.scheduler.load_state_dict(mine["scheduler"])
+        sync_scheduler(self.scheduler)
         if same_world:
             set_rng_state(mine["rng"])
         self.data.load_state_dicts([s["data"] for s in states])  # any old layout: each rank takes its streams
