@@ -101,7 +101,7 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Ten
     for i, owner in zip(shared, owners):
         full = updates[i].full_tensor()  # a collective: every rank takes part, in the same order
         if owner == me:
-            mine[i] = orthogonalize(full, steps)
+            mine[i] = orthogonalize(full, steps).contiguous()  # a tall matrix's result is a transpose view
         del full  # non-owners keep nothing: their peak is one gathered matrix
     for i, owner in zip(shared, owners):
         u = updates[i]

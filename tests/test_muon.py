@@ -2,6 +2,11 @@
 and the embeddings' lr; Muon's numbers against torch.optim.Muon; training, exact resume and an old AdamW
 checkpoint resuming under the new group layout."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,7 +18,10 @@ from lingua.optim import OptimArgs, build_optimizer, param_groups
 from lingua.spec import TRANSFORMER_SPEC
 from lingua.train import TrainArgs, train
 from lingua.transformer import Transformer, TransformerArgs
-from tests.conftest import cut_at, final_weights, losses, tiny_overrides
+from tests.conftest import ROOT, cut_at, final_weights, losses, tiny_overrides
+from tests.dist_helpers import free_port, torchrun
+from tests.test_distributed import BATCH, EVERY, assert_loaded_equals_checkpoint, assert_same_curve, curve
+from tests.test_distributed import cfg as dcfg
 
 
 def tiny(**kw):
@@ -113,3 +121,40 @@ def test_old_single_group_adamw_checkpoint_resumes_under_the_split_groups(tiny_c
     assert all(torch.equal(wa[k], wb[k]) for k in decayed)  # moments not loaded would give another update
     assert not torch.equal(wa["norm.weight"], wb["norm.weight"])
     assert not torch.equal(wa["tok_embeddings.weight"], wb["tok_embeddings.weight"])
+
+
+# ---------------------------------------------------------------- distributed (gloo, real torchrun processes)
+
+
+@pytest.mark.slow
+def test_distributed_orthogonalization_is_exact_and_split_across_ranks():
+    """2 ranks, matrices sharded by rows (FSDP), by columns (row-wise TP), uneven and replicated: every result
+    equals the single-process Newton-Schulz exactly, and each matrix was orthogonalized by one rank only (the work
+    is split). `--nproc_per_node=4` adds a 2x2 (dp, tp) mesh (run by hand: 4 processes cost too much here)."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", "-m", "tests.muon_dist_check"], cwd=ROOT, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(r["max_err"] == 0.0 for r in rows), rows
+    assert sum(r["computed"] for r in rows) == rows[0]["total"] and all(r["computed"] < rows[0]["total"] for r in rows)
+
+
+@pytest.mark.slow
+def test_fsdp_muon_matches_one_process_and_resumes_resharded_on_one(tiny_corpus, tmp_path):
+    """2-process FSDP Muon follows the 1-process Muon curve (the tolerance of tests/test_distributed.py); its DCP
+    checkpoint (momentum buffers included) loads on one process exactly and continues that curve."""
+    muon = dict(optim__name="muon", model__weight_tying=True, eval__at_end=False)
+    ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
+    train(load_config(TrainArgs, dcfg(tiny_corpus, ref, data__batch_size=BATCH, **muon)), TRANSFORMER_SPEC)
+    torchrun(2, dcfg(tiny_corpus, fsdp, data__batch_size=BATCH // 2, distributed__dp_shard=2, **muon),
+             ["--global-batch"])
+    assert_same_curve(curve(ref), curve(fsdp))
+    cut = cut_at(fsdp, tmp_path / "to1", EVERY)
+    subprocess.run([sys.executable, "-m", "tests.dist_helpers", "--global-batch", "--record", str(cut / "rec"), "--"]
+                   + dcfg(tiny_corpus, cut, data__batch_size=BATCH, **muon), cwd=ROOT, check=True,
+                   capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_loaded_equals_checkpoint(cut / "rec", cut / "checkpoints" / f"{EVERY:010d}", tmp_path)
+    loaded = torch.load(cut / "rec" / "loaded.pt", weights_only=False)["optim"]
+    assert any(k.endswith("momentum_buffer") for k in loaded)  # Muon's state is in the checkpoint
+    assert_same_curve(curve(ref), curve(cut))
