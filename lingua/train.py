@@ -277,11 +277,12 @@ def read_checked(result: StepResult, step: int, checkpoints: CheckpointManager) 
 
 
 def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow, state: TrainState,
-             result: StepResult, step_start: float, device) -> None:
+             result: StepResult, step_start: float, device, extra: dict) -> None:
+    """One metrics row; `extra` is the spec's step_metrics (model-specific numbers such as per-head losses)."""
     entry = {"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, "loss": result.loss,
              "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
              "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
-             "mem_gb": memory_gb(device)}
+             "mem_gb": memory_gb(device), **extra}
     metrics.log(entry)
     if progress.enabled:
         progress.write(format_console_line(entry))
@@ -375,7 +376,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             last_read = result
         progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
         if logging_step or result.stop:
-            log_step(metrics, progress, window, state, result, step_start, dist_state.device)
+            extra = spec.step_metrics(getattr(model, "_orig_mod", model)) if spec.step_metrics else {}
+            log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
         kinds = checkpoints.kinds_due(state.step, last=state.step == args.steps or result.stop)
