@@ -20,7 +20,7 @@ from lingua.train import TrainArgs, train
 from lingua.transformer import Transformer, TransformerArgs
 from tests.conftest import ROOT, cut_at, final_weights, losses, tiny_overrides
 from tests.dist_helpers import free_port, torchrun
-from tests.test_distributed import BATCH, EVERY, assert_loaded_equals_checkpoint, assert_same_curve, curve
+from tests.test_distributed import BATCH, EVERY, assert_same_curve, curve, dcp_contents
 from tests.test_distributed import cfg as dcfg
 
 
@@ -143,18 +143,16 @@ def test_distributed_orthogonalization_is_exact_and_split_across_ranks():
 @pytest.mark.slow
 def test_fsdp_muon_matches_one_process_and_resumes_resharded_on_one(tiny_corpus, tmp_path):
     """2-process FSDP Muon follows the 1-process Muon curve (the tolerance of tests/test_distributed.py); its DCP
-    checkpoint (momentum buffers included) loads on one process exactly and continues that curve."""
+    checkpoint holds the momentum buffers, and resumed on one process it continues that curve."""
     muon = dict(optim__name="muon", model__weight_tying=True, eval__at_end=False)
     ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
     train(load_config(TrainArgs, dcfg(tiny_corpus, ref, data__batch_size=BATCH, **muon)), TRANSFORMER_SPEC)
     torchrun(2, dcfg(tiny_corpus, fsdp, data__batch_size=BATCH // 2, distributed__dp_shard=2, **muon),
              ["--global-batch"])
     assert_same_curve(curve(ref), curve(fsdp))
+    ckpt = fsdp / "checkpoints" / f"{EVERY:010d}"
+    saved = dcp_contents(ckpt, tmp_path)
+    assert sum(k.endswith("momentum_buffer") for k in saved) == 14  # Muon's state (2 layers x 7 matrices) is saved
     cut = cut_at(fsdp, tmp_path / "to1", EVERY)
-    subprocess.run([sys.executable, "-m", "tests.dist_helpers", "--global-batch", "--record", str(cut / "rec"), "--"]
-                   + dcfg(tiny_corpus, cut, data__batch_size=BATCH, **muon), cwd=ROOT, check=True,
-                   capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert_loaded_equals_checkpoint(cut / "rec", cut / "checkpoints" / f"{EVERY:010d}", tmp_path)
-    loaded = torch.load(cut / "rec" / "loaded.pt", weights_only=False)["optim"]
-    assert any(k.endswith("momentum_buffer") for k in loaded)  # Muon's state is in the checkpoint
-    assert_same_curve(curve(ref), curve(cut))
+    train(load_config(TrainArgs, dcfg(tiny_corpus, cut, data__batch_size=BATCH, **muon)), TRANSFORMER_SPEC)
+    assert_same_curve(curve(ref), curve(cut))  # a momentum lost or misplaced in the reshard leaves this curve
