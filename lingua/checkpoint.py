@@ -163,10 +163,17 @@ class CheckpointManager:
     def load(self, path: Path, model: nn.Module, optimizer) -> list[dict]:
         """Restore model + optimizer into whatever layout they have now; returns every rank's saved train state."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        _check_dcp_shapes(model_sd, path)
+        meta = _check_dcp_shapes(model_sd, path)
         state = {"model": model_sd, "optim": optim_sd}
+        if not _same_param_groups(meta, optim_sd):
+            # e.g. a checkpoint from before the param groups split (lingua/optim.py): its moments load by parameter
+            # name; the groups' hyperparameters come from this run's config (the lr from the loaded schedule)
+            logger.warning(f"{path}: the optimizer's param groups changed since this checkpoint; loading its state "
+                           "per parameter, group settings from the config")
+            state["optim"] = {"state": optim_sd["state"]}
         _dcp_load(state, path)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(model, optimizer, model_state_dict=model_sd,
+                       optim_state_dict={"state": state["optim"]["state"], "param_groups": optim_sd["param_groups"]})
         states = [json.loads(p.read_text()) for p in sorted(path.glob("train_state_*.json"))]
         if not states:
             raise LinguaError(f"checkpoint '{path}' has no train_state_*.json")
@@ -229,8 +236,16 @@ def _check_shapes(sd: dict, model: nn.Module, path) -> None:
             raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(sd[k].shape)}, the model has {tuple(v.shape)}")
 
 
-def _check_dcp_shapes(sd: dict, path: Path) -> None:
-    """Name the mismatched parameter before DCP fails with a less readable error."""
+def _same_param_groups(meta, optim_sd: dict) -> bool:
+    """Whether the checkpoint's optimizer param groups have the keys (group count and settings) the optimizer has."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    want = set(flatten_state_dict({"optim": {"param_groups": optim_sd["param_groups"]}})[0])
+    return want == {k for k in meta.state_dict_metadata if k.startswith("optim.param_groups.")}
+
+
+def _check_dcp_shapes(sd: dict, path: Path):
+    """Name the mismatched parameter before DCP fails with a less readable error; returns the DCP metadata."""
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:
@@ -241,6 +256,7 @@ def _check_dcp_shapes(sd: dict, path: Path) -> None:
             raise LinguaError(f"checkpoint '{path}' is from another model: parameter '{k}' is missing")
         if hasattr(item, "size") and tuple(item.size) != tuple(v.shape):
             raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(item.size)}, the model has {tuple(v.shape)}")
+    return meta
 
 
 def consolidate(ckpt_dir: str, out_dir: str) -> Path:

@@ -1,4 +1,13 @@
-"""AdamW, learning-rate schedules and gradient clipping.
+"""The optimizer (AdamW, or Muon for the hidden matrices with AdamW for the rest), learning-rate schedules and
+gradient clipping.
+
+Param groups (`param_groups`), in this order, empty ones dropped and equal ones merged:
+    matrices    2-D weights of the nn.Linear layers inside `model.layers`: Muon under optim.name=muon, else AdamW
+    head        the output projection (untied): optim.embed_lr
+    embeddings  nn.Embedding tables (and a tied head): optim.embed_lr, no weight decay
+    other       any other >= 2-D weight (e.g. Mamba's conv): decayed
+    no_decay    norms, biases, scalars (Mamba's A_log/dt_bias/D): no weight decay
+optim.decay_params=all restores lingua's rule (decay everything), which with embed_lr unset is one group.
 
 Schedules are pure functions of the step that return a factor of `optim.lr`; they follow
 facebookresearch/lingua's formulas. `build_optimizer` wraps the chosen one in a `LambdaLR`, so the factor
@@ -17,16 +26,24 @@ from torch import nn
 from torch.optim import AdamW, lr_scheduler
 
 from lingua.errors import ConfigError
+from lingua.muon import ADJUST_LR, MuonAdamW
 
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "linear", "inv_sqrt", "cosine", "wsd")
 
 
+OPTIMIZERS = ("adamw", "muon")
+DECAY_PARAMS = ("matrices", "all")
+
+
 @dataclass
 class OptimArgs:
-    lr: float = 3e-4
-    weight_decay: float = 0.1  # applied to every parameter, as lingua does
+    name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for the rest: lingua/muon.py)
+    lr: float = 3e-4  # under muon the same lr: updates are RMS-matched to AdamW's (muon_adjust_lr)
+    weight_decay: float = 0.1
+    decay_params: str = "matrices"  # matrices: only >= 2-D non-embedding weights decay | all: every param (lingua)
+    embed_lr: Optional[float] = None  # lr of the embeddings and the output head; None: lr
     epsilon: float = 1e-8
     beta1: float = 0.9
     beta2: float = 0.95
@@ -41,6 +58,11 @@ class OptimArgs:
     exp_factor: float = 0.5  # inv_sqrt: lr ~ (warmup / step) ** exp_factor
 
     fused: Optional[bool] = None  # None: torch's fused AdamW wherever it supports the params' device (CPU too)
+
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw: update * 0.2 sqrt(max(m, n)) (Moonlight) | original
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,6 +152,15 @@ def check_args(args: OptimArgs, n_steps: int) -> None:
         )
     if args.scheduler in ("cosine", "wsd") and not 0 < args.cycle_length <= 1:
         raise ConfigError(f"optim.cycle_length: must be in (0, 1], got {args.cycle_length}")
+    for key, value, choices in (("name", args.name, OPTIMIZERS), ("decay_params", args.decay_params, DECAY_PARAMS),
+                                ("muon_adjust_lr", args.muon_adjust_lr, ADJUST_LR)):
+        if value not in choices:
+            raise ConfigError(f"optim.{key}: unknown value '{value}' (choose one of {', '.join(choices)})")
+    if args.embed_lr is not None and args.embed_lr < 0:
+        raise ConfigError(f"optim.embed_lr: must be >= 0 or null, got {args.embed_lr}")
+    if args.muon_ns_steps < 1 or not 0 <= args.muon_momentum < 1:
+        raise ConfigError(f"optim.muon_ns_steps must be >= 1 and optim.muon_momentum in [0, 1) "
+                          f"(got {args.muon_ns_steps}, {args.muon_momentum})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,27 +178,93 @@ def fused_supported(params: Iterable[torch.Tensor]) -> bool:
     return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
+GROUP_ORDER = ("matrices", "head", "embeddings", "other", "no_decay")
+
+
+def param_roles(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Trainable params by role (GROUP_ORDER), each in model order; a tied head counts as the embedding."""
+    model = getattr(model, "_orig_mod", model)  # a whole-model torch.compile wrapper
+    hidden = {id(m) for m in model.layers.modules()} if hasattr(model, "layers") else set()
+    roles: dict[str, list] = {k: [] for k in GROUP_ORDER}
+    seen = set()
+    for mod_name, module in model.named_modules():
+        for name, p in module.named_parameters(prefix=mod_name, recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if isinstance(module, nn.Embedding):
+                role = "embeddings"
+            elif p.ndim < 2:
+                role = "no_decay"
+            elif isinstance(module, nn.Linear) and p.ndim == 2:
+                role = "matrices" if id(module) in hidden else "head"
+            else:
+                role = "other"
+            roles[role].append((name, p))
+    return roles
+
+
+def param_groups(model: nn.Module, args: OptimArgs) -> list[dict]:
+    """torch param groups for `args` (see the module docstring); each has `role` (its roles, "+"-joined) and `muon`
+    (whether Muon steps it). Groups with equal settings merge, keeping model order within a group."""
+    decay_all = args.decay_params == "all"
+    embed_lr = args.lr if args.embed_lr is None else args.embed_lr
+    settings = {  # role -> (muon, lr, weight_decay)
+        "matrices": (args.name == "muon", args.lr, args.weight_decay),
+        "head": (False, embed_lr, args.weight_decay),
+        "embeddings": (False, embed_lr, args.weight_decay if decay_all else 0.0),
+        "other": (False, args.lr, args.weight_decay),
+        "no_decay": (False, args.lr, args.weight_decay if decay_all else 0.0),
+    }
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    merged: dict[tuple, dict] = {}
+    for role, named in param_roles(model).items():
+        if not named:
+            continue
+        group = merged.setdefault(settings[role], {"params": [], "roles": []})
+        group["roles"].append(role)
+        group["params"] += [p for _, p in named]
+    return [{"params": sorted(g["params"], key=lambda p: order[id(p)]), "role": "+".join(g["roles"]), "muon": muon,
+             "lr": lr, "weight_decay": wd} for (muon, lr, wd), g in merged.items()]
+
+
 def build_optimizer(model: nn.Module, args: OptimArgs, n_steps: int) -> tuple[AdamW, lr_scheduler.LambdaLR]:
-    """AdamW over the trainable params of `model` and a LambdaLR driven by `lr_factor`."""
+    """AdamW (or MuonAdamW) over the trainable params of `model` and a LambdaLR driven by `lr_factor`; the first
+    param group is the matrices' (its lr is the one logged)."""
     check_args(args, n_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, args)
+    params = [p for g in groups for p in g["params"]]
     fused = fused_supported(params) if args.fused is None else bool(args.fused)
+    kwargs = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.epsilon, weight_decay=args.weight_decay,
+                  fused=fused)
     try:
-        optimizer = AdamW(
-            params,
-            lr=args.lr,
-            betas=(args.beta1, args.beta2),
-            eps=args.epsilon,
-            weight_decay=args.weight_decay,
-            fused=fused,
-        )
+        if args.name == "muon":
+            for g in groups:
+                g.update(momentum=args.muon_momentum, nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps,
+                         adjust_lr=args.muon_adjust_lr)
+            optimizer = MuonAdamW(groups, **kwargs)
+        else:
+            optimizer = AdamW(groups, **kwargs)
     except RuntimeError as e:
         if not fused:
             raise
         raise ConfigError(f"optim.fused: torch has no fused AdamW for these params ({e}); set optim.fused=null") from None
-    logger.info("AdamW (%s), %s schedule over %d steps", "fused" if fused else "foreach", args.scheduler, n_steps)
+    logger.info("%s (AdamW %s), %s schedule over %d steps; param groups: %s", args.name,
+                "fused" if fused else "foreach", args.scheduler, n_steps,
+                ", ".join(f"{g['role']} ({len(g['params'])}, {'muon' if g['muon'] else 'adamw'}, lr {g['lr']:g}, "
+                          f"wd {g['weight_decay']:g})" for g in optimizer.param_groups))
     scheduler = lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args=args, n_steps=n_steps))
     return optimizer, scheduler
+
+
+def sync_scheduler(scheduler: lr_scheduler.LambdaLR) -> None:
+    """After a resume: every group's lr from its own initial_lr and the loaded step. A checkpoint from before the
+    param groups split has one saved base lr; LambdaLR would otherwise leave the other groups' lr untouched."""
+    scheduler.base_lrs = [g["initial_lr"] for g in scheduler.optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for g, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        g["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class ModelSpec:
     hf: Optional[HFMapping] = None  # Hugging Face export/import; None: export is refused with one line
     describe: Optional[Callable] = None  # (model args, device, dtype, seq_len) -> text logged at start
     check_train_args: Optional[Callable[[Any], None]] = None  # (TrainArgs) -> None, or a ConfigError
+    # (model) -> {name: float or scalar tensor} merged into the metrics row at log steps, called on every rank with
+    # the unwrapped model (it may run collectives); e.g. the MTP app's per-head losses
+    step_metrics: Optional[Callable[[nn.Module], dict]] = None
 
 
 def get_spec(path: str) -> ModelSpec:

@@ -34,7 +34,7 @@ from lingua.errors import ConfigError, LinguaError
 from lingua.evaluation import EvalArgs, evaluate
 from lingua.log import setup_logging
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
-from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_
+from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_, sync_scheduler
 from lingua.parallelize import parallelize_model
 from lingua.precision import autocast_context, resolve_model_dtype
 from lingua.probe import Probe, ProbeArgs
@@ -153,6 +153,7 @@ class TrainState:
         mine = states[rank] if same_world else states[0]
         self.step, self.tokens_seen, self.train_s = mine["step"], mine["tokens_seen"], mine.get("train_s", 0.0)
         self.scheduler.load_state_dict(mine["scheduler"])
+        sync_scheduler(self.scheduler)
         if same_world:
             set_rng_state(mine["rng"])
         self.data.load_state_dicts([s["data"] for s in states])  # any old layout: each rank takes its streams
@@ -276,11 +277,12 @@ def read_checked(result: StepResult, step: int, checkpoints: CheckpointManager) 
 
 
 def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow, state: TrainState,
-             result: StepResult, step_start: float, device) -> None:
+             result: StepResult, step_start: float, device, extra: dict) -> None:
+    """One metrics row; `extra` is the spec's step_metrics (model-specific numbers such as per-head losses)."""
     entry = {"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, "loss": result.loss,
              "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
              "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
-             "mem_gb": memory_gb(device)}
+             "mem_gb": memory_gb(device), **extra}
     metrics.log(entry)
     if progress.enabled:
         progress.write(format_console_line(entry))
@@ -374,7 +376,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             last_read = result
         progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
         if logging_step or result.stop:
-            log_step(metrics, progress, window, state, result, step_start, dist_state.device)
+            extra = spec.step_metrics(getattr(model, "_orig_mod", model)) if spec.step_metrics else {}
+            log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
         kinds = checkpoints.kinds_due(state.step, last=state.step == args.steps or result.stop)

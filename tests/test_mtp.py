@@ -146,6 +146,10 @@ def test_loss_decreases_with_two_heads(trained):
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert 2 * 5.0 < first < 2 * 6.5  # two heads, each about ln(258) = 5.55 at init
     assert last < first - 2.0, (first, last)
+    # per-head losses (MTP_SPEC.step_metrics): one row per step here, so they sum to the step's loss
+    for r in rows:
+        assert abs(r["loss/head_0"] + r["loss/head_1"] - r["loss"]) < 1e-5, r
+    assert rows[-1]["loss/head_0"] < rows[-1]["loss/head_1"]  # the next token is easier than the one after
     evals = read_jsonl(run_dir / "metrics.eval.jsonl")
     assert 0 < evals[-1]["alpha/bpb"] < 8  # the in-loop eval scores the next-token head
 
@@ -186,6 +190,8 @@ def test_two_process_fsdp_trains_checkpoints_and_resumes(tiny_corpus, tmp_path):
     rows = read_jsonl(tmp_path / "fsdp" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(r["loss"] == r["loss"] for r in rows)
+    # per-head losses averaged over both ranks add up to the (rank-averaged) loss
+    assert all(abs(r["loss/head_0"] + r["loss/head_1"] - r["loss"]) < 1e-5 for r in rows), rows
     assert read_jsonl(tmp_path / "fsdp" / "metrics.eval.jsonl")[-1]["alpha/bpb"] > 0
     assert [p.name for p in list_checkpoints(tmp_path / "fsdp" / "checkpoints")] == ["0000000003", "0000000006"]
     # resume under FSDP from step 3: the same losses for steps 4..6

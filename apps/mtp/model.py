@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from lingua.errors import ConfigError, LinguaError
 from lingua.kv_cache import KVCache
@@ -92,11 +93,26 @@ class MTPTransformer(Transformer):
         if views.shape[-1] < self.args.n_future_head:
             raise LinguaError(f"model.n_future_head={self.args.n_future_head} needs data.n_views >= "
                               f"{self.args.n_future_head + 1} (the target has {views.shape[-1]} view(s))")
-        loss = None
+        head_losses = []
         for k in range(self.args.n_future_head):  # one head at a time: at most one head's activations in flight
-            head_loss = self.lm_loss(self.head_state(k, h, inputs), views[..., k])
-            loss = head_loss if loss is None else loss + head_loss
-        return loss
+            head_losses.append(self.lm_loss(self.head_state(k, h, inputs), views[..., k]))
+        if self.training:
+            self._record_head_losses(head_losses)
+        return sum(head_losses[1:], head_losses[0])
+
+    @torch.compiler.disable  # a side effect on the module: kept out of a compiled forward's graph
+    def _record_head_losses(self, head_losses: list) -> None:
+        """Add each head's loss (this rank, detached) to the sums `take_head_losses` reads at log steps."""
+        local = torch.stack([loss.detach().to_local() if hasattr(loss, "to_local") else loss.detach()
+                             for loss in head_losses])
+        sums, n = getattr(self, "_head_loss_sums", (None, 0))
+        self._head_loss_sums = (local if sums is None else sums + local, n + 1)
+
+    def take_head_losses(self) -> Optional[torch.Tensor]:
+        """Each head's mean loss over this rank's forwards since the last call (None if none), and reset."""
+        sums, n = getattr(self, "_head_loss_sums", (None, 0))
+        self._head_loss_sums = (None, 0)
+        return None if sums is None else sums / n
 
     # ------------------------------------------------------------ inference
 
@@ -132,6 +148,18 @@ def flops_per_token(args: MTPArgs, seq_len: int) -> float:
     return transformer_flops(args, seq_len, n_layers=args.n_layers + args.n_future_head) + 6 * extra_unembed
 
 
+def head_metrics(model: MTPTransformer) -> dict:
+    """`loss/head_k` for the metrics row: head k's mean loss over the micro-batches since the last log step,
+    averaged over ranks (tensor-parallel ranks hold the same value, so the world mean is the data-parallel mean)."""
+    means = model.take_head_losses()
+    if means is None:
+        return {}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(means)
+        means = means / dist.get_world_size()
+    return {f"loss/head_{k}": v for k, v in enumerate(means.tolist())}
+
+
 MTP_SPEC = ModelSpec(name="mtp", path="apps.mtp.model:MTP_SPEC", args_cls=MTPArgs, build=MTPTransformer,
                      flops_per_token=flops_per_token, tp_plan=apply_transformer_tp, describe=describe_attention,
-                     check_train_args=check_train_args)
+                     check_train_args=check_train_args, step_metrics=head_metrics)

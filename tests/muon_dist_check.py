@@ -1,0 +1,44 @@
+"""Run under torchrun (2 or 4 processes, gloo) by tests/test_muon.py: lingua.muon.orthogonalize_all on DTensors of
+several layouts equals the single-process orthogonalization, and each matrix is orthogonalized on one rank only.
+Prints one JSON line per rank: {"rank", "max_err", "computed"}."""
+
+import json
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import lingua.muon as muon
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    shapes = [(256, 32), (32, 256), (32, 32), (7, 5)]  # tall, wide, square, uneven shards
+    mesh = init_device_mesh("cpu", (world,))
+    layouts = [(mesh, [Shard(0)]), (mesh, [Shard(1)]), (mesh, [Replicate()])]
+    if world == 4:  # FSDP x TP: dp shards rows, tp shards rows (colwise) or columns (rowwise)
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        layouts += [(mesh2, [Shard(0), Shard(0)]), (mesh2, [Shard(0), Shard(1)])]
+    fulls = [torch.randn(s) for _ in layouts for s in shapes]
+    dts = [distribute_tensor(fulls[i * len(shapes) + j], m, p) for i, (m, p) in enumerate(layouts)
+           for j in range(len(shapes))]
+    computed = []
+    plain = muon.orthogonalize
+
+    def counting(g, steps, eps=1e-7):
+        computed.append(tuple(g.shape))
+        return plain(g, steps, eps)
+
+    refs = [plain(f, 5) for f in fulls]
+    muon.orthogonalize = counting
+    out = muon.orthogonalize_all(dts, 5)
+    err = max((o.full_tensor() - r).abs().max().item() for o, r in zip(out, refs))
+    print(json.dumps({"rank": dist.get_rank(), "max_err": err, "computed": len(computed), "total": len(dts)}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
