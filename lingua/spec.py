@@ -35,6 +35,8 @@ class ModelSpec:
     hf: Optional[HFMapping] = None  # Hugging Face export/import; None: export is refused with one line
     describe: Optional[Callable] = None  # (model args, device, dtype, seq_len) -> text logged at start
     check_train_args: Optional[Callable[[Any], None]] = None  # (TrainArgs) -> None, or a ConfigError
+    step_metrics: Optional[Callable[[nn.Module], dict]] = None  # called on the unwrapped model at log steps
+    after_optimizer_step: Optional[Callable[[nn.Module], None]] = None  # called after every optimizer step
 
 
 def get_spec(path: str) -> ModelSpec:
@@ -51,7 +53,7 @@ def get_spec(path: str) -> ModelSpec:
 
 # Specs shipped with lingua: checkpoints written before params.json named its spec are matched against these.
 BUILTIN_SPECS = ("lingua.spec:TRANSFORMER_SPEC", "apps.mtp.model:MTP_SPEC", "apps.mamba.model:MAMBA_SPEC",
-                 "apps.fastRNN.model:FASTRNN_SPEC")
+                 "apps.fastRNN.model:FASTRNN_SPEC", "apps.moe.model:MOE_SPEC")
 
 
 def spec_for_params(params: dict, where) -> ModelSpec:

@@ -241,6 +241,8 @@ class Trainer:
         flags = dist_state.all_reduce(torch.stack([loss_sum / (args.grad_acc_steps * dist_state.world_size), stopping]))
         grad_norm = clip_grad_norm_(self.model, args.optim.clip)
         self.optimizer.step()
+        if self.after_optimizer_step is not None:  # the spec's hook (MoE: the load-balancing bias update)
+            self.after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(torch.stack([flags[0], grad_norm.to(flags.device, flags.dtype), flags[1]]), data_s)
@@ -276,11 +278,11 @@ def read_checked(result: StepResult, step: int, checkpoints: CheckpointManager) 
 
 
 def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow, state: TrainState,
-             result: StepResult, step_start: float, device) -> None:
+             result: StepResult, step_start: float, device, extra: Optional[dict] = None) -> None:
     entry = {"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, "loss": result.loss,
              "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
              "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
-             "mem_gb": memory_gb(device)}
+             "mem_gb": memory_gb(device), **(extra or {})}
     metrics.log(entry)
     if progress.enabled:
         progress.write(format_console_line(entry))
@@ -358,6 +360,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
                                             enabled=dist_state.is_main and args.logging.progress))
     autocast = autocast_context(dist_state.device, dtype)
     trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe)
+    trainer.after_optimizer_step = spec.after_optimizer_step
     window = ThroughputWindow(flops_per_token, peak, dist_state.world_size)
     status, result, last_read = "done", None, None
     model.train()
@@ -374,7 +377,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             last_read = result
         progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
         if logging_step or result.stop:
-            log_step(metrics, progress, window, state, result, step_start, dist_state.device)
+            log_step(metrics, progress, window, state, result, step_start, dist_state.device,
+                     spec.step_metrics(model) if spec.step_metrics is not None else None)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
         kinds = checkpoints.kinds_due(state.step, last=state.step == args.steps or result.stop)
