@@ -67,13 +67,14 @@ def check_moe_args(args: MoEArgs) -> None:
         raise ConfigError(f"model.mlp={args.mlp!r}: the MoE's experts are SwiGLU (model.mlp=swiglu)")
 
 
-def use_grouped_mm(setting, device: torch.device) -> bool:
-    """model.grouped_mm: auto takes torch._grouped_mm wherever this torch has it (CPU included; measured faster
-    than the loop on 2 CPU cores, benchmarks/moe_dispatch.py)."""
+def use_grouped_mm(setting, dtype: torch.dtype) -> bool:
+    """model.grouped_mm. auto: torch._grouped_mm wherever this torch has it, measured on 2 CPU cores as fast as the
+    loop at 8 experts and 2x faster at 32 (benchmarks/moe_dispatch.py). Under torch.compile, fp32 always takes the
+    loop: torch 2.13's compile-time shape function of _grouped_mm accepts bf16 only."""
     setting = str(setting).lower()
-    if setting != "auto":
-        return setting == "true"
-    return hasattr(torch, "_grouped_mm")
+    if setting == "false" or not hasattr(torch, "_grouped_mm"):
+        return False
+    return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------- experts and router
@@ -93,7 +94,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (n_rows, dim) sorted by expert, counts[e] rows for local expert e -> (n_rows, dim)."""
         w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
-        if use_grouped_mm(self.grouped_mm, x.device):
+        if use_grouped_mm(self.grouped_mm, x.dtype):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)  # (n_rows, dim)
@@ -139,7 +140,7 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(args.n_experts), persistent=False)
         self.register_buffer("last_losses", torch.zeros(3), persistent=False)  # aux, z, dropped token slots
         self.stats_group = None  # process group the routing counts are summed over (set by parallel.py)
-        self.ep_group = None  # expert-parallel group (set by parallel.py); None: every expert is here
+        self.ep_group, self.ep_size = None, 1  # expert-parallel group (set by parallel.py); None: all experts here
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (bs, seqlen, dim) -> (output (bs, seqlen, dim), the weighted aux + z loss of this layer)."""
@@ -176,6 +177,12 @@ class MoE(nn.Module):
         ys = ys * gates.flatten()[order, None]
         return torch.zeros_like(flat).index_add_(0, tokens, ys), torch.tensor(float(ys.shape[0]), device=flat.device)
 
+    def parallelize_experts(self, ep_mesh) -> None:
+        """Called by lingua.parallelize on a multi-rank world (apps/moe/parallel.py)."""
+        from apps.moe.parallel import parallelize_experts
+
+        parallelize_experts(self, ep_mesh)
+
     def init_weights(self, init_base_std: Optional[float], factor: float):
         trunc_normal_(self.router.weight, init_base_std or self.args.dim**-0.5)
         self.experts.init_weights(init_base_std, factor)
@@ -191,9 +198,20 @@ class MoE(nn.Module):
 # ---------------------------------------------------------------- block and model
 
 
+class AuxLosses:
+    """What the blocks of one forward add their aux losses to. Not a list: FSDP's pre-forward hook rebuilds
+    containers in a block's arguments (pytree), and appends to a copy would be lost."""
+
+    def __init__(self):
+        self.terms: list[torch.Tensor] = []
+
+    def total(self):
+        return sum(self.terms)
+
+
 class MoEBlock(TransformerBlock):
-    """The transformer block with the MoE as its feed-forward. Its aux loss goes to `aux_sink` (a list the model
-    passes every block with the other block inputs) when gradients are on."""
+    """The transformer block with the MoE as its feed-forward. Its aux loss goes to `aux_sink` (an AuxLosses the
+    model passes every block with the other block inputs) when gradients are on."""
 
     def __init__(self, args: MoEArgs):
         super().__init__(args)
@@ -203,7 +221,7 @@ class MoEBlock(TransformerBlock):
         h = x + self.attention(self.attention_norm(x), freq_cos, freq_sin, mask, cache)
         out, aux = self.feed_forward(self.ffn_norm(h))
         if aux_sink is not None and torch.is_grad_enabled():
-            aux_sink.append(aux)
+            aux_sink.terms.append(aux)
         return h + out
 
 
@@ -212,7 +230,7 @@ class MoETransformer(Transformer):
     check_args = staticmethod(check_moe_args)
 
     def block_inputs(self, tokens, tok_idx, cache) -> tuple:
-        return (*super().block_inputs(tokens, tok_idx, cache), [])  # + a fresh aux-loss sink per forward
+        return (*super().block_inputs(tokens, tok_idx, cache), AuxLosses())  # + a fresh aux-loss sink per forward
 
     def forward(self, tokens, target=None, tok_idx=None, cache=None):
         """As Decoder.forward; with a target, the loss is the cross-entropy plus every layer's weighted aux and z
@@ -221,7 +239,7 @@ class MoETransformer(Transformer):
         h = self.norm(self.run_blocks(self.tok_embeddings(tokens), inputs, cache))
         if target is None:
             return self.logits(h)
-        return self.loss(h, target) + sum(inputs[-1])
+        return self.loss(h, target) + inputs[-1].total()
 
     def init_buffers(self) -> None:
         super().init_buffers()
