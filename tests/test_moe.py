@@ -147,3 +147,64 @@ def test_eval_and_generate_through_the_main_entry_points(trained, tmp_path):
     cached, _ = Generator(model, tok, GeneratorArgs(max_gen_len=12)).generate(["ROMEO:", "the king"])
     uncached, _ = Generator(model, tok, GeneratorArgs(max_gen_len=12, use_cache=False)).generate(["ROMEO:", "the king"])
     assert cached == uncached and len(cached[0]) > 0
+
+
+def test_routing_is_deterministic_for_a_seed():
+    args = MoEArgs(**SMALL)
+    x = torch.randint(0, 64, (2, 16))
+    picks = []
+    for _ in range(2):
+        model = MoETransformer.build(args, seed=5)
+        h = model.tok_embeddings(x).reshape(-1, 32)
+        picks.append(torch.topk(model.layers[0].feed_forward.router(h), 2).indices)
+        model(x, x).backward()
+        picks.append(torch.stack([m.last_load for m in moe_layers(model)] +
+                                 [m.tokens_per_expert for m in moe_layers(model)]))
+    assert torch.equal(picks[0], picks[2]) and torch.equal(picks[1], picks[3])
+    other = MoETransformer.build(args, seed=6)
+    assert not torch.equal(torch.topk(other.layers[0].feed_forward.router(h), 2).indices, picks[0])
+
+
+# ---------------------------------------------------------------- expert parallelism (2 processes, gloo)
+
+LOSS_ATOL = 1e-4  # as tests/test_distributed.py: fp32 summation order moves the loss by ~1e-7
+
+
+def assert_close_curves(a_dir, b_dir, steps):
+    """Loss and gradient norm per step (Adam hides a wrongly scaled gradient from the losses, not from the norm)."""
+    a, b = ({r["step"]: r for r in read_jsonl(d / "metrics.jsonl")} for d in (a_dir, b_dir))
+    for s in steps:
+        assert abs(a[s]["loss"] - b[s]["loss"]) < LOSS_ATOL, (s, a[s]["loss"], b[s]["loss"])
+        assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=1e-4), s
+
+
+@pytest.mark.slow
+def test_expert_parallel_continues_the_single_process_run_and_reshards_both_ways(tiny_corpus, tmp_path):
+    """One process trains 8 steps (checkpoints 3, 6, 8). Two processes with ep_size=2 (+ FSDP over both) resume its
+    step-3 checkpoint (1 -> 2: the [n_experts, ...] weights are cut in halves) from the real loader's global
+    batches: the same losses at steps 4-8. One process then resumes the EP run's step-6 checkpoint (2 -> 1)."""
+    from tests.conftest import cut_at
+    from tests.dist_helpers import torchrun
+
+    base = dict(steps=8, checkpoint__dump__every=3, optim__warmup=0, eval__at_end=False, model__n_experts=4,
+                model__top_k=2, model__multiple_of=16, model__bias_update_rate=0.01)
+    moe_run(tiny_corpus, tmp_path / "ref", **base)
+    ep = cut_at(tmp_path / "ref", tmp_path / "ep", 3)
+    torchrun(2, tiny_overrides(tiny_corpus, ep, data__batch_size=2, distributed__dp_shard=2, distributed__ep_size=2,
+                               **base), ["--global-batch", "--record", str(ep / "rec"), "--spec", MOE_SPEC.path])
+    assert_close_curves(tmp_path / "ref", ep, range(4, 9))
+    recs = [json.loads((ep / "rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    weights = final_weights(tmp_path / "ref")
+    experts = sum(v.numel() for k, v in weights.items() if ".experts." in k)
+    total = sum(v.numel() for k, v in weights.items() if not k.endswith("expert_bias"))  # parameters
+    assert sum(r["local_numel"] for r in recs) == total  # FSDP + EP: every parameter on exactly one rank
+    assert all(r["local_numel"] < total - experts / 2 + 1 for r in recs)  # each rank: at most half the experts
+    back = cut_at(ep, tmp_path / "back", 6)
+    moe_run(tiny_corpus, back, **base)
+    assert_close_curves(tmp_path / "ref", back, range(7, 9))
+    back_weights = final_weights(back)
+    for k, v in weights.items():
+        assert torch.allclose(v, back_weights[k], atol=1e-4), k
+    with pytest.raises(ConfigError, match="distributed.ep_size=3 must divide the 2 data-parallel ranks"):
+        from lingua.distributed import DistributedArgs, resolve_mesh_shape
+        resolve_mesh_shape(DistributedArgs(dp_shard=2, ep_size=3), 2)
