@@ -15,7 +15,7 @@ from apps.main.eval import EvalAppArgs, main as eval_main
 from apps.moe.model import (MOE_SPEC, MoE, MoEArgs, MoETransformer, after_optimizer_step, dense_equivalent,
                             flops_per_token, moe_layers, step_metrics)
 from lingua.args import load_config
-from lingua.errors import ConfigError
+from lingua.errors import ConfigError, LinguaError
 from lingua.generate import Generator, GeneratorArgs
 from lingua.inference import load_model
 from lingua.spec import spec_for_params
@@ -208,3 +208,29 @@ def test_expert_parallel_continues_the_single_process_run_and_reshards_both_ways
     with pytest.raises(ConfigError, match="distributed.ep_size=3 must divide the 2 data-parallel ranks"):
         from lingua.distributed import DistributedArgs, resolve_mesh_shape
         resolve_mesh_shape(DistributedArgs(dp_shard=2, ep_size=3), 2)
+
+
+# ---------------------------------------------------------------- Hugging Face export (MixtralForCausalLM)
+
+
+def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lingua import hf
+
+    args = MoEArgs(**{**SMALL, "n_kv_heads": 2}, weight_tying=True)
+    model = MoETransformer.build(args, seed=1).eval()
+    out = hf.export_hf(MOE_SPEC.hf, model.state_dict(), args, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    x = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        ours, hf_logits = model(x), theirs(x).logits
+    assert torch.allclose(ours, hf_logits, atol=1e-4), (ours - hf_logits).abs().max()
+    back = MOE_SPEC.hf.from_hf(MOE_SPEC.hf.to_hf(model.state_dict(), args), args)
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.items())
+    for bad, what in ((dict(gate="sigmoid"), "model.gate=sigmoid"), (dict(n_shared_experts=1), "a shared expert"),
+                      (dict(bias_update_rate=0.001), "a selection bias")):
+        bad_args = dataclasses.replace(args, **bad)
+        with pytest.raises(LinguaError, match=f"^{what} has no MixtralForCausalLM equivalent"):
+            hf.export_hf(MOE_SPEC.hf, MoETransformer.build(bad_args).state_dict(), bad_args, tmp_path / "bad")

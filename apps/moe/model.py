@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.moe.hf_mixtral import MIXTRAL
 from lingua.errors import ConfigError
 from lingua.init import trunc_normal_
 from lingua.layers import FeedForward, ffn_hidden_dim, init_output_
@@ -307,5 +308,5 @@ def dense_equivalent(args: MoEArgs) -> TransformerArgs:
 
 
 MOE_SPEC = ModelSpec(name="moe", path="apps.moe.model:MOE_SPEC", args_cls=MoEArgs, build=MoETransformer,
-                     flops_per_token=flops_per_token, describe=describe_attention, step_metrics=step_metrics,
+                     flops_per_token=flops_per_token, hf=MIXTRAL, describe=describe_attention, step_metrics=step_metrics,
                      after_optimizer_step=after_optimizer_step)
