@@ -136,6 +136,15 @@ def test_trains_through_the_shared_loop_and_resumes_exactly(trained, tiny_corpus
         assert torch.equal(weights[k], cut_weights[k]), k
 
 
+def test_plot_draws_the_load_balance(trained, tmp_path, capsys):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    from lingua.plot import main as plot_main
+
+    assert plot_main([str(trained), "--out", str(tmp_path), "--x", "step"]) == 0
+    pixels = matplotlib_image.imread(tmp_path / "moe_load_step.png")[..., :3]
+    assert pixels.shape[1] > 800 and pixels.var() > 1e-3
+
+
 def test_eval_and_generate_through_the_main_entry_points(trained, tmp_path):
     params = json.loads(next((trained / "checkpoints").iterdir()).joinpath("params.json").read_text())
     assert spec_for_params(params, "test") is MOE_SPEC
@@ -226,9 +235,11 @@ def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(
     with torch.no_grad():
         ours, hf_logits = model(x), theirs(x).logits
     assert torch.allclose(ours, hf_logits, atol=1e-4), (ours - hf_logits).abs().max()
-    back = MOE_SPEC.hf.from_hf(MOE_SPEC.hf.to_hf(model.state_dict(), args), args)
-    assert back.keys() == model.state_dict().keys()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.items())
+    back_args = hf.args_from_hf(out, MOE_SPEC.hf)  # and back: the same model from the directory
+    assert (back_args.n_experts, back_args.top_k, back_args.moe_hidden_dim) == (4, 2, 48)
+    back = MoETransformer.build(back_args, seed=9).eval()
+    hf.load_hf_weights(out, back, MOE_SPEC.hf)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
     for bad, what in ((dict(gate="sigmoid"), "model.gate=sigmoid"), (dict(n_shared_experts=1), "a shared expert"),
                       (dict(bias_update_rate=0.001), "a selection bias")):
         bad_args = dataclasses.replace(args, **bad)

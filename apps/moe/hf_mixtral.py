@@ -93,9 +93,12 @@ def mixtral_config(args, bos_id=None, eos_id=None, dtype=torch.float32) -> dict:
 
 
 def mixtral_args_from_config(cfg_path, cfg: dict):
+    """MoEArgs for a Mixtral config.json (its Llama part read by lingua/hf_llama.py)."""
     from apps.moe.model import MoEArgs
 
-    base = llama_args_from_config(cfg_path, {**cfg, "intermediate_size": int(cfg["intermediate_size"]) * 2})
+    # the dense width whose 1 / top_k is the experts' (what model.moe_hidden_dim=null would take)
+    dense = int(cfg["intermediate_size"]) * int(cfg.get("num_experts_per_tok", 2))
+    base = llama_args_from_config(cfg_path, {**cfg, "intermediate_size": dense})
     return MoEArgs(**base.__dict__, n_experts=int(cfg["num_local_experts"]), top_k=int(cfg["num_experts_per_tok"]),
                    moe_hidden_dim=int(cfg["intermediate_size"]))
 

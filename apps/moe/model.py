@@ -68,14 +68,10 @@ def check_moe_args(args: MoEArgs) -> None:
         raise ConfigError(f"model.mlp={args.mlp!r}: the MoE's experts are SwiGLU (model.mlp=swiglu)")
 
 
-def use_grouped_mm(setting, dtype: torch.dtype) -> bool:
-    """model.grouped_mm. auto: torch._grouped_mm wherever this torch has it, measured on 2 CPU cores as fast as the
-    loop at 8 experts and 2x faster at 32 (benchmarks/moe_dispatch.py). Under torch.compile, fp32 always takes the
-    loop: torch 2.13's compile-time shape function of _grouped_mm accepts bf16 only."""
-    setting = str(setting).lower()
-    if setting == "false" or not hasattr(torch, "_grouped_mm"):
-        return False
-    return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+def use_grouped_mm(setting) -> bool:
+    """model.grouped_mm. auto: torch._grouped_mm wherever this torch has it: on 2 CPU cores it measured as fast as
+    the loop at 8 experts and 2x faster at 32 (benchmarks/moe_dispatch.py)."""
+    return str(setting).lower() != "false" and hasattr(torch, "_grouped_mm")
 
 
 # ---------------------------------------------------------------- experts and router
@@ -95,7 +91,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (n_rows, dim) sorted by expert, counts[e] rows for local expert e -> (n_rows, dim)."""
         w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
-        if use_grouped_mm(self.grouped_mm, x.dtype):
+        if use_grouped_mm(self.grouped_mm):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)  # (n_rows, dim)
@@ -168,13 +164,7 @@ class MoE(nn.Module):
         many pairs were computed (all of them: dropless)."""
         order = experts.flatten().argsort(stable=True)  # the (token, slot) pairs grouped by expert
         tokens = order // self.args.top_k
-        if self.ep_group is not None:
-            from apps.moe.parallel import expert_parallel_compute
-
-            ys = expert_parallel_compute(self, flat[tokens], experts.flatten()[order])
-        else:
-            counts = torch.bincount(experts.flatten(), minlength=self.args.n_experts)
-            ys = self.experts(flat[tokens], counts)  # (n_tok * top_k, dim)
+        ys = run_experts(self, flat[tokens], experts.flatten()[order])  # (n_tok * top_k, dim)
         ys = ys * gates.flatten()[order, None]
         return torch.zeros_like(flat).index_add_(0, tokens, ys), torch.tensor(float(ys.shape[0]), device=flat.device)
 
@@ -194,6 +184,18 @@ class MoE(nn.Module):
     def init_buffers(self) -> None:
         for buf in (self.expert_bias, self.tokens_per_expert, self.last_load, self.last_losses):
             buf.zero_()
+
+
+@torch.compiler.disable
+def run_experts(moe: MoE, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """rows (n, dim) sorted by expert id (n,) through their experts. Always eager, the rest of the model compiled:
+    the rows per expert change every step (a compiled loop would recompile each time) and torch 2.13's
+    compile-time shape function of _grouped_mm accepts bf16 only."""
+    if moe.ep_group is not None:
+        from apps.moe.parallel import expert_parallel_compute
+
+        return expert_parallel_compute(moe, rows, expert_ids)
+    return moe.experts(rows, torch.bincount(expert_ids, minlength=moe.args.n_experts))
 
 
 # ---------------------------------------------------------------- block and model
