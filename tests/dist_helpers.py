@@ -1,10 +1,10 @@
 """Launch the real train loop under torchrun for the distributed tests, with a few test-only instruments.
 
     torchrun --nproc_per_node 2 -m tests.dist_helpers [--global-batch] [--record DIR] [--exit-at STEP]
-        [--hang-at STEP] [--fail-rank R] -- key=value ...
+        [--hang-at STEP] [--fail-rank R] [--spec module:attr] -- key=value ...
 
-It runs `lingua.train.train` exactly as `apps.main.train` does, after patching the loop's DataLoader / build_model /
-checkpoint load (in this process only):
+It runs `lingua.train.train` exactly as `apps.main.train` does (or the app of `--spec`), after patching the loop's
+DataLoader / build_model / checkpoint load (in this process only):
   --global-batch   every data-parallel rank reads the single-process stream of global batches (batch_size x dp_size
                    rows) and keeps its own rows, so a run on N ranks sees exactly the batches a 1-process run with
                    N times the batch size sees. Without it each rank reads its own stream, as in production.
