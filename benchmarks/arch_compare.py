@@ -13,7 +13,9 @@ validation bits per byte come from the loop's end-of-run evaluation (lingua.eval
 documents of shakespeare.val.jsonl, the same for every architecture.
 
 Architectures: transformer (apps.main), mtp (apps.mtp, 2 future heads; bits per byte of its next-token head),
-mingru / minlstm / hawk (apps.fastRNN), mamba (apps.mamba). Apps that do not import are skipped with a note.
+mingru / minlstm / hawk (apps.fastRNN), mamba (apps.mamba), moe (apps.moe: 8 experts, top-2, matched at *active*
+parameters, "params"; "total" counts every expert; "load" is the last step's max/mean tokens per expert, mean over
+layers, 1 for dense models). Apps that do not import are skipped with a note.
 Prints one table and saves a plot (training loss against training time, and final bits per byte) to --out.
 On a shared machine tok/s moves with the load: compare architectures from the same invocation.
 """
@@ -49,7 +51,19 @@ ARCHS = {
     "minlstm": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "minlstm"}, {}),
     "hawk": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "hawk", "n_heads": 4}, {}),
     "mamba": ("apps.mamba.model:MAMBA_SPEC", {"d_state": 32, "head_dim": 32, "expand": 2, "chunk_size": 64}, {}),
+    "moe": ("apps.moe.model:MOE_SPEC", {"n_heads": 4, "mask": "block_causal", "n_experts": 8, "top_k": 2,
+                                        "bias_update_rate": 0.001}, {}),
 }
+
+
+def active_params(model) -> int:
+    """Non-embedding parameters one token goes through: a MoE layer's experts count top_k / n_experts of theirs
+    (the MoE is matched to the others at equal *active* parameters)."""
+    n = non_embedding_params(model)
+    for m in model.modules():
+        if hasattr(m, "experts") and hasattr(getattr(m, "args", None), "top_k"):
+            n -= sum(p.numel() for p in m.experts.parameters()) * (1 - m.args.top_k / m.args.n_experts)
+    return int(n)
 
 
 def load_app(spec_path: str) -> tuple[ModelSpec, type]:
@@ -80,17 +94,22 @@ def config(args, name: str, args_cls, dump_dir: str, steps: int, n_layers: int, 
 
 
 def match_depth(args, name: str, spec: ModelSpec, args_cls) -> tuple[int, int]:
-    """(n_layers, non-embedding params) closest to args.params, counted on the meta device (deeper until past it)."""
+    """(n_layers, active non-embedding params) closest to args.params, counted on the meta device (deeper until past it)."""
     model_args = config(args, name, args_cls, "unused", 1, 1, False).model
     best = None
     for n_layers in range(1, 65):
         with torch.device("meta"):
-            count = non_embedding_params(spec.build(dataclasses.replace(model_args, n_layers=n_layers)))
+            count = active_params(spec.build(dataclasses.replace(model_args, n_layers=n_layers)))
         if best is None or abs(count - args.params) < abs(best[1] - args.params):
             best = (n_layers, count)
         if count > args.params:
             break
     return best
+
+
+def meta_params(spec: ModelSpec, model_args) -> int:
+    with torch.device("meta"):
+        return non_embedding_params(spec.build(model_args))
 
 
 def run_train(cfg, spec, log_path: Path) -> tuple[list[dict], list[dict], float]:
@@ -127,17 +146,21 @@ def bench(args, name: str, work: Path) -> dict:
         "curve": [(sum(r["step_ms"] for r in rows[: i + 1]) / 1000, r["loss"]) for i, r in enumerate(rows)],
         "mflop_per_token": spec.flops_per_token(cfg.model, args.seq_len) / 1e6,
         "loss_heads": getattr(cfg.model, "n_future_head", 1),
+        "total_params": meta_params(spec, cfg.model),
+        "imbalance": statistics.mean([v for k, v in rows[-1].items() if k.startswith("moe/imbalance/")] or [1.0]),
     }
 
 
 def format_table(results: list[dict]) -> str:
-    head = ("arch", "layers", "params", "MFLOP/tok", "tok/s", "best", "steps", "train s", "loss", "val bpb")
-    lines = ["{:<12} {:>6} {:>9} {:>9} {:>8} {:>8} {:>6} {:>8} {:>7} {:>8}".format(*head)]
+    head = ("arch", "layers", "params", "total", "MFLOP/tok", "tok/s", "best", "steps", "train s", "loss", "val bpb",
+            "load")
+    lines = ["{:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6} {:>8} {:>7} {:>8} {:>5}".format(*head)]
     for r in results:
         bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "-"
-        lines.append(f"{r['arch']:<12} {r['n_layers']:>6} {r['params'] / 1e6:>8.2f}M {r['mflop_per_token']:>9.1f} "
+        lines.append(f"{r['arch']:<12} {r['n_layers']:>6} {r['params'] / 1e6:>8.2f}M {r['total_params'] / 1e6:>8.2f}M "
+                     f"{r['mflop_per_token']:>9.1f} "
                      f"{r['tok_per_s']:>8.0f} {r['best_tok_per_s']:>8.0f} {r['steps']:>6} {r['train_s']:>8.1f} "
-                     f"{r['final_loss'] / r['loss_heads']:>7.3f} {bpb:>8}")  # loss: last step's, per head
+                     f"{r['final_loss'] / r['loss_heads']:>7.3f} {bpb:>8} {r['imbalance']:>5.2f}")  # loss: per head
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ class DistributedArgs:
     dp_shard: int = 1  # FSDP shard group size
     dp_replicate: int = 1  # replicas (DDP, or HSDP's outer dim); inferred from the world size when left at 1
     tp_size: int = 1
+    ep_size: int = 1  # expert parallel (apps/moe): experts sharded over groups of ep_size data-parallel ranks
     fsdp_type: str = "full_shard"  # full_shard (FSDP2) | no_shard (DDP-style replicate)
     model_dtype: str = "auto"  # auto | bf16 | fp32: auto takes bf16 only where the hardware runs it natively
     compile: Union[bool, str] = "auto"  # auto | true | false: see lingua.parallelize.resolve_compile
@@ -204,6 +205,10 @@ def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> tuple[int, int
         # ("'Tensor' object has no attribute '_local_tensor'"), with or without sequence parallel.
         raise ConfigError(f"distributed.compile=true with distributed.tp_size={tp} fails in backward under torch "
                           f"{torch.__version__}: set distributed.compile=false or tp_size=1")
+    if args.ep_size < 1 or (rep * shard) % args.ep_size or (args.ep_size > 1 and (tp > 1 or
+                                                                                args.fsdp_type != "full_shard")):
+        raise ConfigError(f"distributed.ep_size={args.ep_size} must divide the {rep * shard} data-parallel ranks, "
+                          "with tp_size=1 and fsdp_type=full_shard")
     if args.timeout_s <= 0:
         raise ConfigError(f"distributed.timeout_s must be > 0, got {args.timeout_s}")
     if args.float8_recipe is not None and args.float8_recipe not in FLOAT8_RECIPES:

@@ -105,6 +105,34 @@ def apply_compile(model: nn.Module, whole: bool) -> None:
             block.compile(dynamic=False)
 
 
+def apply_expert_parallel(model: nn.Module, mesh, args: DistributedArgs, device: torch.device) -> bool:
+    """Modules with `parallelize_experts(ep_mesh)` (apps/moe) shard their experts over a (dp_mod_ep, ep) view of
+    the data-parallel ranks (ep_mesh None with ep_size=1). Returns whether any module did."""
+    found = [m for m in model.modules() if hasattr(m, "parallelize_experts")]
+    if not found and args.ep_size > 1:
+        raise ConfigError("distributed.ep_size > 1 needs a model with experts (apps/moe)")
+    ep_mesh = None
+    if args.ep_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+        ep_mesh = init_device_mesh(device.type, (dp // args.ep_size, args.ep_size), mesh_dim_names=("dp_mod_ep", "ep"))
+    for m in found:
+        m.parallelize_experts(ep_mesh)
+    return bool(found)
+
+
+def _shard_experts(block: nn.Module, world: int, **fsdp_kwargs) -> None:
+    """Expert weights (sharded over ep) get their own FSDP group over the ranks holding the same experts; their
+    gradient is a sum over the ep group's tokens, so it is divided by the whole world (apps/moe/parallel.py)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in block.modules():
+        if hasattr(m, "fsdp_mesh"):
+            fully_shard(m, mesh=m.fsdp_mesh, **fsdp_kwargs)
+            m.set_gradient_divide_factor(world)
+
+
 def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype) -> None:
     """FSDP2 per block then on the root (full_shard; HSDP when both dp dims > 1), or replicate (no_shard)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -128,6 +156,7 @@ def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dty
     for i, block in enumerate(model.layers):
         # The root reshards the last block right away anyway; keeping it unsharded saves one all-gather.
         reshard = args.fsdp_reshard_after_forward and i < len(model.layers) - 1
+        _shard_experts(block, rep * shard, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     # The root holds the embedding, the final norm and the output (tied weights stay one parameter in one group).
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=args.fsdp_reshard_after_forward)
@@ -179,6 +208,8 @@ def parallelize_model(
         apply_ac(model, selective=args.selective_activation_checkpointing)
         applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
     rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
+    if mesh is not None and apply_expert_parallel(model, mesh, args, torch.device(device)):
+        applied.append(f"expert parallel x{args.ep_size}")
     compile, why = resolve_compile(args.compile, torch.device(device), tp)
     if compile:
         apply_compile(model, whole=rep * shard == 1)

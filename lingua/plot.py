@@ -2,7 +2,7 @@
 
 Reads each run's metrics.jsonl (train rows) and metrics.eval.jsonl (eval rows) and writes PNG figures with the runs
 overlaid, one colour per run: loss (training loss raw and smoothed, validation loss and bits-per-byte per source),
-learning rate, and throughput (tok/s and MFU), each against steps and/or tokens seen (`--x step|tokens|both`).
+learning rate, throughput (tok/s and MFU), and for mixture-of-experts runs the expert load balance, each against steps and/or tokens seen (`--x step|tokens|both`).
 
 A new figure is one `plot_*(runs, x, smooth) -> Figure | None` function added to FIGURES (None: nothing to draw);
 a new file of rows (e.g. `probe/*.jsonl`) is one more field on Run, filled in `load_run`.
@@ -189,7 +189,28 @@ def plot_throughput(runs: list[Run], x: str, smooth_factor: float):
     return fig
 
 
-FIGURES = {"loss": plot_loss, "lr": plot_lr, "throughput": plot_throughput}
+def plot_moe_load(runs: list[Run], x: str, smooth_factor: float):
+    """Mixture-of-experts runs (apps/moe): each layer's max/mean tokens per expert (1 = balanced; colour the run,
+    line style the layer) and the load-balancing loss. None when no run logged `moe/imbalance/<layer>`."""
+    layers = sorted({int(k.rsplit("/", 1)[1]) for run in runs for row in run.train for k in row
+                     if k.startswith("moe/imbalance/")})
+    if not layers:
+        return None
+    fig, (load, aux) = _figure(2, x)
+    for i, run in enumerate(runs):
+        for layer in layers:
+            xs, ys = series(run.train, x, f"moe/imbalance/{layer}")
+            if xs:
+                load.plot(xs, ys, color=f"C{i % 10}", linestyle=SOURCE_STYLES[layer % len(SOURCE_STYLES)],
+                          label=f"{run.name} · layer {layer}")
+    load.axhline(1.0, color="grey", linewidth=0.8)
+    load.set(title="expert load balance", ylabel="max / mean tokens per expert")
+    plot_train_metric(aux, runs, x, "moe/aux_loss", smooth_factor)
+    aux.set(title="load-balancing loss (unweighted)", ylabel="E * sum f_i P_i (1 = balanced)")
+    return fig
+
+
+FIGURES = {"loss": plot_loss, "lr": plot_lr, "throughput": plot_throughput, "moe_load": plot_moe_load}
 
 
 def _pyplot():

@@ -38,6 +38,7 @@ class ModelSpec:
     # (model) -> {name: float or scalar tensor} merged into the metrics row at log steps, called on every rank with
     # the unwrapped model (it may run collectives); e.g. the MTP app's per-head losses
     step_metrics: Optional[Callable[[nn.Module], dict]] = None
+    after_optimizer_step: Optional[Callable[[nn.Module], None]] = None  # called after every optimizer step (MoE: bias update)
 
 
 def get_spec(path: str) -> ModelSpec:
@@ -54,7 +55,7 @@ def get_spec(path: str) -> ModelSpec:
 
 # Specs shipped with lingua: checkpoints written before params.json named its spec are matched against these.
 BUILTIN_SPECS = ("lingua.spec:TRANSFORMER_SPEC", "apps.mtp.model:MTP_SPEC", "apps.mamba.model:MAMBA_SPEC",
-                 "apps.fastRNN.model:FASTRNN_SPEC")
+                 "apps.fastRNN.model:FASTRNN_SPEC", "apps.moe.model:MOE_SPEC")
 
 
 def spec_for_params(params: dict, where) -> ModelSpec:

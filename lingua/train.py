@@ -211,9 +211,10 @@ class Trainer:
     step's numbers (and checks the loss is finite) only where it needs them, at logging and checkpoint steps."""
 
     def __init__(self, args: TrainArgs, model, optimizer, scheduler, data, dist_state: DistState, autocast, preempt,
-                 probe: Probe):
+                 probe: Probe, after_optimizer_step=None):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.data_iter, self.dist, self.autocast, self.preempt, self.probe = iter(data), dist_state, autocast, preempt, probe
+        self.after_optimizer_step = after_optimizer_step  # the spec's hook, e.g. MoE's load-balancing bias update
 
     def step(self, step: int) -> StepResult:
         """Run optimizer step number `step` (1-based). A probed step runs a compiled model eagerly: the probe's
@@ -242,6 +243,8 @@ class Trainer:
         flags = dist_state.all_reduce(torch.stack([loss_sum / (args.grad_acc_steps * dist_state.world_size), stopping]))
         grad_norm = clip_grad_norm_(self.model, args.optim.clip)
         self.optimizer.step()
+        if self.after_optimizer_step is not None:  # the spec's hook (MoE: the load-balancing bias update)
+            self.after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(torch.stack([flags[0], grad_norm.to(flags.device, flags.dtype), flags[1]]), data_s)
@@ -359,7 +362,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     progress = stack.enter_context(Progress(args.steps, start=state.step,
                                             enabled=dist_state.is_main and args.logging.progress))
     autocast = autocast_context(dist_state.device, dtype)
-    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe)
+    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe,
+                      spec.after_optimizer_step)
     window = ThroughputWindow(flops_per_token, peak, dist_state.world_size)
     status, result, last_read = "done", None, None
     model.train()

@@ -1,10 +1,10 @@
 """Launch the real train loop under torchrun for the distributed tests, with a few test-only instruments.
 
     torchrun --nproc_per_node 2 -m tests.dist_helpers [--global-batch] [--record DIR] [--exit-at STEP]
-        [--hang-at STEP] [--fail-rank R] -- key=value ...
+        [--hang-at STEP] [--fail-rank R] [--spec module:attr] -- key=value ...
 
-It runs `lingua.train.train` exactly as `apps.main.train` does, after patching the loop's DataLoader / build_model /
-checkpoint load (in this process only):
+It runs `lingua.train.train` exactly as `apps.main.train` does (or the app of `--spec`), after patching the loop's
+DataLoader / build_model / checkpoint load (in this process only):
   --global-batch   every data-parallel rank reads the single-process stream of global batches (batch_size x dp_size
                    rows) and keeps its own rows, so a run on N ranks sees exactly the batches a 1-process run with
                    N times the batch size sees. Without it each rank reads its own stream, as in production.
@@ -116,6 +116,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--hang-at", type=int)
     p.add_argument("--fail-rank", type=int, default=1)
     p.add_argument("--fake-world", type=int)
+    p.add_argument("--spec", default="lingua.spec:TRANSFORMER_SPEC", help="the ModelSpec to train (module:attr)")
     opts = p.parse_args(flags)
     if opts.fake_world:
         return fake_world_build(opts.fake_world, overrides)
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     import lingua.train as loop
-    from lingua.spec import TRANSFORMER_SPEC
+    from lingua.spec import get_spec
     from lingua.args import run_cli
     from lingua.checkpoint import CheckpointManager
 
@@ -184,7 +185,8 @@ def main(argv: list[str]) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"pid{rank}").write_text(str(os.getpid()))
     try:
-        run_cli(lambda cfg: loop.train(cfg, TRANSFORMER_SPEC), loop.TrainArgs, overrides)
+        spec = get_spec(opts.spec)
+        run_cli(lambda cfg: loop.train(cfg, spec), loop.train_args_cls(spec), overrides)
     finally:
         if out_dir is not None:
             (out_dir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -1,0 +1,56 @@
+"""Expert parallelism for apps/moe: each of the `ep` ranks of a group holds n_experts / ep experts; tokens travel to
+their experts' rank and back with two all-to-alls (torch.distributed, gloo and nccl alike).
+
+    ranks (tp_size = 1):  the data-parallel world, viewed as a (dp_mod_ep, ep) mesh
+    expert weights:       DTensors [n_experts, ...] Shard(0) over `ep` (a checkpoint holds the whole tensor, so DCP
+                          reshards it between EP sizes), then FSDP over `dp_mod_ep` (the ranks that hold the same
+                          experts); every other weight is FSDP over the whole world as in any app
+
+An expert's gradient arrives summed over the tokens of the whole ep group, where every other weight's is a mean over
+data-parallel ranks: the experts' FSDP group divides by the world size instead of its own size, so both are the
+gradient of the global mean loss. lingua.parallelize calls `parallelize_experts` (any module that has it) when the
+world has more than one rank; with ep_size = 1 it only makes the routing statistics global (see MoE.stats_group).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def parallelize_experts(moe: nn.Module, ep_mesh) -> None:
+    """Shard `moe.experts` (meta device, before materialisation) over ep_mesh["ep"]; ep_mesh None: counts only."""
+    moe.stats_group = dist.group.WORLD  # aux loss and bias update see the global batch's load
+    if ep_mesh is None:
+        return
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ep = ep_mesh["ep"]
+    for name, p in list(moe.experts.named_parameters(recurse=False)):
+        moe.experts.register_parameter(name, nn.Parameter(distribute_tensor(p, ep, [Shard(0)])))
+    moe.ep_group, moe.ep_size = ep.get_group(), ep.size()
+    moe.experts.fsdp_mesh = ep_mesh["dp_mod_ep"]  # lingua.parallelize shards the experts over it
+
+
+def _to_ranks(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
+
+
+def expert_parallel_compute(moe: nn.Module, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """rows (n, dim) sorted by their (global) expert ids (n,) -> each row through its expert, in the same order.
+
+    Send: rows for the experts of rank r go to r (they are contiguous: ids are sorted). Receive: rows ordered by
+    (source rank, local expert), regrouped by local expert for the grouped matmul, then sent back the same way."""
+    ep, n_local = moe.ep_size, moe.args.n_experts // moe.ep_size
+    counts = torch.bincount(expert_ids, minlength=moe.args.n_experts)  # (n_experts,)
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=moe.ep_group)  # recv[src * n_local + e]: src's rows for local e
+    send_splits = counts.view(ep, n_local).sum(1).tolist()  # the host sync every EP step pays
+    recv = recv.view(ep, n_local)
+    recv_splits = recv.sum(1).tolist()
+    got = _to_ranks(rows, recv_splits, send_splits, moe.ep_group)  # (sum recv, dim)
+    local_ids = torch.repeat_interleave(torch.arange(n_local, device=rows.device).repeat(ep), recv.flatten())
+    order = local_ids.argsort(stable=True)  # (source, expert) -> (expert, source)
+    out = moe.experts(got[order], recv.sum(0))[order.argsort()]  # back to (source, expert) order
+    return _to_ranks(out, send_splits, recv_splits, moe.ep_group)
