@@ -4,9 +4,11 @@
         .metadata, __*.distcp        model + optimizer (torch.distributed.checkpoint, any layout loads into any other)
         params.json                  the run's config, and `model_spec`: where the model's ModelSpec lives
         train_state_00000.json       per rank: step, scheduler, data loader state, RNG states
-        COMPLETE                     written last, by rank 0, after every rank finished: no marker, no checkpoint
+        COMPLETE                     written last, by rank 0, after every rank finished: no marker, no checkpoint;
+                                     it holds a sha256 of every file above (lingua/ckpt_integrity.py)
 
-A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save is never resumed from.
+A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save is never resumed from. Every load
+verifies the checksums first: a changed file is one error naming it, never silently wrong weights.
 """
 
 import base64
@@ -33,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from lingua.ckpt_integrity import COMPLETE, CorruptCheckpoint, gather_checksums, recorded_checksums, verify, write_complete
 from lingua.errors import ConfigError, LinguaError, exit_on_error
 from lingua.files import read_json, write_atomic, write_json_atomic
 from lingua.hf import load_hf_weights
@@ -40,7 +43,6 @@ from lingua.hf import load_hf_weights
 logger = logging.getLogger(__name__)
 
 CKPT_NAME = "{:010d}"
-COMPLETE = "COMPLETE"
 CONSOLIDATED = "consolidated.pth"
 
 
@@ -56,6 +58,9 @@ class CheckpointArgs:
     eval: SaveEvery = field(default_factory=lambda: SaveEvery(every=0))
     path: Optional[str] = None  # default <dump_dir>/checkpoints
     init_ckpt_path: Optional[str] = None  # start from these weights (model only): DCP, consolidated or HF dir
+    # a resume whose latest checkpoint fails its checksums: false stops with one line; true sets it aside
+    # (renamed to <step>.corrupt, never deleted) and resumes from the previous complete one that verifies
+    fallback_on_corrupt: bool = False
 
 
 def _barrier():
@@ -115,6 +120,24 @@ class CheckpointManager:
         done = list_checkpoints(self.folder)
         return done[-1] if done else None
 
+    def latest_verified(self) -> Optional[Path]:
+        """The latest complete checkpoint whose files match their checksums. One that does not stops the run, or
+        with `fallback_on_corrupt` is renamed to `<step>.corrupt` (kept for inspection) and the previous one tried."""
+        for path in reversed(list_checkpoints(self.folder)):
+            try:
+                verify(path)
+                return path
+            except CorruptCheckpoint as e:
+                if not self.args.fallback_on_corrupt:
+                    raise CorruptCheckpoint(f"{e} (checkpoint.fallback_on_corrupt=true resumes from the previous "
+                                            "complete checkpoint)") from None
+                logger.warning(f"{e}: setting it aside as {path.name}.corrupt, trying the previous checkpoint")
+                _barrier()  # every rank has verified before rank 0 renames
+                if _rank() == 0:
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+                _barrier()
+        return None
+
     def kinds_due(self, step: int, last: bool = False) -> list[str]:
         kinds = [k for k in ("dump", "eval") if getattr(self.args, k).every and step % getattr(self.args, k).every == 0]
         if last and "dump" not in kinds:
@@ -135,11 +158,11 @@ class CheckpointManager:
         with _single_process_is_fine():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         write_json_atomic(tmp / f"train_state_{_rank():05d}.json", train_state)
-        _barrier()  # every rank has written its shards and train state
+        checksums = gather_checksums(tmp, _rank())  # also the barrier: every rank has written its shards and state
         if _rank() == 0:
             write_json_atomic(tmp / "params.json", {**config, "model_spec": self.spec_path} if self.spec_path else config)
             write_json_atomic(tmp / "kinds.json", list(kinds))
-            (tmp / COMPLETE).write_text(f"{step}\n")
+            write_complete(tmp, step, checksums)
             if final.exists():
                 shutil.rmtree(final)  # an incomplete dir of the same step (no COMPLETE marker)
             os.replace(tmp, final)
@@ -149,9 +172,11 @@ class CheckpointManager:
         return final
 
     def _clean_up(self) -> None:
-        """Delete what neither the dump nor the eval retention keeps; only complete checkpoints are counted."""
+        """Delete what neither the dump nor the eval retention keeps; only complete checkpoints are counted, and only
+        those older than the newest one with checksums (hashed from disk after its write) go."""
         done = list_checkpoints(self.folder)
-        keep = set()
+        newest_checked = max((i for i, p in enumerate(done) if recorded_checksums(p) is not None), default=-1)
+        keep = set(done[newest_checked:]) if newest_checked >= 0 else set(done)
         for kind in ("dump", "eval"):
             of_kind = [p for p in done if kind in read_json(p / "kinds.json", default=["dump"])]
             n = getattr(self.args, kind).keep
@@ -167,10 +192,25 @@ class CheckpointManager:
         state = {"model": model_sd, "optim": optim_sd}
         _dcp_load(state, path)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-        states = [json.loads(p.read_text()) for p in sorted(path.glob("train_state_*.json"))]
+        states = [_read_train_state(p) for p in sorted(path.glob("train_state_*.json"))]
         if not states:
             raise LinguaError(f"checkpoint '{path}' has no train_state_*.json")
         return states
+
+
+TRAIN_STATE_KEYS = ("step", "tokens_seen", "scheduler", "data", "rng")
+
+
+def _read_train_state(path: Path) -> dict:
+    """One rank's train state, or one line naming the file when it is not JSON or lacks a key."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LinguaError(f"cannot read train state '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    missing = [k for k in TRAIN_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LinguaError(f"train state '{path}' has no '{missing[0]}' (a damaged checkpoint)")
+    return state
 
 
 @contextlib.contextmanager
@@ -213,6 +253,7 @@ def load_model_weights(path: str, model: nn.Module, hf_mapping=None) -> None:
         return
     if not (p / ".metadata").is_file():
         raise LinguaError(f"'{path}' is not a checkpoint (no .metadata, {CONSOLIDATED} or Hugging Face config.json)")
+    verify(p)
     sd = get_model_state_dict(model)
     _check_dcp_shapes(sd, p)
     state = {"model": sd}
@@ -250,6 +291,7 @@ def consolidate(ckpt_dir: str, out_dir: str) -> Path:
     src, out = Path(ckpt_dir), Path(out_dir)
     if not (src / ".metadata").is_file():
         raise LinguaError(f"'{ckpt_dir}' is not a DCP checkpoint (no .metadata)")
+    verify(src)
     out.mkdir(parents=True, exist_ok=True)
     full = out / "full.pth.tmp"
     dcp_to_torch_save(str(src), str(full))

@@ -163,7 +163,7 @@ def resume(state: TrainState, checkpoints: CheckpointManager, model, optimizer, 
     """Continue from the latest complete checkpoint in dump_dir, or start from checkpoint.init_ckpt_path's weights."""
     checkpoints.clean_incomplete()
     dist_state.barrier()
-    latest = checkpoints.latest()
+    latest = checkpoints.latest_verified()
     if latest is not None:
         states = checkpoints.load(latest, model, optimizer)
         state.load_state_dicts(states, dist_state.rank, dist_state.world_size)

@@ -322,6 +322,9 @@ def test_two_ranks_read_disjoint_documents_then_resume_on_one(tiny_corpus, tmp_p
             docs |= {tuple(s[:3]) for row in refs for s in row}  # (source, epoch, document)
         seen.append(docs)
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+    # each rank hashed its own files into the COMPLETE marker (tests/test_ckpt_integrity.py has the rest)
+    sums = json.loads((d / "checkpoints" / "0000000004" / "COMPLETE").read_text())["sha256"]
+    assert {"__0_0.distcp", "__1_0.distcp", "train_state_00000.json", "train_state_00001.json", ".metadata"} <= set(sums)
 
     # Elastic resume: the 2-rank checkpoint continues on one process; the loader merges both ranks' streams.
     result = train(load_config(TrainArgs, cfg(tiny_corpus, d, data__batch_size=4, steps=6,

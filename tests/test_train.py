@@ -154,6 +154,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
     ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
     for f in ckpt.glob("*.distcp"):
         f.write_bytes(b"garbage")
+    with pytest.raises(LinguaError, match=r"corrupt checkpoint: .*\.distcp does not match"):
+        run(tiny_corpus, tmp_path, steps=4)
+    (ckpt / "COMPLETE").write_text("2\n")  # without checksums (an old checkpoint), DCP's failure is still one line
     with pytest.raises(LinguaError, match="cannot load checkpoint"):
         run(tiny_corpus, tmp_path, steps=4)
 
