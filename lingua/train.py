@@ -39,6 +39,7 @@ from lingua.parallelize import parallelize_model
 from lingua.precision import autocast_context, resolve_model_dtype
 from lingua.probe import Probe, ProbeArgs
 from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.run_lock import RunLock
 from lingua.spec import ModelSpec
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import TransformerArgs
@@ -118,6 +119,13 @@ def validate_args(args: TrainArgs, spec: ModelSpec, tokenizer) -> None:
         raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={args.model.max_seqlen}")
     if spec.check_train_args is not None:
         spec.check_train_args(args)
+
+
+def make_dump_dir(dump_dir: str) -> None:
+    try:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LinguaError(f"cannot create dump_dir '{dump_dir}': {e.strerror}") from None
 
 
 def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
@@ -320,8 +328,8 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
     validate_args(args, spec, tokenizer)
     if dist_state.is_main:
-        Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(args, Path(args.dump_dir) / "config.yaml")
+        make_dump_dir(args.dump_dir)
+        stack.enter_context(RunLock(args.dump_dir))  # before anything in dump_dir is touched
     dist_state.barrier()
     dtype, why = resolve_model_dtype(args.distributed.model_dtype, dist_state.device)
     logger.info(f"world: {dist_state.world_size} process(es) via {dist_state.env.launcher} on {dist_state.device}; "
@@ -336,6 +344,8 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     state = TrainState(scheduler, data)
     checkpoints = CheckpointManager(args.checkpoint, args.dump_dir, spec.path)
     resume(state, checkpoints, model, optimizer, args, spec, dist_state)
+    if dist_state.is_main:  # only now: a config that its checkpoint rejected must not replace the one that trained
+        dump_config(args, Path(args.dump_dir) / "config.yaml")
     return model, optimizer, state, checkpoints, tokenizer, dtype
 
 
