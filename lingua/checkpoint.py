@@ -13,6 +13,7 @@ verifies the checksums first: a changed file is one error naming it, never silen
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -148,15 +149,27 @@ class CheckpointManager:
         final = self.folder / CKPT_NAME.format(step)
         if is_complete(final):
             return final
+        tmp = self._prepare(step)
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            with _single_process_is_fine():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            return self._finish(step, tmp, train_state, config, kinds)
+        except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps a rank's failure in a BaseException
+            raise self._failed(step, tmp, e) from None
+
+    def _prepare(self, step: int) -> Path:
         tmp = self.folder / (CKPT_NAME.format(step) + ".tmp")
         if _rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)  # the leftovers of a save that was killed
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_is_fine():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        return tmp
+
+    def _finish(self, step: int, tmp: Path, train_state: dict, config: dict, kinds) -> Path:
+        """After every rank's shards are on disk: train states, checksums, COMPLETE, the rename, retention."""
+        final = self.folder / CKPT_NAME.format(step)
         write_json_atomic(tmp / f"train_state_{_rank():05d}.json", train_state)
         checksums = gather_checksums(tmp, _rank())  # also the barrier: every rank has written its shards and state
         if _rank() == 0:
@@ -170,6 +183,16 @@ class CheckpointManager:
         _barrier()
         logger.info(f"saved checkpoint {final}")
         return final
+
+    def _failed(self, step: int, tmp: Path, e: BaseException) -> LinguaError:
+        """A failed save as one line (a full disk named as such); its temp dir is removed so a rerun can start."""
+        full = _disk_full(tmp, e)
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest()
+        why = f"no space left on device in {self.folder}" if full else f"cannot write {tmp}: {_last_line(e)}"
+        return LinguaError(f"checkpoint step {step}: {why}; the last complete checkpoint is "
+                           f"{int(latest.name) if latest else 'none'}")
 
     def _clean_up(self) -> None:
         """Delete what neither the dump nor the eval retention keeps; only complete checkpoints are counted, and only
@@ -196,6 +219,22 @@ class CheckpointManager:
         if not states:
             raise LinguaError(f"checkpoint '{path}' has no train_state_*.json")
         return states
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _disk_full(path: Path, e: BaseException) -> bool:
+    """torch's zip writer reports a full disk as 'unexpected pos', without the errno: ask the file system too."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+        return True
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 TRAIN_STATE_KEYS = ("step", "tokens_seen", "scheduler", "data", "rng")

@@ -5,6 +5,7 @@ flock when its holder exits, however it exits (kill -9 included), so a lock is n
 host of the holder) is only for the message.
 """
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -34,14 +35,18 @@ class RunLock:
             os.close(fd)
             raise LinguaError(f"dump_dir '{self.path.parent}' is in use by another run ({holder}; lock "
                               f"{self.path}): wait for it to finish or choose another dump_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+        try:  # only for the message: a full disk (whose stale temp dirs the run removes next) must not stop it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
