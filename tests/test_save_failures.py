@@ -46,19 +46,19 @@ def _run(corpus, dump_dir, **extra):
 
 def test_disk_full_during_a_save_is_one_line_and_a_rerun_starts(tiny_corpus, small_disk):
     run = small_disk / "run"
-    msg = (f"checkpoint step 8: no space left on device in {run / 'checkpoints'}; "
-           "the last complete checkpoint is 4")
+    msg = (f"checkpoint step 4: no space left on device in {run / 'checkpoints'}; "
+           "the last complete checkpoint is 2")
     with pytest.raises(LinguaError) as e:
-        _run(tiny_corpus, run, steps=12)
+        _run(tiny_corpus, run, steps=6, checkpoint__dump__every=2)
     assert str(e.value) == msg
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["0000000004"]  # the .tmp is gone
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["0000000002"]  # the .tmp is gone
     # a save killed on the full disk left a temp dir that fills it to the last byte; the rerun still starts, resumes
-    # from 4 and fails at the same save with the same line
-    stale = run / "checkpoints" / "0000000008.tmp"
+    # from 2 and fails at the same save with the same line
+    stale = run / "checkpoints" / "0000000004.tmp"
     stale.mkdir()
     _fill(stale / "__0_0.distcp")
     with pytest.raises(LinguaError) as e:
-        _run(tiny_corpus, run, steps=12)
+        _run(tiny_corpus, run, steps=6, checkpoint__dump__every=2)
     assert str(e.value) == msg and not stale.exists()
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")][-4:] == [5, 6, 7, 8]
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["0000000004"]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")][-2:] == [3, 4]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["0000000002"]
