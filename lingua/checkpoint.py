@@ -333,7 +333,11 @@ def consolidate(ckpt_dir: str, out_dir: str) -> Path:
     verify(src)
     out.mkdir(parents=True, exist_ok=True)
     full = out / "full.pth.tmp"
-    dcp_to_torch_save(str(src), str(full))
+    try:
+        dcp_to_torch_save(str(src), str(full))
+    except (Exception, dcp.api.CheckpointException) as e:  # a truncated shard fails deep in DCP's stream reader
+        full.unlink(missing_ok=True)
+        raise LinguaError(f"cannot read checkpoint '{ckpt_dir}' (truncated or damaged?): {_last_line(e)}") from None
     sd = torch.load(full, map_location="cpu", weights_only=True)
     full.unlink()
     write_atomic(out / CONSOLIDATED, lambda tmp: torch.save({"model": sd["model"]}, tmp))

@@ -9,6 +9,7 @@ MFU there reads "fraction of the best matmul throughput", which is the figure a 
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, Optional, TextIO
 import torch
 
 from lingua.errors import require
+from lingua.files import write_text_atomic
 
 # Keys every logged train step carries in metrics.jsonl (the train loop fills them).
 TRAIN_KEYS = ("step", "tokens_seen", "train_s", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb")
@@ -46,10 +48,29 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of a metrics file up to `step`; a line that is not JSON (a write cut by kill -9) goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = row.get("step", 0) <= step
+        except (ValueError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        dropped += not keep and bool(line.strip())
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+
+
 class MetricLogger:
     """Appends one JSON object per call to <dump_dir>/metrics.jsonl (eval: metrics.eval.jsonl), rank 0 only.
 
-    Files are opened in append mode, so a resumed run continues the same files. Usable as a context manager.
+    Files are opened in append mode, so a resumed run continues the same files; `resume_step` first drops the rows
+    past the step it resumed from (the steps it will replay) and any half-written last line. A context manager.
     """
 
     def __init__(
@@ -59,6 +80,7 @@ class MetricLogger:
         rank: int = 0,
         run_name: Optional[str] = None,
         config_dict: Optional[dict] = None,
+        resume_step: Optional[int] = None,
     ):
         self.dump_dir = Path(dump_dir)
         self.args = args
@@ -70,6 +92,9 @@ class MetricLogger:
         if rank != 0:
             return
         self.dump_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "metrics.eval.jsonl"):
+                drop_rows_after(self.dump_dir / name, resume_step)
         if args.wandb:
             self._wandb = self._start_wandb(config_dict)
         if args.tensorboard:
@@ -82,7 +107,7 @@ class MetricLogger:
         wandb = require("wandb", "wandb")
         # one wandb run per dump_dir: a resumed training run keeps logging into the same wandb run
         id_file = self.dump_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # wandb>=0.2x dropped wandb.util.generate_id
         id_file.write_text(run_id + "\n")
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", "lingua"),

@@ -42,6 +42,7 @@ from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.run_lock import RunLock
 from lingua.spec import ModelSpec
 from lingua.tokenizer import build_tokenizer
+from lingua.train_checks import validate_args
 from lingua.transformer import TransformerArgs
 
 logger = logging.getLogger("lingua")
@@ -101,24 +102,6 @@ class Preemption:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def validate_args(args: TrainArgs, spec: ModelSpec, tokenizer) -> None:
-    if not args.dump_dir:
-        raise ConfigError("dump_dir is required (e.g. dump_dir=runs/debug)")
-    if os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
-        raise LinguaError(f"dump_dir '{args.dump_dir}' exists and is not a directory")
-    if args.steps < 1 or args.grad_acc_steps < 1:
-        raise ConfigError(f"steps and grad_acc_steps must be >= 1 (got {args.steps}, {args.grad_acc_steps})")
-    if args.model.vocab_size <= 0:
-        args.model.vocab_size = tokenizer.n_words
-    if tokenizer.n_words > args.model.vocab_size:
-        raise ConfigError(f"tokenizer '{args.data.tokenizer.path or args.data.tokenizer.name}' has "
-                          f"{tokenizer.n_words} tokens, more than model.vocab_size={args.model.vocab_size}")
-    if args.data.seq_len > args.model.max_seqlen:
-        raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={args.model.max_seqlen}")
-    if spec.check_train_args is not None:
-        spec.check_train_args(args)
 
 
 def make_dump_dir(dump_dir: str) -> None:
@@ -359,7 +342,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
     tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dist_state.dp_size
     metrics = stack.enter_context(MetricLogger(args.dump_dir, args.logging, rank=dist_state.rank,
-                                               run_name=args.name, config_dict=config_to_dict(args)))
+                                               run_name=args.name, config_dict=config_to_dict(args),
+                                               resume_step=state.step))
     preempt = stack.enter_context(Preemption())
     profiler = stack.enter_context(maybe_profile(args.profiling, args.dump_dir, dist_state.rank, dist_state.device))
     probe = Probe(args.probe, args.dump_dir, dist_state.rank)
