@@ -62,6 +62,10 @@ class CheckpointArgs:
     # a resume whose latest checkpoint fails its checksums: false stops with one line; true sets it aside
     # (renamed to <step>.corrupt, never deleted) and resumes from the previous complete one that verifies
     fallback_on_corrupt: bool = False
+    # write with DCP's async_save: a CPU copy of the state is staged, the files are written in a background thread
+    # while training goes on; COMPLETE and checksums come once every rank finished. One save in flight at a time;
+    # the final and preemption saves wait. (`async` itself is a Python keyword.)
+    async_save: bool = False
 
 
 def _barrier():
@@ -107,6 +111,9 @@ class CheckpointManager:
         self.args = args
         self.spec_path = spec_path
         self.folder = Path(args.path or os.path.join(dump_dir, "checkpoints"))
+        self._pending: Optional[_PendingSave] = None
+        # async writes run collectives from a background thread: on a group of their own, never the training one
+        self._async_group = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
 
     def clean_incomplete(self) -> None:
         """Remove what killed saves left behind (a `.tmp` dir, a step dir without COMPLETE); rank 0 only."""
@@ -145,18 +152,55 @@ class CheckpointManager:
             kinds.append("dump")
         return kinds
 
-    def save(self, step: int, model: nn.Module, optimizer, train_state: dict, config: dict, kinds=("dump",)) -> Path:
+    def save(self, step: int, model: nn.Module, optimizer, train_state: dict, config: dict, kinds=("dump",),
+             wait: bool = True) -> Path:
+        """Write checkpoint `step`. With checkpoint.async_save and wait=False it returns once the state is staged;
+        `poll` (every step) or the next save completes it."""
         final = self.folder / CKPT_NAME.format(step)
         if is_complete(final):
             return final
+        self.wait()  # at most one save in flight
         tmp = self._prepare(step)
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            with _single_process_is_fine():
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-            return self._finish(step, tmp, train_state, config, kinds)
+            state = {"model": model_sd, "optim": optim_sd}
+            if not self.args.async_save:
+                with _single_process_is_fine():
+                    dcp.save(state, checkpoint_id=str(tmp))
+                return self._finish(step, tmp, train_state, config, kinds)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
+                                    no_dist=not dist.is_initialized())
         except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps a rank's failure in a BaseException
             raise self._failed(step, tmp, e) from None
+        # the train state is a snapshot now: the loader and scheduler move on while the files are written
+        self._pending = _PendingSave(future, step, tmp, json.loads(json.dumps(train_state)), config, list(kinds))
+        if wait:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Complete an async save whose files are written on every rank (a small collective while one is in flight,
+        so that every rank completes it at the same step)."""
+        if self._pending is None:
+            return
+        done = self._pending.future.done()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([float(done)], device=_collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = bool(flag.item())
+        if done:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is written, then write its COMPLETE marker."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+            self._finish(pending.step, pending.tmp, pending.train_state, pending.config, pending.kinds)
+        except (Exception, dcp.api.CheckpointException) as e:
+            raise self._failed(pending.step, pending.tmp, e) from None
 
     def _prepare(self, step: int) -> Path:
         tmp = self.folder / (CKPT_NAME.format(step) + ".tmp")
@@ -219,6 +263,22 @@ class CheckpointManager:
         if not states:
             raise LinguaError(f"checkpoint '{path}' has no train_state_*.json")
         return states
+
+
+@dataclass
+class _PendingSave:
+    """An async save whose files are being written; COMPLETE comes in `CheckpointManager.wait`."""
+
+    future: object  # concurrent.futures.Future of dcp.async_save
+    step: int
+    tmp: Path
+    train_state: dict
+    config: dict
+    kinds: list
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _last_line(e: BaseException) -> str:

@@ -371,10 +371,12 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             log_step(metrics, progress, window, state, result, step_start, dist_state.device)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
-        kinds = checkpoints.kinds_due(state.step, last=state.step == args.steps or result.stop)
-        if kinds:
+        last = state.step == args.steps or result.stop
+        kinds = checkpoints.kinds_due(state.step, last=last)
+        checkpoints.poll()  # completes an async save of an earlier step once its files are written
+        if kinds:  # the final and preemption saves wait for their files
             checkpoints.save(state.step, model, optimizer, state.state_dict(dist_state.world_size),
-                             config_to_dict(args), kinds)
+                             config_to_dict(args), kinds, wait=last)
         if result.stop:
             status = "preempted"
             requeue_if_slurm(dist_state)
