@@ -282,7 +282,7 @@ def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow
 
 def run_eval(model, args: TrainArgs, tokenizer, dist_state: DistState, autocast, metrics: MetricLogger,
              state: TrainState) -> None:
-    results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast)
+    results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast, progress=args.logging.progress)
     if results:
         metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, **results})
         logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
