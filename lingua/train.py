@@ -30,7 +30,7 @@ from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weig
 from lingua.data import DataArgs, DataLoader
 from lingua.decoder import materialize, num_params
 from lingua.distributed import DistributedArgs, DistState, init_distributed
-from lingua.errors import ConfigError, LinguaError
+from lingua.errors import LinguaError
 from lingua.evaluation import EvalArgs, evaluate
 from lingua.log import setup_logging
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
