@@ -102,6 +102,8 @@ def _load_yaml(path: str) -> dict:
         raise ConfigError(f"config file '{path}'{where}: invalid YAML ({problem})") from None
     except OSError as e:
         raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}): give a YAML file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -4,13 +4,16 @@
         .metadata, __*.distcp        model + optimizer (torch.distributed.checkpoint, any layout loads into any other)
         params.json                  the run's config, and `model_spec`: where the model's ModelSpec lives
         train_state_00000.json       per rank: step, scheduler, data loader state, RNG states
-        COMPLETE                     written last, by rank 0, after every rank finished: no marker, no checkpoint
+        COMPLETE                     written last, by rank 0, after every rank finished: no marker, no checkpoint;
+                                     it holds a sha256 of every file above (lingua/ckpt_integrity.py)
 
-A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save is never resumed from.
+A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save is never resumed from. Every load
+verifies the checksums first: a changed file is one error naming it, never silently wrong weights.
 """
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -33,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from lingua.ckpt_integrity import COMPLETE, CorruptCheckpoint, gather_checksums, recorded_checksums, verify, write_complete
 from lingua.errors import ConfigError, LinguaError, exit_on_error
 from lingua.files import read_json, write_atomic, write_json_atomic
 from lingua.hf import load_hf_weights
@@ -40,7 +44,6 @@ from lingua.hf import load_hf_weights
 logger = logging.getLogger(__name__)
 
 CKPT_NAME = "{:010d}"
-COMPLETE = "COMPLETE"
 CONSOLIDATED = "consolidated.pth"
 
 
@@ -56,6 +59,13 @@ class CheckpointArgs:
     eval: SaveEvery = field(default_factory=lambda: SaveEvery(every=0))
     path: Optional[str] = None  # default <dump_dir>/checkpoints
     init_ckpt_path: Optional[str] = None  # start from these weights (model only): DCP, consolidated or HF dir
+    # a resume whose latest checkpoint fails its checksums: false stops with one line; true sets it aside
+    # (renamed to <step>.corrupt, never deleted) and resumes from the previous complete one that verifies
+    fallback_on_corrupt: bool = False
+    # write with DCP's async_save: a CPU copy of the state is staged, the files are written in a background thread
+    # while training goes on; COMPLETE and checksums come once every rank finished. One save in flight at a time;
+    # the final and preemption saves wait. (`async` itself is a Python keyword.)
+    async_save: bool = False
 
 
 def _barrier():
@@ -101,6 +111,9 @@ class CheckpointManager:
         self.args = args
         self.spec_path = spec_path
         self.folder = Path(args.path or os.path.join(dump_dir, "checkpoints"))
+        self._pending: Optional[_PendingSave] = None
+        # async writes run collectives from a background thread: on a group of their own, never the training one
+        self._async_group = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
 
     def clean_incomplete(self) -> None:
         """Remove what killed saves left behind (a `.tmp` dir, a step dir without COMPLETE); rank 0 only."""
@@ -115,31 +128,98 @@ class CheckpointManager:
         done = list_checkpoints(self.folder)
         return done[-1] if done else None
 
+    def latest_verified(self) -> Optional[Path]:
+        """The latest complete checkpoint whose files match their checksums. One that does not stops the run, or
+        with `fallback_on_corrupt` is renamed to `<step>.corrupt` (kept for inspection) and the previous one tried."""
+        for path in reversed(list_checkpoints(self.folder)):
+            try:
+                verify(path)
+                return path
+            except CorruptCheckpoint as e:
+                if not self.args.fallback_on_corrupt:
+                    raise CorruptCheckpoint(f"{e} (checkpoint.fallback_on_corrupt=true resumes from the previous "
+                                            "complete checkpoint)") from None
+                logger.warning(f"{e}: setting it aside as {path.name}.corrupt, trying the previous checkpoint")
+                _barrier()  # every rank has verified before rank 0 renames
+                if _rank() == 0:
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+                _barrier()
+        return None
+
     def kinds_due(self, step: int, last: bool = False) -> list[str]:
         kinds = [k for k in ("dump", "eval") if getattr(self.args, k).every and step % getattr(self.args, k).every == 0]
         if last and "dump" not in kinds:
             kinds.append("dump")
         return kinds
 
-    def save(self, step: int, model: nn.Module, optimizer, train_state: dict, config: dict, kinds=("dump",)) -> Path:
+    def save(self, step: int, model: nn.Module, optimizer, train_state: dict, config: dict, kinds=("dump",),
+             wait: bool = True) -> Path:
+        """Write checkpoint `step`. With checkpoint.async_save and wait=False it returns once the state is staged;
+        `poll` (every step) or the next save completes it."""
         final = self.folder / CKPT_NAME.format(step)
         if is_complete(final):
             return final
+        self.wait()  # at most one save in flight
+        tmp = self._prepare(step)
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            if not self.args.async_save:
+                with _single_process_is_fine():
+                    dcp.save(state, checkpoint_id=str(tmp))
+                return self._finish(step, tmp, train_state, config, kinds)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
+                                    no_dist=not dist.is_initialized())
+        except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps a rank's failure in a BaseException
+            raise self._failed(step, tmp, e) from None
+        # the train state is a snapshot now: the loader and scheduler move on while the files are written
+        self._pending = _PendingSave(future, step, tmp, json.loads(json.dumps(train_state)), config, list(kinds))
+        if wait:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Complete an async save whose files are written on every rank (a small collective while one is in flight,
+        so that every rank completes it at the same step)."""
+        if self._pending is None:
+            return
+        done = self._pending.future.done()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([float(done)], device=_collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            done = bool(flag.item())
+        if done:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is written, then write its COMPLETE marker."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+            self._finish(pending.step, pending.tmp, pending.train_state, pending.config, pending.kinds)
+        except (Exception, dcp.api.CheckpointException) as e:
+            raise self._failed(pending.step, pending.tmp, e) from None
+
+    def _prepare(self, step: int) -> Path:
         tmp = self.folder / (CKPT_NAME.format(step) + ".tmp")
         if _rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)  # the leftovers of a save that was killed
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_is_fine():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        return tmp
+
+    def _finish(self, step: int, tmp: Path, train_state: dict, config: dict, kinds) -> Path:
+        """After every rank's shards are on disk: train states, checksums, COMPLETE, the rename, retention."""
+        final = self.folder / CKPT_NAME.format(step)
         write_json_atomic(tmp / f"train_state_{_rank():05d}.json", train_state)
-        _barrier()  # every rank has written its shards and train state
+        checksums = gather_checksums(tmp, _rank())  # also the barrier: every rank has written its shards and state
         if _rank() == 0:
             write_json_atomic(tmp / "params.json", {**config, "model_spec": self.spec_path} if self.spec_path else config)
             write_json_atomic(tmp / "kinds.json", list(kinds))
-            (tmp / COMPLETE).write_text(f"{step}\n")
+            write_complete(tmp, step, checksums)
             if final.exists():
                 shutil.rmtree(final)  # an incomplete dir of the same step (no COMPLETE marker)
             os.replace(tmp, final)
@@ -148,10 +228,22 @@ class CheckpointManager:
         logger.info(f"saved checkpoint {final}")
         return final
 
+    def _failed(self, step: int, tmp: Path, e: BaseException) -> LinguaError:
+        """A failed save as one line (a full disk named as such); its temp dir is removed so a rerun can start."""
+        full = _disk_full(tmp, e)
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest()
+        why = f"no space left on device in {self.folder}" if full else f"cannot write {tmp}: {_last_line(e)}"
+        return LinguaError(f"checkpoint step {step}: {why}; the last complete checkpoint is "
+                           f"{int(latest.name) if latest else 'none'}")
+
     def _clean_up(self) -> None:
-        """Delete what neither the dump nor the eval retention keeps; only complete checkpoints are counted."""
+        """Delete what neither the dump nor the eval retention keeps; only complete checkpoints are counted, and only
+        those older than the newest one with checksums (hashed from disk after its write) go."""
         done = list_checkpoints(self.folder)
-        keep = set()
+        newest_checked = max((i for i, p in enumerate(done) if recorded_checksums(p) is not None), default=-1)
+        keep = set(done[newest_checked:]) if newest_checked >= 0 else set(done)
         for kind in ("dump", "eval"):
             of_kind = [p for p in done if kind in read_json(p / "kinds.json", default=["dump"])]
             n = getattr(self.args, kind).keep
@@ -174,10 +266,57 @@ class CheckpointManager:
         _dcp_load(state, path)
         set_state_dict(model, optimizer, model_state_dict=model_sd,
                        optim_state_dict={"state": state["optim"]["state"], "param_groups": optim_sd["param_groups"]})
-        states = [json.loads(p.read_text()) for p in sorted(path.glob("train_state_*.json"))]
+        states = [_read_train_state(p) for p in sorted(path.glob("train_state_*.json"))]
         if not states:
             raise LinguaError(f"checkpoint '{path}' has no train_state_*.json")
         return states
+
+
+@dataclass
+class _PendingSave:
+    """An async save whose files are being written; COMPLETE comes in `CheckpointManager.wait`."""
+
+    future: object  # concurrent.futures.Future of dcp.async_save
+    step: int
+    tmp: Path
+    train_state: dict
+    config: dict
+    kinds: list
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _disk_full(path: Path, e: BaseException) -> bool:
+    """torch's zip writer reports a full disk as 'unexpected pos', without the errno: ask the file system too."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+        return True
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+TRAIN_STATE_KEYS = ("step", "tokens_seen", "scheduler", "data", "rng")
+
+
+def _read_train_state(path: Path) -> dict:
+    """One rank's train state, or one line naming the file when it is not JSON or lacks a key."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LinguaError(f"cannot read train state '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    missing = [k for k in TRAIN_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LinguaError(f"train state '{path}' has no '{missing[0]}' (a damaged checkpoint)")
+    return state
 
 
 @contextlib.contextmanager
@@ -220,6 +359,7 @@ def load_model_weights(path: str, model: nn.Module, hf_mapping=None) -> None:
         return
     if not (p / ".metadata").is_file():
         raise LinguaError(f"'{path}' is not a checkpoint (no .metadata, {CONSOLIDATED} or Hugging Face config.json)")
+    verify(p)
     sd = get_model_state_dict(model)
     _check_dcp_shapes(sd, p)
     state = {"model": sd}
@@ -266,9 +406,14 @@ def consolidate(ckpt_dir: str, out_dir: str) -> Path:
     src, out = Path(ckpt_dir), Path(out_dir)
     if not (src / ".metadata").is_file():
         raise LinguaError(f"'{ckpt_dir}' is not a DCP checkpoint (no .metadata)")
+    verify(src)
     out.mkdir(parents=True, exist_ok=True)
     full = out / "full.pth.tmp"
-    dcp_to_torch_save(str(src), str(full))
+    try:
+        dcp_to_torch_save(str(src), str(full))
+    except (Exception, dcp.api.CheckpointException) as e:  # a truncated shard fails deep in DCP's stream reader
+        full.unlink(missing_ok=True)
+        raise LinguaError(f"cannot read checkpoint '{ckpt_dir}' (truncated or damaged?): {_last_line(e)}") from None
     sd = torch.load(full, map_location="cpu", weights_only=True)
     full.unlink()
     write_atomic(out / CONSOLIDATED, lambda tmp: torch.save({"model": sd["model"]}, tmp))

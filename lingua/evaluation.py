@@ -14,6 +14,7 @@ import torch
 
 from lingua.data import DataArgs
 from lingua.loss import IGNORE_INDEX, cross_entropy
+from lingua.metrics import Progress
 from lingua.val_data import val_iterator
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def _token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_args: DataArgs, dist_state, autocast) -> dict:
+def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_args: DataArgs, dist_state, autocast,
+                    progress: bool = False) -> dict:
+    """One source's val split; `progress` shows a bar on a terminal (rank 0), since a full split takes a while."""
     seq_len = args.seq_len or data_args.seq_len
     batches = list(val_iterator(root_dir, source, tokenizer, seq_len, args.batch_size, max_docs=args.max_docs,
                                 add_bos=data_args.add_bos, add_eos=data_args.add_eos, data_format=data_args.format,
@@ -50,7 +53,9 @@ def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_arg
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     # Every rank runs the same number of forwards (FSDP all-gathers need all of them); extra ones count for nothing.
     rounds = math.ceil(len(batches) / dist_state.dp_size)
+    bar = Progress(rounds, enabled=progress and dist_state.is_main, desc=f"eval {source}", unit="batch")
     for r in range(rounds):
+        bar.update(r)
         i = r * dist_state.dp_size + dist_state.dp_rank
         batch, n_bytes = batches[min(i, len(batches) - 1)]
         t = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
@@ -58,6 +63,7 @@ def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_arg
             nll, n = _token_nll(model, t)
         if i < len(batches):
             totals += torch.stack([nll.double(), n.double(), torch.tensor(float(n_bytes), dtype=torch.float64, device=device)])
+    bar.close()
     if dist_state.tp_size > 1:
         totals /= dist_state.tp_size  # every tp rank of a dp group scored the same batch
     dist_state.all_reduce(totals)
@@ -73,7 +79,7 @@ def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_arg
     }
 
 
-def evaluate(model, data_args: DataArgs, args: EvalArgs, tokenizer, dist_state, autocast) -> dict:
+def evaluate(model, data_args: DataArgs, args: EvalArgs, tokenizer, dist_state, autocast, progress=False) -> dict:
     """Evaluate every training source that has a val split; the model is left in train mode. A compiled model runs
     eagerly here: compiling its no-grad graph at evaluation's batch shape would cost more than the few evaluation
     forwards gain."""
@@ -87,7 +93,8 @@ def evaluate(model, data_args: DataArgs, args: EvalArgs, tokenizer, dist_state, 
                 if not os.path.isfile(path):
                     logger.warning(f"no validation split for '{source}' ({path}): skipped")
                     continue
-                results.update(evaluate_source(model, data_args.root_dir, source, tokenizer, args, data_args, dist_state, autocast))
+                results.update(evaluate_source(model, data_args.root_dir, source, tokenizer, args, data_args, dist_state,
+                                               autocast, progress))
     finally:
         model.train(was_training)
     return results

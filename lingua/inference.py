@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from lingua.checkpoint import CONSOLIDATED, list_checkpoints, load_model_weights
+from lingua.ckpt_integrity import file_sha256
 from lingua.decoder import materialize
 from lingua.distributed import pick_device as _pick_device
 from lingua.errors import LinguaError
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 class TokenizerOverride:
     name: Optional[str] = None  # bytes | sp | tiktoken; None: the checkpoint's (or guessed from the path)
     path: Optional[str] = None  # None: the checkpoint's (params.json) or the HF dir's tokenizer.model
+    force: bool = False  # use name/path even when they are not the tokenizer the checkpoint was trained with
 
 
 def checkpoint_kind(path: Union[str, Path]) -> tuple[Path, str]:
@@ -119,7 +121,24 @@ def resolve_tokenizer(ckpt: Checkpoint, override: TokenizerOverride):
         source = f"{ckpt.path}/params.json (data.tokenizer.path)"
     if name != "bytes" and path and not Path(path).is_file():
         raise LinguaError(f"tokenizer file '{path}' from {source} not found: pass tokenizer.path=<file>")
+    if ckpt.kind != "hf" and (override.name or override.path) and not override.force:
+        _check_same_tokenizer(ckpt, name, path)
     return build_tokenizer(name, path)
+
+
+def _check_same_tokenizer(ckpt: Checkpoint, name: str, path: Optional[str]) -> None:
+    """Another tokenizer than the one a checkpoint trained with gives plausible-looking nonsense (bpb, garbage
+    text): refuse a different kind or file content; the same file moved elsewhere is fine."""
+    saved = (ckpt.params.get("data") or {}).get("tokenizer") or {}
+    saved_name, saved_path = saved.get("name") or "bytes", saved.get("path")
+    differs = name != saved_name
+    if not differs and name != "bytes" and saved_path and Path(saved_path).is_file() and path:
+        differs = file_sha256(Path(saved_path)) != file_sha256(Path(path))
+    if differs:
+        shown = f" ({path})" if path and name != "bytes" else ""
+        raise LinguaError(f"tokenizer '{name}'{shown} is not the one {ckpt.path}/params.json "
+                          f"trained with ('{saved_name}'{f' ({saved_path})' if saved_path else ''}): pass "
+                          "tokenizer.force=true to use it anyway")
 
 
 def build_for_checkpoint(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:

@@ -7,8 +7,10 @@ MFU there reads "fraction of the best matmul throughput", which is the figure a 
 """
 
 import json
+import logging
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any, Optional, TextIO
 import torch
 
 from lingua.errors import require
+from lingua.files import write_text_atomic
 
 # Keys every logged train step carries in metrics.jsonl (the train loop fills them).
 TRAIN_KEYS = ("step", "tokens_seen", "train_s", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb")
@@ -46,10 +49,29 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of a metrics file up to `step`; a line that is not JSON (a write cut by kill -9) goes too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = row.get("step", 0) <= step
+        except (ValueError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        dropped += not keep and bool(line.strip())
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+
+
 class MetricLogger:
     """Appends one JSON object per call to <dump_dir>/metrics.jsonl (eval: metrics.eval.jsonl), rank 0 only.
 
-    Files are opened in append mode, so a resumed run continues the same files. Usable as a context manager.
+    Files are opened in append mode, so a resumed run continues the same files; `resume_step` first drops the rows
+    past the step it resumed from (the steps it will replay) and any half-written last line. A context manager.
     """
 
     def __init__(
@@ -59,6 +81,7 @@ class MetricLogger:
         rank: int = 0,
         run_name: Optional[str] = None,
         config_dict: Optional[dict] = None,
+        resume_step: Optional[int] = None,
     ):
         self.dump_dir = Path(dump_dir)
         self.args = args
@@ -70,6 +93,9 @@ class MetricLogger:
         if rank != 0:
             return
         self.dump_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "metrics.eval.jsonl"):
+                drop_rows_after(self.dump_dir / name, resume_step)
         if args.wandb:
             self._wandb = self._start_wandb(config_dict)
         if args.tensorboard:
@@ -82,7 +108,7 @@ class MetricLogger:
         wandb = require("wandb", "wandb")
         # one wandb run per dump_dir: a resumed training run keeps logging into the same wandb run
         id_file = self.dump_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # wandb>=0.2x dropped wandb.util.generate_id
         id_file.write_text(run_id + "\n")
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", "lingua"),
@@ -113,11 +139,12 @@ class MetricLogger:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, global_step=step)
 
-    def _log(self, filename: str, metrics: dict, prefix: str) -> None:
+    def _log(self, filename: str, metrics: dict, prefix: str, skip=()) -> None:
+        """The row to the file; to wandb/tensorboard without the `skip` keys (counts, not metrics)."""
         if self.rank == 0:
             row = {k: _plain(v) for k, v in metrics.items()}
             self._append(filename, row)
-            self._backends(row, prefix)
+            self._backends({k: v for k, v in row.items() if not k.endswith(tuple(skip))}, prefix)
 
     def log(self, metrics: dict) -> None:
         """One train row (see TRAIN_KEYS) to metrics.jsonl and the optional backends."""
@@ -125,7 +152,7 @@ class MetricLogger:
 
     def log_eval(self, metrics: dict) -> None:
         """One evaluation row to metrics.eval.jsonl (backends get the keys under 'eval/')."""
-        self._log("metrics.eval.jsonl", metrics, prefix="eval/")
+        self._log("metrics.eval.jsonl", metrics, prefix="eval/", skip=("/tokens", "/bytes"))
 
     def close(self) -> None:
         for f in self._files.values():
@@ -180,60 +207,47 @@ def format_console_line(metrics: dict) -> str:
     return " | ".join(parts)
 
 
-def _hms(seconds: Optional[float]) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s"
-
-
 class Progress:
-    """A one-line progress bar with ETA, redrawn in place; silent unless the stream is a terminal.
+    """A tqdm progress bar (ETA, the terminal's width, redrawn in place); silent unless the stream is a terminal.
 
-    Print other lines through `write()` so they land above the bar instead of through it.
+    While it is open the `lingua` logger's console lines go through tqdm (`logging_redirect_tqdm`), so log lines
+    (checkpoints, evals, warnings) land above the bar instead of glued to it; `write()` does the same for a line.
     """
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream: Optional[TextIO] = None, width: int = 30):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream: Optional[TextIO] = None,
+                 desc: str = "train", unit: str = "step"):
         self.stream = stream or sys.stdout
         self.enabled = enabled and self.stream.isatty()
-        self.total, self.start, self.width = max(total, 1), start, width
-        self.t0 = time.perf_counter()
-        self._line = ""
-        self._last_draw = 0.0
-
-    def update(self, step: int, suffix: str = "") -> None:
+        self._bar = self._redirect = None
         if not self.enabled:
             return
-        now = time.perf_counter()
-        if now - self._last_draw < 0.1 and step < self.total:  # at most ~10 redraws a second
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._bar = tqdm(total=max(total, 1), initial=start, file=self.stream, desc=desc, unit=unit,
+                         dynamic_ncols=True, mininterval=0.1, leave=True)
+        self._redirect = logging_redirect_tqdm([logging.getLogger("lingua")], tqdm_class=tqdm)
+        self._redirect.__enter__()
+
+    def update(self, step: int, suffix: str = "") -> None:
+        if self._bar is None:
             return
-        self._last_draw = now
-        frac = min(step / self.total, 1.0)
-        done, elapsed = step - self.start, now - self.t0
-        eta = elapsed / done * (self.total - step) if done > 0 else None
-        filled = int(self.width * frac)
-        bar = "#" * filled + "." * (self.width - filled)
-        self._line = f"[{bar}] {step}/{self.total} {100 * frac:3.0f}% {_hms(elapsed)} ETA {_hms(eta)}"
         if suffix:
-            self._line += f"  {suffix}"
-        self.stream.write("\r" + self._line + "\x1b[K")
-        self.stream.flush()
+            self._bar.set_postfix_str(suffix, refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def write(self, text: str) -> None:
         """Print a full line; on a terminal it goes above the bar, which is redrawn below it."""
-        if not self.enabled:
+        if self._bar is None:
             print(text, file=self.stream, flush=True)
-            return
-        self.stream.write("\r\x1b[K" + text + "\n" + self._line)
-        self.stream.flush()
+        else:
+            self._bar.write(text, file=self.stream)
 
     def close(self) -> None:
-        if self.enabled and self._line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._line = ""
+        if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
+            self._bar.close()
+            self._bar = self._redirect = None
 
     def __enter__(self) -> "Progress":
         return self

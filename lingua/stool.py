@@ -140,6 +140,26 @@ def load_training_config(args: StoolArgs, overrides: list[str]):
     return cfg
 
 
+def check_overrides(args: StoolArgs, overrides: list[str]) -> None:
+    """Load config= plus the overrides with the script's own schema, as the job will: a typo'd key fails here in one
+    line instead of in the queued job. A script without a lingua ModelSpec (not a lingua train loop) is not checked."""
+    import importlib
+
+    try:
+        module = importlib.import_module(args.script)
+    except ImportError as e:
+        raise ConfigError(f"script '{args.script}' cannot be imported: {e}") from None
+    from lingua.spec import ModelSpec
+
+    specs = [v for v in vars(module).values() if isinstance(v, ModelSpec)]
+    if len(specs) != 1:
+        return
+    from lingua.args import load_config
+    from lingua.train import train_args_cls
+
+    load_config(train_args_cls(specs[0]), [f"config={args.config}", *overrides])  # name/dump_dir: any string
+
+
 def validate(args: StoolArgs) -> None:
     if args.launcher not in ("sbatch", "bash"):
         raise ConfigError(f"launcher must be 'sbatch' or 'bash', got {args.launcher!r}")
@@ -344,6 +364,7 @@ def launch_job(args: StoolArgs, overrides: list[str]) -> int:
     """Everything after argument parsing: validate, write dump_dir, submit. Returns the exit code."""
     cfg = load_training_config(args, overrides)
     validate(args)
+    check_overrides(args, overrides)
     code_root = os.getcwd()
     prepare_dump_dir(args, code_root)
     with open(os.path.join(args.dump_dir, "base_config.yaml"), "w") as f:

@@ -30,7 +30,7 @@ from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weig
 from lingua.data import DataArgs, DataLoader
 from lingua.decoder import materialize, num_params
 from lingua.distributed import DistributedArgs, DistState, init_distributed
-from lingua.errors import ConfigError, LinguaError
+from lingua.errors import LinguaError
 from lingua.evaluation import EvalArgs, evaluate
 from lingua.log import setup_logging
 from lingua.metrics import LoggingArgs, MetricLogger, Progress, format_console_line, memory_gb, peak_flops
@@ -39,8 +39,10 @@ from lingua.parallelize import parallelize_model
 from lingua.precision import autocast_context, resolve_model_dtype
 from lingua.probe import Probe, ProbeArgs
 from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.run_lock import RunLock
 from lingua.spec import ModelSpec
 from lingua.tokenizer import build_tokenizer
+from lingua.train_checks import validate_args
 from lingua.transformer import TransformerArgs
 
 logger = logging.getLogger("lingua")
@@ -102,22 +104,11 @@ class Preemption:
             signal.signal(sig, old)
 
 
-def validate_args(args: TrainArgs, spec: ModelSpec, tokenizer) -> None:
-    if not args.dump_dir:
-        raise ConfigError("dump_dir is required (e.g. dump_dir=runs/debug)")
-    if os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
-        raise LinguaError(f"dump_dir '{args.dump_dir}' exists and is not a directory")
-    if args.steps < 1 or args.grad_acc_steps < 1:
-        raise ConfigError(f"steps and grad_acc_steps must be >= 1 (got {args.steps}, {args.grad_acc_steps})")
-    if args.model.vocab_size <= 0:
-        args.model.vocab_size = tokenizer.n_words
-    if tokenizer.n_words > args.model.vocab_size:
-        raise ConfigError(f"tokenizer '{args.data.tokenizer.path or args.data.tokenizer.name}' has "
-                          f"{tokenizer.n_words} tokens, more than model.vocab_size={args.model.vocab_size}")
-    if args.data.seq_len > args.model.max_seqlen:
-        raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={args.model.max_seqlen}")
-    if spec.check_train_args is not None:
-        spec.check_train_args(args)
+def make_dump_dir(dump_dir: str) -> None:
+    try:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LinguaError(f"cannot create dump_dir '{dump_dir}': {e.strerror}") from None
 
 
 def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
@@ -164,7 +155,7 @@ def resume(state: TrainState, checkpoints: CheckpointManager, model, optimizer, 
     """Continue from the latest complete checkpoint in dump_dir, or start from checkpoint.init_ckpt_path's weights."""
     checkpoints.clean_incomplete()
     dist_state.barrier()
-    latest = checkpoints.latest()
+    latest = checkpoints.latest_verified()
     if latest is not None:
         states = checkpoints.load(latest, model, optimizer)
         state.load_state_dicts(states, dist_state.rank, dist_state.world_size)
@@ -296,7 +287,7 @@ def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow
 
 def run_eval(model, args: TrainArgs, tokenizer, dist_state: DistState, autocast, metrics: MetricLogger,
              state: TrainState) -> None:
-    results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast)
+    results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast, progress=args.logging.progress)
     if results:
         metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, **results})
         logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
@@ -325,8 +316,8 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
     validate_args(args, spec, tokenizer)
     if dist_state.is_main:
-        Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(args, Path(args.dump_dir) / "config.yaml")
+        make_dump_dir(args.dump_dir)
+        stack.enter_context(RunLock(args.dump_dir))  # before anything in dump_dir is touched
     dist_state.barrier()
     dtype, why = resolve_model_dtype(args.distributed.model_dtype, dist_state.device)
     logger.info(f"world: {dist_state.world_size} process(es) via {dist_state.env.launcher} on {dist_state.device}; "
@@ -341,6 +332,8 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     state = TrainState(scheduler, data)
     checkpoints = CheckpointManager(args.checkpoint, args.dump_dir, spec.path)
     resume(state, checkpoints, model, optimizer, args, spec, dist_state)
+    if dist_state.is_main:  # only now: a config that its checkpoint rejected must not replace the one that trained
+        dump_config(args, Path(args.dump_dir) / "config.yaml")
     return model, optimizer, state, checkpoints, tokenizer, dtype
 
 
@@ -354,7 +347,8 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
     tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dist_state.dp_size
     metrics = stack.enter_context(MetricLogger(args.dump_dir, args.logging, rank=dist_state.rank,
-                                               run_name=args.name, config_dict=config_to_dict(args)))
+                                               run_name=args.name, config_dict=config_to_dict(args),
+                                               resume_step=state.step))
     preempt = stack.enter_context(Preemption())
     profiler = stack.enter_context(maybe_profile(args.profiling, args.dump_dir, dist_state.rank, dist_state.device))
     probe = Probe(args.probe, args.dump_dir, dist_state.rank)
@@ -384,10 +378,12 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
-        kinds = checkpoints.kinds_due(state.step, last=state.step == args.steps or result.stop)
-        if kinds:
+        last = state.step == args.steps or result.stop
+        kinds = checkpoints.kinds_due(state.step, last=last)
+        checkpoints.poll()  # completes an async save of an earlier step once its files are written
+        if kinds:  # the final and preemption saves wait for their files
             checkpoints.save(state.step, model, optimizer, state.state_dict(dist_state.world_size),
-                             config_to_dict(args), kinds)
+                             config_to_dict(args), kinds, wait=last)
         if result.stop:
             status = "preempted"
             requeue_if_slurm(dist_state)

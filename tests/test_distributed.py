@@ -307,7 +307,8 @@ def test_two_ranks_read_disjoint_documents_then_resume_on_one(tiny_corpus, tmp_p
     from lingua.data import traced_batches
 
     d = tmp_path / "real_loader"
-    overrides = cfg(tiny_corpus, d, data__batch_size=2, distributed__dp_shard=2, steps=4, checkpoint__dump__every=4)
+    overrides = cfg(tiny_corpus, d, data__batch_size=2, distributed__dp_shard=2, steps=4, checkpoint__dump__every=2,
+                    checkpoint__async_save=True)  # step 2 saved asynchronously (its COMPLETE polled), 4 waited for
     torchrun(2, overrides, ["--record", str(d / "rec")])  # the production loader: each rank its own streams
     recs = records(d / "rec")
     assert [(r["dp_rank"], r["dp_size"]) for r in recs] == [(0, 2), (1, 2)]
@@ -322,6 +323,11 @@ def test_two_ranks_read_disjoint_documents_then_resume_on_one(tiny_corpus, tmp_p
             docs |= {tuple(s[:3]) for row in refs for s in row}  # (source, epoch, document)
         seen.append(docs)
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+    # each rank hashed its own files into the COMPLETE marker (tests/test_ckpt_integrity.py has the rest)
+    for step in (2, 4):
+        sums = json.loads((d / "checkpoints" / f"{step:010d}" / "COMPLETE").read_text())["sha256"]
+        assert {"__0_0.distcp", "__1_0.distcp", "train_state_00000.json", "train_state_00001.json",
+                ".metadata"} <= set(sums)
 
     # Elastic resume: the 2-rank checkpoint continues on one process; the loader merges both ranks' streams.
     result = train(load_config(TrainArgs, cfg(tiny_corpus, d, data__batch_size=4, steps=6,

@@ -142,7 +142,10 @@ def test_load_model_from_a_run_dir_with_dtype_and_tokenizer_override(trained, tm
     (moved / "params.json").write_text(json.dumps(params))
     with pytest.raises(LinguaError, match=r"'/moved/tok.model' from .*params.json .* pass tokenizer.path="):
         load_model(str(moved))
-    _, _, tok = load_model(str(moved), tokenizer=TokenizerOverride(name="bytes"))
+    with pytest.raises(LinguaError, match=r"tokenizer 'bytes' is not the one .*params.json trained with \('sp' "
+                                          r"\(/moved/tok.model\)\): pass tokenizer.force=true"):
+        load_model(str(moved), tokenizer=TokenizerOverride(name="bytes"))
+    _, _, tok = load_model(str(moved), tokenizer=TokenizerOverride(name="bytes", force=True))
     assert tok.n_words == 258
 
 

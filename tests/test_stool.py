@@ -78,7 +78,7 @@ def project(tmp_path, monkeypatch) -> Path:
     (root / "tests").mkdir(parents=True)
     shutil.copy(ROOT / "tests" / "slurm_fake_train.py", root / "tests" / "slurm_fake_train.py")
     (root / "config.yaml").write_text(f"name: from_config\ndump_dir: {tmp_path / 'from_config'}\nsteps: 3\n"
-                                      "step_time: 0\noptim:\n  lr: 0.1\n")
+                                      "optim:\n  lr: 0.1\n")  # valid for apps.main.train too
     monkeypatch.chdir(root)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # launcher=bash must not take the srun branch
     return root
@@ -142,7 +142,7 @@ def test_dry_run_writes_config_code_and_script(project, tmp_path, capsys):
     assert f"PYTHON={sys.executable}\n" in script
     subprocess.run(["bash", "-n", str(dump / "submit.slurm")], check=True)
     cfg = OmegaConf.load(dump / "base_config.yaml")
-    assert OmegaConf.to_container(cfg) == {"name": "from_config", "dump_dir": str(dump), "steps": 7, "step_time": 0,
+    assert OmegaConf.to_container(cfg) == {"name": "from_config", "dump_dir": str(dump), "steps": 7,
                                            "optim": {"lr": 0.5}, "model": {"dim": 8}}
     assert (dump / "code" / "tests" / "slurm_fake_train.py").read_text() == (
         project / "tests" / "slurm_fake_train.py").read_text()
@@ -150,6 +150,11 @@ def test_dry_run_writes_config_code_and_script(project, tmp_path, capsys):
 
 
 def test_gpu_defaults_and_name_dump_dir_from_the_config(project, tmp_path):
+    # apps.main.train's own schema checks config= and the overrides before anything is written
+    (project / "typo.yaml").write_text((project / "config.yaml").read_text() + "step_time: 0\n")
+    assert run("config=typo.yaml", "dry_run=true", "partition=gpu") == 2
+    assert run("config=config.yaml", "dry_run=true", "partition=gpu", "optim.lrr=1") == 2
+    assert not (tmp_path / "from_config").exists()
     assert run("config=config.yaml", "dry_run=true", "partition=gpu") == 0
     dump = tmp_path / "from_config"
     header = sbatch_header((dump / "submit.slurm").read_text())

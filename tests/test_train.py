@@ -155,8 +155,10 @@ def test_dump_dir_that_is_a_file(tiny_corpus, tmp_path):
 
 def test_checkpoint_from_another_model_names_the_parameter(tiny_corpus, tmp_path):
     run(tiny_corpus, tmp_path, steps=2, checkpoint__dump__every=2)
+    config = (tmp_path / "config.yaml").read_text()
     with pytest.raises(LinguaError, match=r"another model: '.*' has shape"):
         run(tiny_corpus, tmp_path, steps=4, model__dim=48)
+    assert (tmp_path / "config.yaml").read_text() == config  # still the config that trained, not the rejected one
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
@@ -164,6 +166,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
     ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
     for f in ckpt.glob("*.distcp"):
         f.write_bytes(b"garbage")
+    with pytest.raises(LinguaError, match=r"corrupt checkpoint: .*\.distcp does not match"):
+        run(tiny_corpus, tmp_path, steps=4)
+    (ckpt / "COMPLETE").write_text("2\n")  # without checksums (an old checkpoint), DCP's failure is still one line
     with pytest.raises(LinguaError, match="cannot load checkpoint"):
         run(tiny_corpus, tmp_path, steps=4)
 

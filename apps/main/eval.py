@@ -135,7 +135,8 @@ def run_validation(model, ckpt, tokenizer, args: EvalAppArgs, dist_state, autoca
     eval_args = EvalArgs(max_docs=args.validation.max_docs, batch_size=args.validation.batch_size)
     results = {}
     for source in sources:
-        flat = evaluate_source(model, root_dir, source, tokenizer, eval_args, data_args, dist_state, autocast)
+        flat = evaluate_source(model, root_dir, source, tokenizer, eval_args, data_args, dist_state, autocast,
+                               progress=True)  # a bar on a terminal only
         if not flat:
             logger.warning(f"validation split of '{source}' has no tokens to score: skipped")
             continue
