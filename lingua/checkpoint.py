@@ -8,7 +8,9 @@
                                      it holds a sha256 of every file above (lingua/ckpt_integrity.py)
 
 A save goes to `0000001000.tmp/` and is renamed when complete, so a killed save is never resumed from. Every load
-verifies the checksums first: a changed file is one error naming it, never silently wrong weights.
+verifies the checksums first: a changed file is one error naming it, never silently wrong weights. With
+`checkpoint.async_save` the shards are written by DCP's async_save from a staged CPU copy while training goes on;
+COMPLETE is written only once every rank's write finished (`poll`/`wait`).
 """
 
 import base64

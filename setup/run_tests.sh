@@ -3,7 +3,7 @@
 # end-to-end tests train on, then run the whole suite (slow tests included) with coverage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LINGUA_EXTRAS=dev,hf,eval,tiktoken,data bash setup/setup_env.sh
+LINGUA_EXTRAS=dev,hf,eval,tiktoken,data,wandb,tensorboard bash setup/setup_env.sh
 .venv/bin/python setup/prepare_data.py shakespeare --data_dir data
 .venv/bin/python setup/train_tokenizer.py --data_dir data --source shakespeare
 .venv/bin/python setup/tokenize_data.py --data_dir data --source shakespeare \

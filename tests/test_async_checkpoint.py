@@ -24,6 +24,7 @@ def _weights(ckpt, out):
     return torch.load(out / "consolidated.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_async_saves_write_the_same_checkpoints_as_sync(tiny_corpus, tmp_path):
     for mode in ("sync", "async"):
         train(load_config(TrainArgs, tiny_overrides(tiny_corpus, tmp_path / mode, **STEPS,

@@ -64,3 +64,31 @@ def test_progress_bar_and_log_lines_in_a_real_terminal(tiny_corpus, tmp_path, co
     for line in logs:  # every log line starts on its own line, not after a bar
         assert not re.search(r"\d+/20 \[", line), line
         assert re.match(r"(\d\d:\d\d:\d\d |step )", line), line
+
+
+def test_train_as_a_library_keeps_the_root_logger(tiny_corpus, tmp_path):
+    """An application that configured logging keeps its handlers; lingua's lines reach them."""
+    import logging
+
+    from lingua.args import load_config
+    from lingua.spec import TRANSFORMER_SPEC
+    from lingua.train import TrainArgs, train
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    root, mine = logging.getLogger(), Keep()
+    root.addHandler(mine)
+    try:
+        before = list(root.handlers)
+        train(load_config(TrainArgs, tiny_overrides(tiny_corpus, tmp_path, steps=1, eval__at_end=False)),
+              TRANSFORMER_SPEC)
+        assert root.handlers == before
+        assert any(r.name.startswith("lingua") and "done at step 1" in r.getMessage() for r in mine.records)
+    finally:
+        root.removeHandler(mine)

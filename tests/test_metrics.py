@@ -71,7 +71,7 @@ def test_only_rank0_writes(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("backend", ["wandb", "tensorboard"])
+@pytest.mark.parametrize("backend", [pytest.param("wandb", marks=pytest.mark.slow), "tensorboard"])  # wandb: ~15 s
 def test_optional_backends(tmp_path, monkeypatch, backend):
     args = LoggingArgs(**{backend: True})
     if importlib.util.find_spec(backend) is None:
@@ -79,11 +79,52 @@ def test_optional_backends(tmp_path, monkeypatch, backend):
             MetricLogger(tmp_path, args)
         return
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     with MetricLogger(tmp_path, args, run_name="t", config_dict={"a": 1}) as logger:
-        logger.log(_row(1))
-        logger.log_eval({"step": 1, "val/loss": 2.0})
+        for step in (1, 2, 3):
+            logger.log(_row(step))
+        logger.log_eval({"step": 3, "alpha/bpb": 2.0, "alpha/tokens": 100, "alpha/bytes": 300})
     assert (tmp_path / "metrics.jsonl").exists()
-    assert (tmp_path / ("wandb" if backend == "wandb" else "tensorboard")).is_dir()
+    series = _read_wandb(tmp_path) if backend == "wandb" else _read_tensorboard(tmp_path / "tensorboard")
+    for key in ("loss", "lr", "tok_per_s"):
+        assert series[key] == [(s, pytest.approx(float(_row(s)[key]), rel=1e-6)) for s in (1, 2, 3)], key
+    assert series["eval/alpha/bpb"] == [(3, 2.0)]
+    assert not {"eval/alpha/tokens", "eval/alpha/bytes"} & set(series)  # counts, not metrics
+
+
+def _read_tensorboard(folder) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _read_wandb(dump_dir) -> dict:
+    """The history of the offline run: its .wandb file is a LevelDB-style log (32 KiB blocks of chunks with a 7-byte
+    header: crc, length, type) of protobuf Records after a 7-byte file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = dump_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, buf, series = path.read_bytes(), 7, b"", {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                for k, v in row.items():
+                    if not k.startswith("_"):
+                        series.setdefault(k, []).append((row["_step"], v))
+    return series
 
 
 def test_console_line_has_the_numbers():
