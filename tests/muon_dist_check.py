@@ -36,7 +36,7 @@ def main() -> None:
     muon.orthogonalize = counting
     out = muon.orthogonalize_all(dts, 5)
     err = max((o.full_tensor() - r).abs().max().item() for o, r in zip(out, refs))
-    print(json.dumps({"rank": dist.get_rank(), "max_err": err, "computed": len(computed), "total": len(dts)}))
+    print(json.dumps({"rank": dist.get_rank(), "max_err": err, "computed": len(computed), "total": len(dts)}), flush=True)
     dist.destroy_process_group()
 
 
