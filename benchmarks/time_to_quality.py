@@ -34,7 +34,7 @@ from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
 
 # The recipe the README's debug run used before this benchmark existed (lingua 0.1): AdamW, 8 x 256 tokens a step.
-V1 = ["optim.name=adamw", "optim.lr=3e-3", "optim.warmup=50", "optim.scheduler=cosine", "optim.lr_min_ratio=0.1",
+V1 = ["optim.name=adamw", "optim.decay_params=all", "optim.lr=3e-3", "optim.warmup=50", "optim.scheduler=cosine", "optim.lr_min_ratio=0.1",
       "optim.weight_decay=0.1", "model.qk_norm=false", "model.mlp=swiglu", "model.zero_init_proj=false",
       "model.logit_softcap=null", "model.weight_tying=true", "model.mask=block_causal", "data.batch_size=8"]
 RECIPES = {  # name -> overrides of apps/main/configs/debug.yaml (the current recipe)
@@ -80,9 +80,9 @@ def full_bpb(run_dir: Path) -> dict:
     return out
 
 
-def run_recipe(recipe: str, seconds: float, work: Path, extra: list[str]) -> dict:
-    per_step = step_seconds(recipe, work, extra)
-    steps = max(10, int(seconds / per_step))
+def run_recipe(recipe: str, seconds: float, work: Path, extra: list[str], steps: int = 0) -> dict:
+    if not steps:  # the steps that fit the budget at this machine's measured step time
+        steps = max(10, int(seconds / step_seconds(recipe, work, extra)))
     dump = work / recipe
     cfg = config(recipe, dump, extra + [f"steps={steps}", f"eval.every={max(1, steps // 5)}", "eval.max_docs=6",
                                         f"eval.sources=[{','.join(SOURCES)}]", "checkpoint.dump.every=0",
@@ -101,6 +101,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=300.0, help="training time per recipe")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"from {', '.join(RECIPES)}")
     parser.add_argument("--out", default=str(ROOT / "runs" / "time_to_quality"))
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train this many steps instead of timing the budget (to compare recipes per step on a "
+                             "busy machine)")
     parser.add_argument("--plot", action="store_true", help="curves against training time (lingua.plot)")
     args, extra = parser.parse_known_args()
     work = Path(args.out)
@@ -109,7 +112,7 @@ def main():
           flush=True)
     rows = []
     for recipe in args.recipes.split(","):
-        rows.append(run_recipe(recipe, args.seconds, work, extra))
+        rows.append(run_recipe(recipe, args.seconds, work, extra, args.steps))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'recipe':14s} {'optim':6s} {'steps':>6s} {'tokens':>8s} {'train s':>8s} {'tok/s':>6s} "
           f"{'shakespeare bpb':>16s} {'sotu bpb':>9s}  curve (s, shakespeare, sotu on 6 docs)")
