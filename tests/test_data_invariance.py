@@ -99,6 +99,7 @@ def test_a_checkpoint_of_the_older_loader_is_refused_in_one_line_or_restarted(ti
     state["data"] = {"version": 1, "dp_rank": 0, "dp_size": 1, "gen": 0, "fill": 0, "next": 3,  # lingua's old loader
                      "seqs": {"docs": {"n": 0, "sources": {}}, "offset": 0, "doc": None}}
     state_file.write_text(json.dumps(state))
+    (state_file.parent / "COMPLETE").write_text("3\n")  # as that lingua wrote it: the step, no checksums
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
