@@ -37,15 +37,17 @@ from lingua.train import TrainArgs, train  # noqa: E402
 V1 = ["optim.name=adamw", "optim.decay_params=all", "optim.lr=3e-3", "optim.warmup=50", "optim.scheduler=cosine", "optim.lr_min_ratio=0.1",
       "optim.weight_decay=0.1", "model.qk_norm=false", "model.mlp=swiglu", "model.zero_init_proj=false",
       "model.logit_softcap=null", "model.weight_tying=true", "model.mask=block_causal", "data.batch_size=8"]
-RECIPES = {  # name -> overrides of apps/main/configs/debug.yaml (the current recipe)
+MUON = ["optim.name=muon"]
+RECIPES = {  # name -> overrides of apps/main/configs/debug.yaml (the current recipe: AdamW + the model switches)
     "debug": [],
+    "muon": MUON,
     "v1": V1,
-    "adamw": ["optim.name=adamw"],
-    "no-qk-norm": ["model.qk_norm=false"],
-    "swiglu": ["model.mlp=swiglu"],
-    "no-zero-init": ["model.zero_init_proj=false"],
-    "no-softcap": ["model.logit_softcap=null"],
-    "tied": ["model.weight_tying=true"],
+    # each switch off, from the Muon recipe (the README's ablation was measured on it)
+    "muon-no-qk-norm": MUON + ["model.qk_norm=false"],
+    "muon-swiglu": MUON + ["model.mlp=swiglu"],
+    "muon-no-zero-init": MUON + ["model.zero_init_proj=false"],
+    "muon-no-softcap": MUON + ["model.logit_softcap=null"],
+    "muon-tied": MUON + ["model.weight_tying=true"],
 }
 SOURCES = ("shakespeare", "sotu")
 
