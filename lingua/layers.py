@@ -22,6 +22,17 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def linear_group(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x through several bias-free nn.Linear that read the same input, as one matmul against their concatenated weights
+    (copying the weights is small next to the matmul): one (tokens, sum of outputs) GEMM runs faster than narrow ones,
+    forward and backward (benchmarks/train_throughput.py). One call each where a weight is a DTensor (tensor
+    parallelism shards each its own way) or a module is not a plain nn.Linear (float8 training replaces them)."""
+    if all(type(m) is nn.Linear and m.bias is None and not hasattr(m.weight, "device_mesh") for m in linears):
+        fused = F.linear(x, torch.cat([m.weight for m in linears]))
+        return fused.split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich), computed in fp32 whatever the activation dtype."""
 
@@ -48,7 +59,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (bs, seqlen, hidden_dim) inside, (bs, seqlen, dim) out
+        gate, up = linear_group(x, self.w1, self.w3)  # (bs, seqlen, hidden_dim) each
+        return self.w2(F.silu(gate) * up)  # (bs, seqlen, dim)
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
         in_std = init_base_std or self.dim**-0.5

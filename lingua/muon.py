@@ -11,8 +11,9 @@ What torch.optim.Muon lacks and this adds:
   rank (largest first, to the least-loaded rank): every rank gathers it (`full_tensor`), only the owner
   orthogonalizes it, and the owner's result is broadcast and each rank keeps its own shard. The work is split
   across ranks, not repeated (DistMuon / Dion).
-- The iteration runs in bf16 on CUDA (as torch's) and in fp32 elsewhere (bf16 matmuls are ~70x slower on CPUs
-  without AVX-512 bf16, and fp32 keeps CPU runs comparable across layouts).
+- The iteration's dtype is a group option (`optim.muon_ns_dtype`): auto runs it in bf16 where bf16 matmuls are
+  native (CUDA, as torch's; CPUs with AVX512-BF16 or AMX, ~2.5x fp32's speed) and in fp32 elsewhere (bf16 matmuls
+  are ~70x slower on CPUs without them). The multi-process tests pin fp32, which keeps layouts comparable.
 - Learning-rate matching (Moonlight, Liu et al. 2025, arXiv:2502.16982): `adjust_lr="match_rms_adamw"` scales a
   matrix's update by 0.2 * sqrt(max(m, n)), which gives it about AdamW's update RMS, so the AdamW lr (and weight
   decay) carry over without a separate search. "original" is Keller Jordan's sqrt(max(1, m / n)).
@@ -29,13 +30,23 @@ from lingua.errors import LinguaError
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon / Keller Jordan's quintic
 ADJUST_LR = ("match_rms_adamw", "original")
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # optim.muon_ns_dtype, besides auto
 
 
-def orthogonalize(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+def resolve_ns_dtype(setting: str, device: torch.device) -> str:
+    """optim.muon_ns_dtype (auto | bf16 | fp32) -> bf16 or fp32: auto is bf16 where bf16 matmuls run natively."""
+    if setting != "auto":
+        return setting
+    from lingua.precision import cpu_bf16_features
+
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_features()) else "fp32"
+
+
+def orthogonalize(g: torch.Tensor, steps: int, dtype: str = "fp32", eps: float = 1e-7) -> torch.Tensor:
     """Newton-Schulz approximation of U V^T for g = U S V^T (singular values land in ~[0.5, 1.5], see torch's
-    Muon), in g's dtype on the result."""
+    Muon), iterated in `dtype` (bf16 | fp32), in g's dtype on the result."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(NS_DTYPES[dtype])
     tall = g.size(0) > g.size(1)
     if tall:  # iterate on the short side: the Gram matrix is min(m, n) square
         x = x.T
@@ -88,9 +99,9 @@ def _local_part(full: torch.Tensor, like) -> torch.Tensor:
                               shape=like.shape, stride=like.stride())
 
 
-def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+def orthogonalize_all(updates: list[torch.Tensor], steps: int, dtype: str = "fp32") -> list[torch.Tensor]:
     """Orthogonalize each matrix; DTensors are gathered, orthogonalized by their owner only, and sent back."""
-    out: list[Optional[torch.Tensor]] = [None if _is_dtensor(u) else orthogonalize(u, steps) for u in updates]
+    out: list[Optional[torch.Tensor]] = [None if _is_dtensor(u) else orthogonalize(u, steps, dtype) for u in updates]
     shared = [i for i, u in enumerate(updates) if _is_dtensor(u)]
     if not shared:
         return out
@@ -101,7 +112,7 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Ten
     for i, owner in zip(shared, owners):
         full = updates[i].full_tensor()  # a collective: every rank takes part, in the same order
         if owner == me:
-            mine[i] = orthogonalize(full, steps).contiguous()  # a tall matrix's result is a transpose view
+            mine[i] = orthogonalize(full, steps, dtype).contiguous()  # a tall matrix's result is a transpose view
         del full  # non-owners keep nothing: their peak is one gathered matrix
     for i, owner in zip(shared, owners):
         u = updates[i]
@@ -113,7 +124,7 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int) -> list[torch.Ten
 
 class MuonAdamW(AdamW):
     """AdamW over every param group, except groups with `muon: True` (2-D params only), which get Muon with the
-    group's `momentum`, `nesterov`, `ns_steps` and `adjust_lr`; `lr` and `weight_decay` mean what they mean for
+    group's `momentum`, `nesterov`, `ns_steps`, `ns_dtype` (bf16 | fp32; default fp32) and `adjust_lr`; `lr` and `weight_decay` mean what they mean for
     AdamW (decoupled decay by lr * weight_decay, as torch.optim.Muon does)."""
 
     def __init__(self, param_groups: list[dict], **adamw_kwargs):
@@ -151,10 +162,10 @@ class MuonAdamW(AdamW):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - g["momentum"])  # elementwise: each rank on its own shard
             updates.append(p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf)
-        steps = {g["ns_steps"] for _, g in params}
-        if len(steps) > 1:
-            raise LinguaError(f"Muon: param groups disagree on ns_steps ({sorted(steps)})")
-        ortho = orthogonalize_all(updates, steps.pop()) if params else []
+        how = {(g["ns_steps"], g.get("ns_dtype", "fp32")) for _, g in params}
+        if len(how) > 1:
+            raise LinguaError(f"Muon: param groups disagree on (ns_steps, ns_dtype): {sorted(how)}")
+        ortho = orthogonalize_all(updates, *how.pop()) if params else []
         for (p, g), o in zip(params, ortho):
             p.mul_(1 - g["lr"] * g["weight_decay"])
             p.add_(o, alpha=-adjusted_lr(g["lr"], p.shape, g["adjust_lr"]))

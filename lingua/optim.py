@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim import AdamW, lr_scheduler
 
 from lingua.errors import ConfigError
-from lingua.muon import ADJUST_LR, MuonAdamW
+from lingua.muon import ADJUST_LR, NS_DTYPES, MuonAdamW, resolve_ns_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class OptimArgs:
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_ns_dtype: str = "auto"  # auto (bf16 where bf16 matmuls are native: CUDA, AVX512-BF16/AMX CPUs) | bf16 | fp32
     muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw: update * 0.2 sqrt(max(m, n)) (Moonlight) | original
 
 
@@ -153,7 +154,8 @@ def check_args(args: OptimArgs, n_steps: int) -> None:
     if args.scheduler in ("cosine", "wsd") and not 0 < args.cycle_length <= 1:
         raise ConfigError(f"optim.cycle_length: must be in (0, 1], got {args.cycle_length}")
     for key, value, choices in (("name", args.name, OPTIMIZERS), ("decay_params", args.decay_params, DECAY_PARAMS),
-                                ("muon_adjust_lr", args.muon_adjust_lr, ADJUST_LR)):
+                                ("muon_adjust_lr", args.muon_adjust_lr, ADJUST_LR),
+                                ("muon_ns_dtype", args.muon_ns_dtype, ("auto", *NS_DTYPES))):
         if value not in choices:
             raise ConfigError(f"optim.{key}: unknown value '{value}' (choose one of {', '.join(choices)})")
     if args.embed_lr is not None and args.embed_lr < 0:
@@ -239,9 +241,10 @@ def build_optimizer(model: nn.Module, args: OptimArgs, n_steps: int) -> tuple[Ad
                   fused=fused)
     try:
         if args.name == "muon":
+            ns_dtype = resolve_ns_dtype(args.muon_ns_dtype, params[0].device)
             for g in groups:
                 g.update(momentum=args.muon_momentum, nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps,
-                         adjust_lr=args.muon_adjust_lr)
+                         ns_dtype=ns_dtype, adjust_lr=args.muon_adjust_lr)
             optimizer = MuonAdamW(groups, **kwargs)
         else:
             optimizer = AdamW(groups, **kwargs)

@@ -19,7 +19,7 @@ from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError, LinguaError
 from lingua.init import trunc_normal_
 from lingua.kv_cache import KVCache, LayerKVCache
-from lingua.layers import MLPS, RMSNorm, build_mlp, ffn_hidden_dim, init_output_
+from lingua.layers import MLPS, RMSNorm, build_mlp, ffn_hidden_dim, init_output_, linear_group
 
 ATTN_IMPLS = ("sdpa", "flex_attention", "xformers")
 MASKS = ("causal", "block_causal")
@@ -112,9 +112,8 @@ class Attention(nn.Module):
         `KVCache.positions_and_mask` when decoding with a cache."""
         bs, seqlen, _ = x.shape
         # -1 heads, not n_heads: tensor parallelism shards wq/wk/wv by columns, leaving fewer heads on each rank
-        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_heads, head_dim)
-        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
-        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_local_kv_heads, head_dim)
+        xq, xk, xv = (t.view(bs, seqlen, -1, self.head_dim) for t in linear_group(x, self.wq, self.wk, self.wv))
+        # xq: (bs, seqlen, n_local_heads, head_dim); xk, xv: (bs, seqlen, n_local_kv_heads, head_dim)
         if hasattr(self, "q_norm"):
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rope(xq, freq_cos, freq_sin), apply_rope(xk, freq_cos, freq_sin)

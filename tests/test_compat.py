@@ -31,7 +31,8 @@ def test_old_checkpoints_find_their_spec_and_give_the_same_logits(name, spec, cl
     ref = torch.load(FIXTURES / "reference_logits.pt", weights_only=True)
     with torch.no_grad():
         logits = model(ref["tokens"], tok_idx=ref["tok_idx"])
-    torch.testing.assert_close(logits, ref[name], rtol=0, atol=1e-6)
+    # fp32 rounding only: one q|k|v matmul (lingua.layers.linear_group) sums in another order than three did
+    torch.testing.assert_close(logits, ref[name], rtol=0, atol=1e-5)
 
 
 def test_old_checkpoints_evaluate_and_generate_through_the_main_apps(tmp_path, capsys):

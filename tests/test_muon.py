@@ -14,7 +14,8 @@ import torch
 from apps.mamba.model import MAMBA_SPEC
 from lingua.args import load_config
 from lingua.errors import ConfigError
-from lingua.muon import MuonAdamW, assign_owners, orthogonalize
+from lingua.muon import MuonAdamW, assign_owners, orthogonalize, resolve_ns_dtype
+from lingua.precision import cpu_bf16_features
 from lingua.optim import OptimArgs, build_optimizer, param_groups
 from lingua.spec import TRANSFORMER_SPEC
 from lingua.train import TrainArgs, train
@@ -86,8 +87,14 @@ def test_muon_step_matches_torch_muon_and_adamw_groups_match_adamw():
     assert torch.equal(b, b_ref)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=2e-3)  # bf16 vs fp32 iteration
     # the orthogonalized update has singular values near 1 (Newton-Schulz lands them in ~[0.5, 1.5])
-    s = torch.linalg.svdvals(orthogonalize(torch.randn(24, 16), 5))
-    assert 0.5 < s.min() and s.max() < 1.5
+    g = torch.randn(24, 16)
+    for dtype in ("fp32", "bf16"):
+        s = torch.linalg.svdvals(orthogonalize(g, 5, dtype).float())
+        assert 0.5 < s.min() and s.max() < 1.5, dtype
+    # bf16 iterates to the same update, to bf16's precision (its matmuls are native on CUDA and AVX512-BF16 CPUs)
+    torch.testing.assert_close(orthogonalize(g, 5, "bf16"), orthogonalize(g, 5, "fp32"), rtol=0, atol=0.05)
+    assert resolve_ns_dtype("auto", torch.device("cpu")) == ("bf16" if cpu_bf16_features() else "fp32")
+    assert resolve_ns_dtype("fp32", torch.device("cpu")) == "fp32"
     assert assign_owners([10, 40, 30, 20], 2) == [0, 0, 1, 1]  # largest first, to the least-loaded: 50 each
 
 
@@ -146,7 +153,8 @@ def test_fsdp_muon_matches_one_process_and_resumes_resharded_on_one(tiny_corpus,
     """2-process FSDP Muon follows the 1-process Muon curve (the tolerance of tests/test_distributed.py); its DCP
     checkpoint holds the momentum buffers; resumed on 2 processes it repeats the run exactly, and on one process it
     continues the 1-process curve."""
-    muon = dict(optim__name="muon", model__weight_tying=True, eval__at_end=False)
+    # fp32 Newton-Schulz: bf16's rounding would differ between the layouts' thread counts
+    muon = dict(optim__name="muon", optim__muon_ns_dtype="fp32", model__weight_tying=True, eval__at_end=False)
     ref, fsdp = tmp_path / "ref", tmp_path / "fsdp"
     train(load_config(TrainArgs, dcfg(tiny_corpus, ref, data__batch_size=BATCH, **muon)), TRANSFORMER_SPEC)
     torchrun(2, dcfg(tiny_corpus, fsdp, data__batch_size=BATCH // 2, distributed__dp_shard=2, **muon),

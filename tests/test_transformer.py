@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lingua.errors import ConfigError, LinguaError
 from lingua.attention import attend, attention_mask
 from lingua.decoder import num_params
-from lingua.layers import ffn_hidden_dim
+from lingua.layers import ffn_hidden_dim, linear_group
 from lingua.transformer import Transformer, TransformerArgs, apply_rope, check_args, flops_per_token, rope_frequencies
 
 # eager flex_attention is the CPU path under test; torch warns that it is unfused
@@ -326,3 +326,27 @@ def test_relu2_and_qk_norm_shapes_and_softcap_bound():
     assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (8,)  # one weight per head dimension
     with torch.no_grad():
         assert model(torch.randint(0, 64, (2, 16))).abs().max() < 2.0  # logits within the soft cap
+
+
+def test_linear_group_is_the_separate_linears_forward_and_backward():
+    """Attention's q/k/v and SwiGLU's w1/w3 run as one matmul of their concatenated weights: the same outputs and
+    weight gradients as one call each (to fp32 rounding); a module with a bias takes the one-call-each path."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    mods = [torch.nn.Linear(16, n, bias=False) for n in (16, 8, 8)]
+    fused = linear_group(x, *mods)
+    assert [t.shape[-1] for t in fused] == [16, 8, 8]
+    sum(t.square().sum() for t in fused).backward()
+    got = [m.weight.grad.clone() for m in mods] + [x.grad.clone()]
+    for m in mods:
+        m.weight.grad = None
+    x.grad = None
+    ref = [m(x) for m in mods]
+    sum(t.square().sum() for t in ref).backward()
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got, [m.weight.grad for m in mods] + [x.grad]):
+        torch.testing.assert_close(a, b)
+    biased = torch.nn.Linear(16, 4)
+    (out,) = linear_group(x, biased)
+    torch.testing.assert_close(out, biased(x))
