@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,19 +32,10 @@ sys.path.insert(0, str(ROOT / "setup"))  # tokenize_data, importable by name: it
 
 from lingua.data import DataArgs, DataLoader  # noqa: E402
 from lingua.errors import LinguaError, exit_on_error  # noqa: E402
+from lingua.precision import cpu_name  # noqa: E402
 from lingua.tokenizer import TokenizerArgs  # noqa: E402
 
 TOKEN_TARGET = 20e6  # tokens/s per process for the token-shard loader (lingua issue 14)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(args: DataArgs, seconds: float, min_batches: int, windows: int = 5) -> tuple[float, float, float]:

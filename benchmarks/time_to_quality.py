@@ -15,7 +15,6 @@ curves as PNG through lingua.plot (x = training seconds). Needs data/shakespeare
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,9 @@ from lingua.args import load_config  # noqa: E402
 from lingua.evaluation import EvalArgs, evaluate_source  # noqa: E402
 from lingua.inference import load_model  # noqa: E402
 from lingua.data import DataArgs  # noqa: E402
+from lingua.tokenizer import TokenizerArgs  # noqa: E402
 from lingua.distributed import DistributedArgs, init_distributed  # noqa: E402
-from lingua.precision import autocast_context  # noqa: E402
+from lingua.precision import autocast_context, cpu_bf16_features, cpu_name  # noqa: E402
 from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
 
@@ -38,30 +38,36 @@ V1 = ["optim.name=adamw", "optim.decay_params=all", "optim.lr=3e-3", "optim.warm
       "optim.weight_decay=0.1", "model.qk_norm=false", "model.mlp=swiglu", "model.zero_init_proj=false",
       "model.logit_softcap=null", "model.weight_tying=true", "model.mask=block_causal", "data.batch_size=8"]
 MUON = ["optim.name=muon"]
+# This round's first recipe (README ablation, first table): the debug recipe with an untied head and a logit soft-cap.
+R1 = ["model.weight_tying=false", "model.logit_softcap=30"]
 RECIPES = {  # name -> overrides of apps/main/configs/debug.yaml (the current recipe: AdamW + the model switches)
     "debug": [],
     "muon": MUON,
     "v1": V1,
-    # each switch off, from the debug recipe
+    # each switch flipped, from the debug recipe
     "no-qk-norm": ["model.qk_norm=false"],
-    "no-softcap": ["model.logit_softcap=null"],
+    "softcap": ["model.logit_softcap=30"],
     "swiglu": ["model.mlp=swiglu"],
     "no-zero-init": ["model.zero_init_proj=false"],
-    "tied": ["model.weight_tying=true"],
+    "untied": ["model.weight_tying=false"],
     "decay-all": ["optim.decay_params=all"],  # weight decay on norms and embeddings too
-    "lean": ["model.qk_norm=false", "model.logit_softcap=null"],
-    # each switch off, from the Muon recipe (the ablation of an earlier README)
-    "muon-no-qk-norm": MUON + ["model.qk_norm=false"],
-    "muon-swiglu": MUON + ["model.mlp=swiglu"],
-    "muon-no-zero-init": MUON + ["model.zero_init_proj=false"],
-    "muon-no-softcap": MUON + ["model.logit_softcap=null"],
-    "muon-tied": MUON + ["model.weight_tying=true"],
+    # the first recipe of this round, and each switch flipped from it (the README's first ablation)
+    "r1": R1,
+    "r1-no-qk-norm": R1 + ["model.qk_norm=false"],
+    "r1-no-softcap": R1 + ["model.logit_softcap=null"],
+    "r1-swiglu": R1 + ["model.mlp=swiglu"],
+    "r1-no-zero-init": R1 + ["model.zero_init_proj=false"],
+    "r1-tied": R1 + ["model.weight_tying=true"],
+    "r1-decay-all": R1 + ["optim.decay_params=all"],
+    "r1-lean": R1 + ["model.qk_norm=false", "model.logit_softcap=null"],
+    "r1-muon": R1 + MUON,
 }
 SOURCES = ("shakespeare", "sotu")
 
 
 def config(recipe: str, dump_dir: Path, extra: list[str]) -> TrainArgs:
-    argv = [f"config={ROOT}/apps/main/configs/debug.yaml", f"dump_dir={dump_dir}", "logging.progress=false"]
+    argv = [f"config={ROOT}/apps/main/configs/debug.yaml", f"dump_dir={dump_dir}", f"name={recipe}",
+            "logging.progress=false"]
     return load_config(TrainArgs, argv + RECIPES[recipe] + extra)
 
 
@@ -81,7 +87,7 @@ def full_bpb(run_dir: Path) -> dict:
     dist_state = init_distributed(DistributedArgs(device="cpu"))
     cfg = json.loads(next((run_dir / "checkpoints").glob("*/params.json")).read_text())["data"]
     data_args = DataArgs(root_dir=cfg["root_dir"], seq_len=cfg["seq_len"], add_bos=cfg["add_bos"],
-                         add_eos=cfg["add_eos"])
+                         add_eos=cfg["add_eos"], tokenizer=TokenizerArgs(**cfg["tokenizer"]))
     out = {}
     for source in SOURCES:
         r = evaluate_source(model, data_args.root_dir, source, tokenizer, EvalArgs(batch_size=8), data_args,
@@ -118,7 +124,7 @@ def main():
     args, extra = parser.parse_known_args()
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {platform.processor() or platform.machine()}; budget {args.seconds:.0f} s of training per recipe",
+    print(f"CPU: {cpu_name()}, native bf16: {', '.join(cpu_bf16_features()) or 'no'}; budget {args.seconds:.0f} s of training per recipe",
           flush=True)
     rows = []
     for recipe in args.recipes.split(","):

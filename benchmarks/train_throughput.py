@@ -3,7 +3,8 @@
     python benchmarks/train_throughput.py [--steps 10] [--repeats 2] [--shapes debug,issue13] [key=value ...]
 
 For each shape it runs every mode of lingua (`apps.main.train`'s loop with the real data loader; "default" is what a
-user gets without flags: model_dtype auto, compile auto, the async loader) and every mode of the plain loop
+user gets without flags: model_dtype auto, compile auto, the async loader; "default-plain-arch" is the default with
+the plain GPT's architecture choices, to compare the step machinery alone) and every mode of the plain loop
 (benchmarks/plain_gpt.py: fixed random batch, fused AdamW, compile and bf16 autocast as options), interleaved over
 --repeats rounds so that a noisy machine slows all of them alike, then prints tok/s, model FLOP/s, MFU against this
 run's matmul peak of the mode's dtype, the data loader's share of the step, and each mode's ratio to the best plain
@@ -13,7 +14,6 @@ marked "emulated". Needs data/ and tokenizers/ (setup/prepare_data.py, setup/tra
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.plain_gpt import GPT, GPTConfig, train_steps  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.metrics import calibrate_matmul  # noqa: E402
-from lingua.precision import cpu_bf16_features  # noqa: E402
+from lingua.precision import cpu_bf16_features, cpu_name  # noqa: E402
 from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
 from lingua.transformer import flops_per_token  # noqa: E402
@@ -39,8 +39,13 @@ SHAPES = {
     "debug": SAME_OPTIMIZER,
     "issue13": SAME_OPTIMIZER + ["data.seq_len=512", "model.max_seqlen=512"],  # 4 layers, 4 heads, dim 256, batch 8
 }
+# The model switches the plain GPT does not have (QK-norm, the block-causal mask; and, set here in case a config turns
+# them on, an untied head and the soft-cap's tanh over the logits): this mode turns them off to compare the step
+# machinery alone.
+PLAIN_ARCH = ["model.weight_tying=true", "model.mask=causal", "model.qk_norm=false", "model.logit_softcap=null"]
 LINGUA_MODES = {
     "default": [],
+    "default-plain-arch": PLAIN_ARCH,
     "default-sync-loader": ["data.load_async=false"],
     "fp32-eager": ["distributed.model_dtype=fp32", "distributed.compile=false"],
     "fp32-compile": ["distributed.model_dtype=fp32", "distributed.compile=true"],
@@ -147,12 +152,7 @@ def main():
     parser.add_argument("--lingua-modes", default=",".join(LINGUA_MODES))
     parser.add_argument("--plain-modes", default=",".join(PLAIN_MODES))
     args, extra = parser.parse_known_args()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"CPU: {cpu}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {', '.join(cpu_bf16_features()) or 'no'}; torch {torch.__version__}", flush=True)
     peaks = {torch.float32: calibrate_matmul(torch.float32, size=2048, time_box_s=2.0)[0],
              torch.bfloat16: calibrate_matmul(torch.bfloat16, size=2048, time_box_s=2.0)[0]}

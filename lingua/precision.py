@@ -6,6 +6,7 @@ AVX2-only CPU a bf16 matmul runs about 30x slower than fp32, so auto picks fp32 
 """
 
 import contextlib
+import platform
 
 import torch
 
@@ -13,6 +14,17 @@ from lingua.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every dtype name lingua takes
 MODEL_DTYPES = ("auto", "bf16", "fp32")  # what distributed.model_dtype trains in
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for benchmark output: which CPU ran it."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_bf16_features() -> list[str]:

@@ -500,4 +500,6 @@ def test_debug_config_trains_on_two_processes(tmp_path):
         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] < 9 for r in rows)
+    # tied embeddings + zero-init blocks start as norm(e) @ E^T, which favours the input token: loss ~16 at step 1
+    losses = [r["loss"] for r in rows]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and losses[-1] < 9 and losses[-1] < losses[0]
