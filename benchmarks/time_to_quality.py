@@ -124,8 +124,8 @@ def main():
     args, extra = parser.parse_known_args()
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_name()}, native bf16: {', '.join(cpu_bf16_features()) or 'no'}; budget {args.seconds:.0f} s of training per recipe",
-          flush=True)
+    print(f"CPU: {cpu_name()}, native bf16: {', '.join(cpu_bf16_features()) or 'no'}; "
+          f"budget {args.seconds:.0f} s of training per recipe", flush=True)
     rows = []
     for recipe in args.recipes.split(","):
         rows.append(run_recipe(recipe, args.seconds, work, extra, args.steps))
