@@ -362,8 +362,9 @@ def test_async_close_and_exceptions_leave_no_process(corpus):
 
 
 SCRIPT = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
 from lingua.data import DataArgs, DataLoader
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a run that does not exit
 def main():
     loader = DataLoader(DataArgs(root_dir=sys.argv[1], sources={"a": 1.0}, seq_len=32, prefetch_size=4))
     next(loader)
@@ -388,7 +389,13 @@ def test_async_no_orphan_on_ctrl_c_or_parent_death(corpus, tmp_path, how):
     child = int(proc.stdout.readline())
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole process group
-    proc.wait(timeout=20)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        pytest.fail(f"the run did not exit within 20 s ({how}); its threads:\n{proc.communicate()[1][-4000:]}")
     assert gone(child, timeout=10)
     if how == "ctrl-c":
         assert "KeyboardInterrupt" in proc.stderr.read()
