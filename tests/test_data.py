@@ -365,6 +365,9 @@ SCRIPT = """
 import faulthandler, os, signal, sys, time
 from lingua.data import DataArgs, DataLoader
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a run that does not exit
+# a run started from a terminal turns Ctrl-C into KeyboardInterrupt; pytest started as a script's background job
+# inherits SIGINT ignored, and so would this run
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def main():
     loader = DataLoader(DataArgs(root_dir=sys.argv[1], sources={"a": 1.0}, seq_len=32, prefetch_size=4))
     next(loader)
