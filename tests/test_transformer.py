@@ -258,11 +258,15 @@ def test_the_defaults_are_a_valid_model():
     assert check_args(TransformerArgs(dim=32)) == (1, 1, 32)  # narrower than one head: one head of dim
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_equals_the_loss_through_the_logits(dtype):
+@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_fused_loss_equals_the_loss_through_the_logits(dtype, compiled):
     """model.fused_loss: the chunked loss with its gradient computed in the forward gives the plain loss and the plain
-    gradients (bf16: as nn.Linear under autocast would), also over several chunks and ignored targets."""
+    gradients (bf16: as nn.Linear under autocast would), also over several chunks and ignored targets; compiled, its
+    gradient is one fused expression instead of the eager in-place one, with the same numbers."""
     from lingua.loss import cross_entropy, linear_cross_entropy
+
+    if compiled:
+        linear_cross_entropy = torch.compile(linear_cross_entropy, fullgraph=True)
 
     torch.manual_seed(0)
     h = torch.randn(3, 50, 16, requires_grad=True)
