@@ -95,8 +95,9 @@ class GPT(nn.Module):
 
 
 def train_steps(config: GPTConfig, batch_size: int, steps: int, dtype: torch.dtype, compile: bool,
-                seed: int = 0) -> list[float]:
-    """Wall time of each training step (forward, backward, clip, fused AdamW) on one fixed random batch."""
+                seed: int = 0, on_step=None) -> list[float]:
+    """Wall time of each training step (forward, backward, clip, fused AdamW) on one fixed random batch; `on_step`
+    (e.g. a profiler's step) is called after each, outside the timing."""
     torch.manual_seed(seed)
     model = GPT(config)
     step_model = torch.compile(model) if compile else model
@@ -114,4 +115,6 @@ def train_steps(config: GPTConfig, batch_size: int, steps: int, dtype: torch.dty
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step()
     return times

@@ -8,7 +8,8 @@ the plain GPT's architecture choices, to compare the step machinery alone) and e
 (benchmarks/plain_gpt.py: fixed random batch, fused AdamW, compile and bf16 autocast as options), interleaved over
 --repeats rounds so that a noisy machine slows all of them alike, then prints tok/s, model FLOP/s, MFU against this
 run's matmul peak of the mode's dtype, the data loader's share of the step, and each mode's ratio to the best plain
-mode. Modes whose dtype this CPU only emulates (bf16 without AMX/AVX512-BF16, ~30x slower) run 2 steps and are
+mode; then where the time of lingua's default step and of the best plain step goes (torch.profiler over a few steps
+of one more run each, lingua.profiling.time_breakdown: matmuls, attention, compiled kernels, optimizer, the rest). Modes whose dtype this CPU only emulates (bf16 without AMX/AVX512-BF16, ~30x slower) run 2 steps and are
 marked "emulated". Needs data/ and tokenizers/ (setup/prepare_data.py, setup/train_tokenizer.py).
 """
 
@@ -28,6 +29,7 @@ from benchmarks.plain_gpt import GPT, GPTConfig, train_steps  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.metrics import calibrate_matmul  # noqa: E402
 from lingua.precision import cpu_bf16_features, cpu_name  # noqa: E402
+from lingua.profiling import TIME_CATEGORIES, time_breakdown  # noqa: E402
 from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.train import TrainArgs, train  # noqa: E402
 from lingua.transformer import flops_per_token  # noqa: E402
@@ -89,6 +91,28 @@ def run_plain(cfg: TrainArgs, mode: str, steps: int) -> dict:
             "emulated": emulated}
 
 
+def breakdown_lingua(shape: str, mode: str, extra: list[str]) -> dict:
+    """Where lingua's step time goes: one more run with its own profiler on (steps 4-8)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = lingua_config(shape, mode, tmp, 8, extra + ["profiling.run=true", "profiling.profile_warmup=3",
+                                                          "profiling.profile_steps=5"])
+        train(cfg, TRANSFORMER_SPEC)
+        return json.loads((Path(tmp) / "profiling" / "time_breakdown_rank00000.json").read_text())
+
+
+def breakdown_plain(cfg: TrainArgs, mode: str) -> dict:
+    """Where the plain loop's step time goes: the same profiler window (steps 4-8) over one more run."""
+    dtype, compile = PLAIN_MODES[mode]
+    shape = GPTConfig(n_layer=cfg.model.n_layers, n_head=cfg.model.n_heads, n_embd=cfg.model.dim,
+                      block_size=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    shares = {}
+    schedule = torch.profiler.schedule(wait=0, warmup=3, active=5, repeat=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule,
+                                on_trace_ready=lambda p: shares.update(time_breakdown(p.key_averages()))) as prof:
+        train_steps(shape, cfg.data.batch_size, 8, dtype, compile, on_step=prof.step)
+    return shares
+
+
 def model_dtype(mode: str) -> torch.dtype:
     if "bf16" in mode:
         return torch.bfloat16
@@ -126,6 +150,11 @@ def bench_shape(shape: str, args, extra: list[str], peaks: dict) -> list[dict]:
     best_plain = max((r for r in rows if r["kind"] == "plain" and not r["emulated"]), key=lambda r: r["tok_per_s"])
     for r in rows:
         r["vs_best_plain"] = r["tok_per_s"] / best_plain["tok_per_s"]
+    if args.breakdown and "default" in lingua_modes:
+        for r in rows:
+            if r is best_plain or (r["kind"], r["mode"]) == ("lingua", "default"):
+                r["breakdown"] = (breakdown_lingua(shape, "default", extra) if r["kind"] == "lingua"
+                                  else breakdown_plain(base_cfg, r["mode"]))
     return rows
 
 
@@ -142,6 +171,15 @@ def print_table(rows: list[dict], peaks: dict) -> None:
         print(f"{shape}: default lingua / best plain ({best['mode']}) = {default['vs_best_plain']:.3f}x; "
               f"default MFU {100 * default['mfu']:.1f}% of the same-run matmul peak; data wait "
               f"{100 * default['data_share']:.2f}% of a step")
+    with_breakdown = [r for r in rows if "breakdown" in r]
+    if with_breakdown:
+        names = [name for name, _ in TIME_CATEGORIES] + ["other"]
+        print("\nwhere the step time goes (torch.profiler, self time of the ops, ms/step):")
+        print(f"{'shape':8s} {'loop':6s} {'mode':26s} " + " ".join(f"{n:>16s}" for n in names))
+        for r in with_breakdown:
+            print(f"{r['shape']:8s} {r['kind']:6s} {r['mode']:26s} "
+                  + " ".join(f"{r['breakdown'][n] * r['step_ms']:9.1f} ({100 * r['breakdown'][n]:2.0f}%)"
+                             for n in names))
 
 
 def main():
@@ -151,6 +189,8 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--lingua-modes", default=",".join(LINGUA_MODES))
     parser.add_argument("--plain-modes", default=",".join(PLAIN_MODES))
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                        help="skip the profiled runs of lingua's default and the best plain mode")
     args, extra = parser.parse_known_args()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {', '.join(cpu_bf16_features()) or 'no'}; torch {torch.__version__}", flush=True)

@@ -1,6 +1,9 @@
-"""torch.profiler traces for a few steps of a run (Chrome trace), plus a CUDA memory snapshot on GPU."""
+"""torch.profiler traces for a few steps of a run (Chrome trace), where their time went (`time_breakdown`: matmuls,
+attention, compiled kernels, optimizer, the rest; logged and written next to the trace), and a CUDA memory snapshot on
+GPU."""
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -18,6 +21,32 @@ class ProfilerArgs:
     profile_warmup: int = 2  # steps skipped before tracing (the first steps include one-off costs)
     profile_steps: int = 3
     mem_snapshot: bool = True  # CUDA only: allocator history of the traced steps
+
+
+# Op or kernel names (substrings) -> where the time goes, first match wins. CPU: the ops' own time; inductor's generated
+# kernels run inside "## Call CompiledFxGraph" (their time is its self time). CUDA: the kernels' device time.
+TIME_CATEGORIES = (
+    ("attention", ("scaled_dot_product", "flash", "fmha", "attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "_grouped_mm", "gemm", "cutlass", "xmma")),
+    ("optimizer", ("adam", "Optimizer.", "_foreach_", "multi_tensor", "newton_schulz")),
+    ("compiled kernels", ("CompiledFxGraph", "cpp_fused", "triton_")),
+)
+
+
+def time_breakdown(events, device_time: bool = False) -> dict:
+    """Share of the profiled steps' time per TIME_CATEGORIES entry (and "other": eager ops, framework), from the
+    events of `prof.key_averages()`: self CPU time, or self device time for a CUDA run."""
+    totals = {name: 0.0 for name, _ in TIME_CATEGORIES} | {"other": 0.0}
+    for e in events:
+        t = e.self_device_time_total if device_time else e.self_cpu_time_total
+        name = next((cat for cat, keys in TIME_CATEGORIES if any(k in e.key for k in keys)), "other")
+        totals[name] += t
+    total = sum(totals.values()) or 1.0
+    return {name: t / total for name, t in totals.items()}
+
+
+def format_breakdown(shares: dict) -> str:
+    return ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
 
 
 class _NoProfiler:
@@ -43,7 +72,10 @@ def maybe_profile(args: ProfilerArgs, dump_dir: str, rank: int, device: torch.de
     def on_trace_ready(prof):
         path = os.path.join(folder, f"trace_rank{rank:05d}_step{prof.step_num}.json")
         prof.export_chrome_trace(path)
-        logger.info(f"wrote profiler trace {path}")
+        shares = time_breakdown(prof.key_averages(), device_time=cuda)
+        with open(os.path.join(folder, f"time_breakdown_rank{rank:05d}.json"), "w") as f:
+            json.dump(shares, f)
+        logger.info(f"wrote profiler trace {path}; time of the traced steps: {format_breakdown(shares)}")
         if cuda and args.mem_snapshot:
             with open(os.path.join(folder, f"memory_snapshot_rank{rank:05d}.pickle"), "wb") as f:
                 pickle.dump(torch.cuda.memory._snapshot(), f)

@@ -1,5 +1,6 @@
 """The shared train loop end to end on a tiny model: learning, exact resume, atomic saves, preemption, bad input."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -124,10 +125,28 @@ def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path):
     assert list_checkpoints(tmp_path / "checkpoints") == []
 
 
-def test_profiler_writes_a_chrome_trace(tiny_corpus, tmp_path):
+def test_profiler_writes_a_chrome_trace_and_where_the_time_went(tiny_corpus, tmp_path):
     run(tiny_corpus, tmp_path, steps=5, profiling__run=True, profiling__profile_warmup=1, profiling__profile_steps=2)
-    traces = list((tmp_path / "profiling").glob("*.json"))
+    traces = list((tmp_path / "profiling").glob("trace_*.json"))
     assert traces and traces[0].stat().st_size > 1000
+    shares = json.loads((tmp_path / "profiling" / "time_breakdown_rank00000.json").read_text())
+    assert set(shares) == {"attention", "matmul", "optimizer", "compiled kernels", "other"}
+    assert abs(sum(shares.values()) - 1) < 1e-6
+    assert shares["matmul"] > 0.05 and shares["attention"] > 0 and shares["optimizer"] > 0  # a real step's ops
+
+
+def test_time_breakdown_sorts_ops_into_their_categories():
+    from lingua.profiling import time_breakdown
+
+    class Event:
+        def __init__(self, key, t):
+            self.key, self.self_cpu_time_total, self.self_device_time_total = key, t, 2 * t
+
+    events = [Event("aten::mm", 50), Event("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 30),
+              Event("## Call CompiledFxGraph fabc ##", 10), Event("aten::_fused_adamw_", 5), Event("aten::add_", 5)]
+    assert time_breakdown(events) == {"attention": 0.3, "matmul": 0.5, "optimizer": 0.05, "compiled kernels": 0.1,
+                                      "other": 0.05}
+    assert time_breakdown(events, device_time=True) == time_breakdown(events)
 
 
 @pytest.mark.parametrize(
