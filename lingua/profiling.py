@@ -35,9 +35,14 @@ TIME_CATEGORIES = (
 
 def time_breakdown(events, device_time: bool = False) -> dict:
     """Share of the profiled steps' time per TIME_CATEGORIES entry (and "other": eager ops, framework), from the
-    events of `prof.key_averages()`: self CPU time, or self device time for a CUDA run."""
+    events of `prof.key_averages()`: self CPU time, or for a CUDA run the device time of the kernels (only the
+    kernel events: an op's own device time repeats that of the kernels it launched)."""
+    from torch.autograd import DeviceType
+
     totals = {name: 0.0 for name, _ in TIME_CATEGORIES} | {"other": 0.0}
     for e in events:
+        if device_time and getattr(e, "device_type", DeviceType.CUDA) != DeviceType.CUDA:
+            continue
         t = e.self_device_time_total if device_time else e.self_cpu_time_total
         name = next((cat for cat, keys in TIME_CATEGORIES if any(k in e.key for k in keys)), "other")
         totals[name] += t

@@ -138,15 +138,23 @@ def test_profiler_writes_a_chrome_trace_and_where_the_time_went(tiny_corpus, tmp
 def test_time_breakdown_sorts_ops_into_their_categories():
     from lingua.profiling import time_breakdown
 
+    from torch.autograd import DeviceType
+
     class Event:
-        def __init__(self, key, t):
+        def __init__(self, key, t, device_type=DeviceType.CPU):
             self.key, self.self_cpu_time_total, self.self_device_time_total = key, t, 2 * t
+            self.device_type = device_type
 
     events = [Event("aten::mm", 50), Event("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 30),
               Event("## Call CompiledFxGraph fabc ##", 10), Event("aten::_fused_adamw_", 5), Event("aten::add_", 5)]
     assert time_breakdown(events) == {"attention": 0.3, "matmul": 0.5, "optimizer": 0.05, "compiled kernels": 0.1,
                                       "other": 0.05}
-    assert time_breakdown(events, device_time=True) == time_breakdown(events)
+    # CUDA: the kernels' device time only (aten::mm's own device time repeats its gemm kernel's)
+    kernels = [Event("sm90_xmma_gemm_bf16bf16_bf16f32", 30, DeviceType.CUDA),
+               Event("pytorch_flash::flash_bwd_kernel", 10, DeviceType.CUDA),
+               Event("triton_poi_fused_add_mul_0", 10, DeviceType.CUDA)]
+    assert time_breakdown(events + kernels, device_time=True) == {
+        "attention": 0.2, "matmul": 0.6, "optimizer": 0.0, "compiled kernels": 0.2, "other": 0.0}
 
 
 @pytest.mark.parametrize(
