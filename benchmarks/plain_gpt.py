@@ -95,16 +95,20 @@ class GPT(nn.Module):
 
 
 def train_steps(config: GPTConfig, batch_size: int, steps: int, dtype: torch.dtype, compile: bool,
-                seed: int = 0, on_step=None) -> list[float]:
+                seed: int = 0, on_step=None, device: str = "cpu") -> list[float]:
     """Wall time of each training step (forward, backward, clip, fused AdamW) on one fixed random batch; `on_step`
-    (e.g. a profiler's step) is called after each, outside the timing."""
+    (e.g. a profiler's step) is called after each, outside the timing. On CUDA each step ends with a synchronize
+    (so the time is the step's), with TF32 matmuls as nanoGPT sets them."""
     torch.manual_seed(seed)
-    model = GPT(config)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = GPT(config).to(device)
     step_model = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-    x = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1))
+    x = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -114,6 +118,8 @@ def train_steps(config: GPTConfig, batch_size: int, steps: int, dtype: torch.dty
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         if on_step is not None:
             on_step()

@@ -1,6 +1,7 @@
 """Training throughput of lingua's real train loop against a plain nanoGPT-style loop of the same shape, in one run.
 
     python benchmarks/train_throughput.py [--steps 10] [--repeats 2] [--shapes debug,issue13] [key=value ...]
+    python benchmarks/train_throughput.py --shapes config config=apps/main/configs/llama_1B.yaml [key=value ...]
 
 For each shape it runs every mode of lingua (`apps.main.train`'s loop with the real data loader; "default" is what a
 user gets without flags: model_dtype auto, compile auto, the async loader; "default-plain-arch" is the default with
@@ -10,7 +11,10 @@ the plain GPT's architecture choices, to compare the step machinery alone) and e
 run's matmul peak of the mode's dtype, the data loader's share of the step, and each mode's ratio to the best plain
 mode; then where the time of lingua's default step and of the best plain step goes (torch.profiler over a few steps
 of one more run each, lingua.profiling.time_breakdown: matmuls, attention, compiled kernels, optimizer, the rest). Modes whose dtype this CPU only emulates (bf16 without AMX/AVX512-BF16, ~30x slower) run 2 steps and are
-marked "emulated". Needs data/ and tokenizers/ (setup/prepare_data.py, setup/train_tokenizer.py).
+marked "emulated". Needs data/ and tokenizers/ (setup/prepare_data.py, setup/train_tokenizer.py). `config=` picks
+the base config (default apps/main/configs/debug.yaml; shape "config" runs it unchanged). On a CUDA GPU both loops
+run there and MFU is against the GPU's table peak (lingua.metrics.peak_flops); benchmarks/gpu_check.sh is the
+prepared one-GPU run.
 """
 
 import argparse
@@ -27,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.plain_gpt import GPT, GPTConfig, train_steps  # noqa: E402
 from lingua.args import load_config  # noqa: E402
-from lingua.metrics import calibrate_matmul  # noqa: E402
+from lingua.metrics import calibrate_matmul, peak_flops  # noqa: E402
 from lingua.precision import cpu_bf16_features, cpu_name  # noqa: E402
 from lingua.profiling import TIME_CATEGORIES, time_breakdown  # noqa: E402
 from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
@@ -37,7 +41,9 @@ from lingua.transformer import flops_per_token  # noqa: E402
 # Overrides of apps/main/configs/debug.yaml. Both loops step fused AdamW: the debug recipe's Muon (about 35% more
 # FLOPs a step at 2k tokens, lingua/muon.py) is an algorithm choice, not a mode of the step machinery measured here.
 SAME_OPTIMIZER = ["optim.name=adamw"]
+DEBUG_CONFIG = ROOT / "apps" / "main" / "configs" / "debug.yaml"
 SHAPES = {
+    "config": SAME_OPTIMIZER,  # the base config as it is (e.g. config=apps/main/configs/llama_1B.yaml on a GPU)
     "debug": SAME_OPTIMIZER,
     "issue13": SAME_OPTIMIZER + ["data.seq_len=512", "model.max_seqlen=512"],  # 4 layers, 4 heads, dim 256, batch 8
 }
@@ -62,9 +68,16 @@ def native_bf16() -> bool:
     return bool(cpu_bf16_features()) or torch.cuda.is_available()
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def lingua_config(shape: str, mode: str, dump_dir: str, steps: int, extra: list[str]) -> TrainArgs:
-    argv = [f"config={ROOT}/apps/main/configs/debug.yaml", f"dump_dir={dump_dir}", f"steps={steps}",
-            "logging.freq=1", "logging.progress=false", "checkpoint.dump.every=0", "eval.at_end=false",
+    """The base config (`config=` among the overrides, else the debug one) with the shape's and the mode's overrides."""
+    config = next((e.split("=", 1)[1] for e in extra if e.startswith("config=")), str(DEBUG_CONFIG))
+    extra = [e for e in extra if not e.startswith("config=")]
+    argv = [f"config={config}", f"dump_dir={dump_dir}", f"steps={steps}",
+            "logging.freq=1", "logging.progress=false", "checkpoint.dump.every=0", "checkpoint.save_at_end=false", "eval.at_end=false",
             "eval.every=0", "logging.peak_flops=1e12", "optim.warmup=0"]
     return load_config(TrainArgs, argv + SHAPES[shape] + LINGUA_MODES[mode] + extra)
 
@@ -86,7 +99,7 @@ def run_plain(cfg: TrainArgs, mode: str, steps: int) -> dict:
     emulated = dtype == torch.bfloat16 and not native_bf16()
     shape = GPTConfig(n_layer=cfg.model.n_layers, n_head=cfg.model.n_heads, n_embd=cfg.model.dim,
                       block_size=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
-    times = train_steps(shape, cfg.data.batch_size, 3 if emulated else steps, dtype, compile)
+    times = train_steps(shape, cfg.data.batch_size, 3 if emulated else steps, dtype, compile, device=device())
     return {"step_s": times[2:] or times[-1:], "data_s": [0.0], "tokens": cfg.data.batch_size * cfg.data.seq_len,
             "emulated": emulated}
 
@@ -105,11 +118,12 @@ def breakdown_plain(cfg: TrainArgs, mode: str) -> dict:
     dtype, compile = PLAIN_MODES[mode]
     shape = GPTConfig(n_layer=cfg.model.n_layers, n_head=cfg.model.n_heads, n_embd=cfg.model.dim,
                       block_size=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
-    shares = {}
+    shares, cuda = {}, device() == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     schedule = torch.profiler.schedule(wait=0, warmup=3, active=5, repeat=1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule,
-                                on_trace_ready=lambda p: shares.update(time_breakdown(p.key_averages()))) as prof:
-        train_steps(shape, cfg.data.batch_size, 8, dtype, compile, on_step=prof.step)
+    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=lambda p: shares.update(
+            time_breakdown(p.key_averages(), device_time=cuda))) as prof:
+        train_steps(shape, cfg.data.batch_size, 8, dtype, compile, on_step=prof.step, device=device())
     return shares
 
 
@@ -182,6 +196,18 @@ def print_table(rows: list[dict], peaks: dict) -> None:
                              for n in names))
 
 
+def measure_peaks() -> dict:
+    """Per dtype, the FLOP/s MFU is against: a CPU's same-run 2048^3 matmul (or the largest that fits the time box),
+    a GPU's table peak (dense, from its datasheet) with this run's 8192^3 matmul printed beside it."""
+    if device() == "cuda":
+        peaks = {dt: peak_flops(torch.device("cuda"), dt)[0] for dt in (torch.float32, torch.bfloat16)}
+        seen = calibrate_matmul(torch.bfloat16, torch.device("cuda"), size=8192, time_box_s=2.0)[0]
+        return peaks | {"source": f"{torch.cuda.get_device_name()} table peaks; this run's 8192^3 bf16 matmul: "
+                                  f"{seen / 1e12:.0f} TFLOP/s"}
+    return {dt: calibrate_matmul(dt, size=2048, time_box_s=2.0)[0] for dt in (torch.float32, torch.bfloat16)} | {
+        "source": "2048^3 or the largest that fits the time box, this run"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="steps per run (the first two are not timed)")
@@ -194,11 +220,13 @@ def main():
     args, extra = parser.parse_known_args()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {', '.join(cpu_bf16_features()) or 'no'}; torch {torch.__version__}", flush=True)
-    peaks = {torch.float32: calibrate_matmul(torch.float32, size=2048, time_box_s=2.0)[0],
-             torch.bfloat16: calibrate_matmul(torch.bfloat16, size=2048, time_box_s=2.0)[0]}
+    if device() == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}, CUDA "
+              f"{torch.version.cuda}; both loops run on it", flush=True)
+    peaks = measure_peaks()
     rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, args, extra, peaks)]
-    print(f"\nmatmul peak (2048^3 or the largest that fits the time box, this run): fp32 "
-          f"{peaks[torch.float32] / 1e9:.1f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s")
+    print(f"\nmatmul peak ({peaks['source']}): fp32 {peaks[torch.float32] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s")
     print_table(rows, peaks)
 
 

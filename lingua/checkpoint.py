@@ -64,6 +64,9 @@ class CheckpointArgs:
     # a resume whose latest checkpoint fails its checksums: false stops with one line; true sets it aside
     # (renamed to <step>.corrupt, never deleted) and resumes from the previous complete one that verifies
     fallback_on_corrupt: bool = False
+    # the save after the last step; false keeps nothing of a run that needs no checkpoint (a throughput benchmark:
+    # a 1B model's final save writes ~15 GB). A preemption's save and the periodic ones happen either way.
+    save_at_end: bool = True
     # write with DCP's async_save: a CPU copy of the state is staged, the files are written in a background thread
     # while training goes on; COMPLETE and checksums come once every rank finished. One save in flight at a time;
     # the final and preemption saves wait. (`async` itself is a Python keyword.)

@@ -378,7 +378,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
-        last = state.step == args.steps or result.stop
+        last = (state.step == args.steps and args.checkpoint.save_at_end) or result.stop
         kinds = checkpoints.kinds_due(state.step, last=last)
         checkpoints.poll()  # completes an async save of an earlier step once its files are written
         if kinds:  # the final and preemption saves wait for their files

@@ -118,6 +118,13 @@ def test_init_ckpt_path_loads_weights_only(tiny_corpus, tmp_path):
     assert read_jsonl(tmp_path / "b" / "metrics.jsonl")[0]["step"] == 1  # a fresh run, not a resume
 
 
+def test_save_at_end_false_keeps_only_the_periodic_saves(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path / "a", steps=5, checkpoint__dump__every=2, checkpoint__save_at_end=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "a" / "checkpoints")] == ["0000000002", "0000000004"]
+    run(tiny_corpus, tmp_path / "b", steps=5, checkpoint__dump__every=2)  # the default: step 5 saved too
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "0000000005"
+
+
 def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path):
     with pytest.raises(LinguaError, match=r"loss is (nan|inf) at step \d+: stopping without saving"):
         run(tiny_corpus, tmp_path, steps=50, optim__lr=1e9, optim__clip=0.0, optim__warmup=0,

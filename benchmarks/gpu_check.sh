@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The prepared one-GPU check of issue 13, for a lent `device` machine (one H200; its python3 has torch with CUDA,
+# numpy, sentencepiece and PyYAML, but not omegaconf). Here, once: the corpus and tokenizer (README) and omegaconf's
+# wheels in .whl/ (ignored by git):
+#   pip download --no-deps --only-binary=:all: -d .whl omegaconf==2.3.0
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+# Then one call: run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "data/shakespeare", "tokenizers"]).
+# It prints (and writes under $OUT) the attention report and benchmarks/train_throughput.py at the shapes of
+# apps/main/configs/llama_1B.yaml (dim 2048, 25 layers, 16 heads, seq 4096, batch 4, Llama's SwiGLU and untied
+# output) on the shakespeare corpus with its 4k vocabulary: lingua's default against the plain loop's bf16 +
+# compile, tok/s, MFU against the GPU's table peak, where the step time goes. STEPS=n changes the step count;
+# SMOKE=1 shrinks the model to 2 layers of 256 (a CPU dry run of this script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/lingua_gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import omegaconf" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+
+MODEL=(model.dim=2048 model.n_layers=25 model.n_heads=16 model.rope_theta=100000.0 model.max_seqlen=4096
+       model.mlp=swiglu model.weight_tying=false model.qk_norm=false model.zero_init_proj=false)
+DATA=(data.seq_len=4096 data.batch_size=4)
+if [ "${SMOKE:-0}" = 1 ]; then
+  MODEL+=(model.dim=256 model.n_layers=2 model.n_heads=4 model.max_seqlen=256)
+  DATA+=(data.seq_len=256 data.batch_size=2)
+fi
+
+$PY -m lingua.attention_report config=apps/main/configs/debug.yaml "${MODEL[@]}" dtype=bf16 "seq_len=${DATA[0]#*=}" \
+  2>&1 | tee "$OUT/attention_report.txt"
+$PY benchmarks/train_throughput.py --shapes config --steps "${STEPS:-20}" --repeats 1 \
+  --lingua-modes default,bf16-eager --plain-modes bf16-compile,bf16-eager "${MODEL[@]}" "${DATA[@]}" \
+  2>&1 | grep -v " INFO step " | tee "$OUT/train_throughput.txt"
