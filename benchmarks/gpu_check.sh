@@ -14,23 +14,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lingua_gpu_check}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import omegaconf" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import omegaconf" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 
-MODEL=(model.dim=2048 model.n_layers=25 model.n_heads=16 model.rope_theta=100000.0 model.max_seqlen=4096
+DIM=2048 LAYERS=25 HEADS=16 SEQ=4096 BATCH=4
+if [ "${SMOKE:-0}" = 1 ]; then DIM=256 LAYERS=2 HEADS=4 SEQ=256 BATCH=2; fi
+MODEL=(model.dim=$DIM model.n_layers=$LAYERS model.n_heads=$HEADS model.rope_theta=100000.0 model.max_seqlen=$SEQ
        model.mlp=swiglu model.weight_tying=false model.qk_norm=false model.zero_init_proj=false)
-DATA=(data.seq_len=4096 data.batch_size=4)
-if [ "${SMOKE:-0}" = 1 ]; then
-  MODEL+=(model.dim=256 model.n_layers=2 model.n_heads=4 model.max_seqlen=256)
-  DATA+=(data.seq_len=256 data.batch_size=2)
-fi
+DATA=(data.seq_len=$SEQ data.batch_size=$BATCH)
 
-$PY -m lingua.attention_report config=apps/main/configs/debug.yaml "${MODEL[@]}" dtype=bf16 "seq_len=${DATA[0]#*=}" \
+$PY -m lingua.attention_report config=apps/main/configs/debug.yaml "${MODEL[@]}" dtype=bf16 seq_len=$SEQ \
   2>&1 | tee "$OUT/attention_report.txt"
 $PY benchmarks/train_throughput.py --shapes config --steps "${STEPS:-20}" --repeats 1 \
   --lingua-modes default,bf16-eager --plain-modes bf16-compile,bf16-eager "${MODEL[@]}" "${DATA[@]}" \

@@ -39,3 +39,21 @@ def test_each_throughput_mode_loads_and_only_default_is_the_default(mode, tmp_pa
 
 def test_cpu_name_names_a_cpu():
     assert cpu_name().strip()
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_at_its_smoke_shape_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh is run only when a GPU is lent: its CPU dry run keeps it from rotting in between."""
+    import os
+    import subprocess
+
+    if not (ROOT / "tokenizers" / "shakespeare_sp4096.model").exists():
+        pytest.skip("needs the shakespeare corpus and tokenizer (setup/run_tests.sh prepares them)")
+    env = dict(os.environ, SMOKE="1", STEPS="3", PY=sys.executable, OUT=str(tmp_path))
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = (tmp_path / "attention_report.txt").read_text()
+    assert "bfloat16" in report and "(1,4,256,64)" in report  # the smoke shape's attention, in bf16
+    result = (tmp_path / "train_throughput.txt").read_text()
+    assert "config: default lingua / best plain" in result and "where the step time goes" in result
