@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lingua.cpu_attention import CausalAttention, use_matmul_backward
 from lingua.errors import LinguaError, require
+
 
 def document_ids(tok_idx: torch.Tensor) -> torch.Tensor:
     """(bs, seqlen) positions inside documents -> (bs, seqlen) document number: a new document starts at 0."""
@@ -71,13 +73,17 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)  # uncompiled, flex materialises the full score matrix
 
 
-def attend(xq, xk, xv, mask, attn_impl: str) -> torch.Tensor:
+def attend(xq, xk, xv, mask, attn_impl: str, cpu_backward: str = "aten") -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim) + mask) v with the configured kernel.
 
-    xq: (bs, seqlen, n_heads, head_dim); xk, xv: (bs, seqlen, n_kv_heads, head_dim); mask from `attention_mask`.
-    Returns (bs, seqlen, n_heads, head_dim)."""
+    xq: (bs, seqlen, n_heads, head_dim); xk, xv: (bs, seqlen, n_kv_heads, head_dim); mask from `attention_mask`;
+    cpu_backward: model.cpu_attn_backward (lingua/cpu_attention.py). Returns (bs, seqlen, n_heads, head_dim)."""
     if attn_impl == "sdpa":
         q, k, v, attn_mask, is_causal = sdpa_inputs(xq, xk, xv, mask)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        if use_matmul_backward(cpu_backward, q, dtype):
+            # SDPA casts its inputs under autocast; the aten op underneath does not
+            return CausalAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal).transpose(1, 2)
     if attn_impl == "flex_attention":
         if xq.device.type == "cpu" and torch.is_grad_enabled() and xq.requires_grad:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lingua.attention import attend, attention_mask
+from lingua.cpu_attention import CPU_ATTN_BACKWARDS
 from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError, LinguaError
 from lingua.init import trunc_normal_
@@ -35,6 +36,8 @@ class TransformerArgs(DecoderArgs):
     multiple_of: int = 256
     rope_theta: float = 10000.0
     attn_impl: str = "sdpa"  # sdpa | flex_attention | xformers
+    # CPU training with sdpa: auto | aten | matmul (lingua/cpu_attention.py; auto: matmul where it was measured faster)
+    cpu_attn_backward: str = "auto"
     mask: str = "causal"  # causal | block_causal (packed documents attend only within themselves)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Qwen3, the speedruns)
     mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1 x)^2), 4 * dim wide)
@@ -63,7 +66,8 @@ def check_args(args: TransformerArgs) -> tuple[int, int, int]:
         raise ConfigError(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}")
     if head_dim % 2:
         raise ConfigError(f"model.head_dim={head_dim} must be even for RoPE")
-    for key, allowed in (("attn_impl", ATTN_IMPLS), ("mask", MASKS), ("mlp", MLPS)):
+    for key, allowed in (("attn_impl", ATTN_IMPLS), ("cpu_attn_backward", CPU_ATTN_BACKWARDS), ("mask", MASKS),
+                         ("mlp", MLPS)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"model.{key}={getattr(args, key)!r} is not one of {', '.join(allowed)}")
     return n_heads, n_kv_heads, head_dim
@@ -96,9 +100,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int, n_heads: int, n_kv_heads: int, attn_impl: str,
-                 qk_norm: bool = False, norm_eps: float = 1e-5):
+                 qk_norm: bool = False, norm_eps: float = 1e-5, cpu_backward: str = "auto"):
         super().__init__()
-        self.dim, self.head_dim, self.attn_impl = dim, head_dim, attn_impl
+        self.dim, self.head_dim, self.attn_impl, self.cpu_backward = dim, head_dim, attn_impl, cpu_backward
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
@@ -118,7 +122,7 @@ class Attention(nn.Module):
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rope(xq, freq_cos, freq_sin), apply_rope(xk, freq_cos, freq_sin)
         if cache is None:
-            out = attend(xq, xk, xv, mask, self.attn_impl)  # (bs, seqlen, n_local_heads, head_dim)
+            out = attend(xq, xk, xv, mask, self.attn_impl, self.cpu_backward)  # (bs, seqlen, n_local_heads, head_dim)
         else:
             out = cache.attend(xq, xk, xv, mask)  # over every cached position
         return self.wo(out.reshape(bs, seqlen, -1))  # (bs, seqlen, dim)
@@ -139,7 +143,7 @@ class TransformerBlock(nn.Module):
         n_heads, n_kv_heads, head_dim = check_args(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args.dim, head_dim, n_heads, n_kv_heads, args.attn_impl, args.qk_norm,
-                                   args.norm_eps)
+                                   args.norm_eps, args.cpu_attn_backward)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
         self.feed_forward = build_mlp(args.mlp, args.dim, hidden)
