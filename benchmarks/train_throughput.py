@@ -212,7 +212,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="steps per run (the first two are not timed)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all modes, interleaved")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default="debug,issue13")  # "config": the config= file as it is
     parser.add_argument("--lingua-modes", default=",".join(LINGUA_MODES))
     parser.add_argument("--plain-modes", default=",".join(PLAIN_MODES))
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",

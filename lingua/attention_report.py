@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lingua.errors import ConfigError, LinguaError, print_error
 from lingua.attention import attention_mask, sdpa_inputs
+from lingua.cpu_attention import backward_plan
 from lingua.precision import DTYPES
 from lingua.transformer import TransformerArgs, check_args
 
@@ -92,7 +93,8 @@ def _row(phase, mask_name, dtype, q, k, v, attn_mask, is_causal) -> dict:
 
 
 def report_attention(args: TransformerArgs, device="cpu", dtype=torch.float32, seq_len=None) -> list[dict]:
-    """One row per attention call lingua makes, with the SDPA backend torch selects and why faster ones were rejected.
+    """One row per attention call lingua makes, with the SDPA backend torch selects and why faster ones were rejected;
+    on CPU the train row's "backward" says when lingua/cpu_attention.py replaces the kernel's backward.
 
     train: q = kv = seq_len (default max_seqlen), args.mask, inputs requiring grad. prefill: one prompt, causal,
     no grad. decode: 1 query against a KV cache of seq_len entries sliced to its filled length (no mask)."""
@@ -118,6 +120,8 @@ def report_attention(args: TransformerArgs, device="cpu", dtype=torch.float32, s
     tok_idx = (torch.arange(seq_len, device=device) % max(1, (seq_len + 1) // 2))[None]
     train_mask = attention_mask("sdpa", tok_idx if args.mask == "block_causal" else None, 1, seq_len, device)
     rows = [_row("train", args.mask, dtype, *sdpa_inputs(*qkv(seq_len, seq_len, True), train_mask))]
+    if device.type == "cpu":
+        rows[0]["backward"] = backward_plan(args.cpu_attn_backward, dtype, seq_len)
     rows.append(_row("prefill", "causal", dtype, *sdpa_inputs(*qkv(seq_len, seq_len, False), None)))
     q, k, v, _, _ = sdpa_inputs(*qkv(1, seq_len, False), None)
     rows.append(_row("decode", "none", dtype, q, k, v, None, False))  # is_causal would align the 1 query to key 0
@@ -137,6 +141,8 @@ def format_report(rows: list[dict]) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
         for name, why in rows[i - 1]["rejected"] if i else ():
             lines.append(f"    {name} rejected: {why}")
+        if i and rows[i - 1].get("backward"):
+            lines.append(f"    backward: {rows[i - 1]['backward']}")
     return "\n".join(lines)
 
 

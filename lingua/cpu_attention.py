@@ -22,8 +22,21 @@ def use_matmul_backward(choice: str, q: torch.Tensor, dtype: torch.dtype) -> boo
         return False
     if choice == "matmul":
         return True
-    # eager, its ~20 small ops a layer lose to aten's one kernel; in fp32 it was no faster
-    return torch.compiler.is_compiling() and dtype == torch.bfloat16 and q.shape[-2] <= MAX_AUTO_SEQLEN
+    # eager, its ~20 small ops a layer lose to aten's one kernel
+    return torch.compiler.is_compiling() and _auto_takes_matmul(dtype, q.shape[-2])
+
+
+def _auto_takes_matmul(dtype: torch.dtype, seqlen: int) -> bool:
+    return dtype == torch.bfloat16 and seqlen <= MAX_AUTO_SEQLEN  # in fp32 it was no faster
+
+
+def backward_plan(choice: str, dtype: torch.dtype, seqlen: int) -> str:
+    """In words, which backward CPU training runs with model.cpu_attn_backward=choice ('' for aten's own kernel)."""
+    if choice == "matmul":
+        return "matmul backward (lingua/cpu_attention.py, model.cpu_attn_backward=matmul)"
+    if choice == "auto" and _auto_takes_matmul(dtype, seqlen):
+        return "under torch.compile: matmul backward (lingua/cpu_attention.py, model.cpu_attn_backward=auto)"
+    return ""
 
 
 def _block_grads(q, k, v, o, lse, do, allowed, scale):

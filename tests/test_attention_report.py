@@ -86,7 +86,13 @@ def test_format_report_is_a_table():
     assert lines[0].split()[:3] == ["phase", "dtype", "mask"]
     assert lines[1].split()[:4] == ["train", "bfloat16", "causal", "(1,4,16,8)"]
     assert lines[2].strip().startswith("FLASH_ATTENTION rejected: disabled")
-    assert len(lines) == 1 + 3 * 2
+    # bf16 at seq 16: compiled training runs lingua's matmul backward, which the train row says
+    assert lines[3].strip() == ("backward: under torch.compile: matmul backward (lingua/cpu_attention.py, "
+                                "model.cpu_attn_backward=auto)")
+    assert len(lines) == 1 + 3 * 2 + 1
+    fp32 = format_report(report_attention(tiny(cpu_attn_backward="matmul"), "cpu", "fp32", seq_len=16))
+    assert "backward: matmul backward" in fp32
+    assert "backward:" not in format_report(report_attention(tiny(), "cpu", "fp32", seq_len=16))
 
 
 def test_cli_reads_the_model_section_of_a_train_config(tmp_path, capsys):
@@ -120,7 +126,8 @@ def test_module_entry_point():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("lingua attention report: torch") and "head_dim=16" in lines[0]
-    assert [line.split()[0] for line in lines[2:]] == ["train", "prefill", "decode"] * 2
+    rows = [line.split()[0] for line in lines[2:]]
+    assert rows == ["train", "prefill", "decode", "train", "backward:", "prefill", "decode"]  # bf16 train: matmul
 
 
 def test_module_entry_point_without_arguments_reports_the_default_model():
