@@ -4,15 +4,19 @@ aten's CPU flash-attention backward is ~5x its own forward and runs at a few per
 backward here recomputes the attention probabilities from the forward's log-sum-exp in two query halves (the first
 half sees only the first half of the keys, so a quarter of the score matrix is never computed) and leaves the
 elementwise work around the batched matmuls to inductor. `model.cpu_attn_backward: auto` takes it where it was
-measured faster (README "Training throughput"): bf16, under torch.compile, sequences up to MAX_AUTO_SEQLEN.
+measured faster (README "Training throughput"): bf16 on an AMX CPU, under torch.compile, sequences up to
+MAX_AUTO_SEQLEN.
 """
 
 from typing import Optional
 
 import torch
 
+from lingua.precision import cpu_bf16_features
+
 MAX_AUTO_SEQLEN = 1024  # measured faster at 256, 512 and 1024; beyond, [bs, heads, seqlen/2, seqlen] gets large
 CPU_ATTN_BACKWARDS = ("auto", "aten", "matmul")
+AMX = "AMX-BF16" in cpu_bf16_features()  # read once here: torch.compile cannot trace the CPU feature query
 
 
 def use_matmul_backward(choice: str, q: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -27,7 +31,8 @@ def use_matmul_backward(choice: str, q: torch.Tensor, dtype: torch.dtype) -> boo
 
 
 def _auto_takes_matmul(dtype: torch.dtype, seqlen: int) -> bool:
-    return dtype == torch.bfloat16 and seqlen <= MAX_AUTO_SEQLEN  # in fp32 it was no faster
+    # measured on an AMX CPU only; in fp32 it was no faster
+    return dtype == torch.bfloat16 and seqlen <= MAX_AUTO_SEQLEN and AMX
 
 
 def backward_plan(choice: str, dtype: torch.dtype, seqlen: int) -> str:
