@@ -73,7 +73,7 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)  # uncompiled, flex materialises the full score matrix
 
 
-def attend(xq, xk, xv, mask, attn_impl: str, cpu_backward: str = "aten") -> torch.Tensor:
+def attend(xq, xk, xv, mask, attn_impl: str, cpu_backward: str = "auto") -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim) + mask) v with the configured kernel.
 
     xq: (bs, seqlen, n_heads, head_dim); xk, xv: (bs, seqlen, n_kv_heads, head_dim); mask from `attention_mask`;
