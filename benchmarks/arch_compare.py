@@ -4,12 +4,12 @@
         [--out arch_compare.png] [--threads 1] [--batch-size 8] [--seq-len 128] [--eval-docs 10]
 
 Every architecture trains on the default corpus (data/shakespeare, tokenizers/shakespeare_sp4096.model) through the
-shared loop `lingua.train.train`, with the same data, optimizer, lr schedule shape and seed. Each has dim 128 and the
+shared loop `lingua.train.loop.train`, with the same data, optimizer, lr schedule shape and seed. Each has dim 128 and the
 depth whose non-embedding parameter count (everything but the vocab-sized tables; tied embeddings) is closest to
 --params. The loop has no time limit, so the budget is turned into steps: a 5-step timing run measures the step time
 (the fastest of steps 2-5, the least disturbed by other load), then the real run does --seconds / step_time steps with
 a full cosine schedule; "train s" reports the time those steps actually took. The final
-validation bits per byte come from the loop's end-of-run evaluation (lingua.evaluation) on the first --eval-docs
+validation bits per byte come from the loop's end-of-run evaluation (lingua.eval.bpb) on the first --eval-docs
 documents of shakespeare.val.jsonl, the same for every architecture.
 
 Architectures: transformer (apps.main), mtp (apps.mtp, 2 future heads; bits per byte of its next-token head),
@@ -36,16 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lingua.args import load_config  # noqa: E402
-from lingua.decoder import non_embedding_params  # noqa: E402
-from lingua.spec import ModelSpec, get_spec  # noqa: E402
-from lingua.train import train, train_args_cls  # noqa: E402
+from lingua.models.decoder import non_embedding_params  # noqa: E402
+from lingua.models.spec import ModelSpec, get_spec  # noqa: E402
+from lingua.train.loop import train, train_args_cls  # noqa: E402
 
 VOCAB = 4096
 DIM = 128
 
 # name -> (the app's ModelSpec, model overrides besides dim/n_layers, other overrides)
 ARCHS = {
-    "transformer": ("lingua.spec:TRANSFORMER_SPEC", {"n_heads": 4, "mask": "block_causal"}, {}),
+    "transformer": ("lingua.models.transformer.spec:TRANSFORMER_SPEC", {"n_heads": 4, "mask": "block_causal"}, {}),
     "mtp": ("apps.mtp.model:MTP_SPEC", {"n_heads": 4, "mask": "block_causal", "n_future_head": 2}, {"data.n_views": 3}),
     "mingru": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "mingru"}, {}),
     "minlstm": ("apps.fastRNN.model:FASTRNN_SPEC", {"cell": "minlstm"}, {}),

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lingua.checkpoint import CheckpointArgs, CheckpointManager
-from lingua.decoder import materialize
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.checkpoint.manager import CheckpointArgs, CheckpointManager
+from lingua.models.decoder import materialize
+from lingua.models.transformer.model import Transformer, TransformerArgs
 
 
 def _steps(model, opt, n, args):

@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "setup"))  # tokenize_data, importable by name: its worker processes import it too
 
-from lingua.data import DataArgs, DataLoader  # noqa: E402
+from lingua.data.loader import DataArgs, DataLoader  # noqa: E402
+from lingua.data.tokenizer import TokenizerArgs  # noqa: E402
+from lingua.distributed.precision import cpu_name  # noqa: E402
 from lingua.errors import LinguaError, exit_on_error  # noqa: E402
-from lingua.precision import cpu_name  # noqa: E402
-from lingua.tokenizer import TokenizerArgs  # noqa: E402
 
 TOKEN_TARGET = 20e6  # tokens/s per process for the token-shard loader (lingua issue 14)
 

@@ -3,7 +3,7 @@
     python benchmarks/distributed_throughput.py [--steps 6] [--skip-memory] [--skip-throughput]
 
 Throughput: the debug model shape (dim 256, 4 layers, vocab 4096, seq 256) trained on random tokens with the same
-build_model / parallelize_model / AdamW / clipping as lingua.train, one OMP thread per process, batch 8 per process:
+build_model / parallelize_model / AdamW / clipping as lingua.train.loop, one OMP thread per process, batch 8 per process:
 1 process, then 2 processes with full_shard (FSDP2) and with no_shard (replicate). Reports tok/s per process, total
 tok/s and the scaling efficiency = total tok/s of 2 processes / (2 x tok/s of 1 process).
 
@@ -34,11 +34,11 @@ def worker(opts) -> None:
     import torch
     import torch.distributed as dist
 
-    from lingua.spec import TRANSFORMER_SPEC
     from lingua.args import load_config
-    from lingua.distributed import init_distributed
-    from lingua.optim import build_optimizer, clip_grad_norm_
-    from lingua.train import TrainArgs, build_model
+    from lingua.distributed.mesh import init_distributed
+    from lingua.models.transformer.spec import TRANSFORMER_SPEC
+    from lingua.train.loop import TrainArgs, build_model
+    from lingua.train.optim import build_optimizer, clip_grad_norm_
 
     shape = json.loads(opts.shape)
     args = load_config(TrainArgs, [

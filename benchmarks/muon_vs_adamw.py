@@ -6,7 +6,7 @@ Each optimizer trains apps/main/configs/debug.yaml's model for --steps steps (co
 through the shared loop, then the loop's end-of-run evaluation scores --eval-docs validation documents. Printed per
 optimizer: the last logged training loss (mean of the last 3 logged steps), validation bits per byte, and the
 optimizer step alone in ms (median of --step-reps `optimizer.step()` calls on the same model with fixed random
-gradients, outside the loop). Muon uses the AdamW lr unchanged (its updates are RMS-matched: lingua/muon.py).
+gradients, outside the loop). Muon uses the AdamW lr unchanged (its updates are RMS-matched: lingua/train/muon.py).
 """
 
 import argparse
@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lingua.args import load_config  # noqa: E402
-from lingua.optim import build_optimizer  # noqa: E402
-from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
-from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.transformer import Transformer  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
+from lingua.models.transformer.model import Transformer  # noqa: E402
+from lingua.train.loop import TrainArgs, train  # noqa: E402
+from lingua.train.optim import build_optimizer  # noqa: E402
 from tests.conftest import read_jsonl  # noqa: E402
 
 OPTIMIZERS = ("adamw", "muon")

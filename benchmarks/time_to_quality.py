@@ -9,7 +9,7 @@ time here (that run also fills the compile cache), then trains for the number of
 own lr schedule over those steps; evaluations on a few documents of each split during the run give the curves, and
 the final checkpoint is scored on both whole validation splits. Training time counts only the training steps
 (`train_s` in metrics.jsonl: compilation included, evaluation and checkpoints not). Prints one table; with --plot, the
-curves as PNG through lingua.plot (x = training seconds). Needs data/shakespeare, data/sotu
+curves as PNG through lingua.tools.plot (x = training seconds). Needs data/shakespeare, data/sotu
 (`setup/prepare_data.py sotu`) and the shakespeare tokenizer.
 """
 
@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lingua.args import load_config  # noqa: E402
-from lingua.evaluation import EvalArgs, evaluate_source  # noqa: E402
-from lingua.inference import load_model  # noqa: E402
-from lingua.data import DataArgs  # noqa: E402
-from lingua.tokenizer import TokenizerArgs  # noqa: E402
-from lingua.distributed import DistributedArgs, init_distributed  # noqa: E402
-from lingua.precision import autocast_context, cpu_bf16_features, cpu_name  # noqa: E402
-from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
-from lingua.train import TrainArgs, train  # noqa: E402
+from lingua.data.loader import DataArgs  # noqa: E402
+from lingua.data.tokenizer import TokenizerArgs  # noqa: E402
+from lingua.distributed.mesh import DistributedArgs, init_distributed  # noqa: E402
+from lingua.distributed.precision import autocast_context, cpu_bf16_features, cpu_name  # noqa: E402
+from lingua.eval.bpb import EvalArgs, evaluate_source  # noqa: E402
+from lingua.eval.load import load_model  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
+from lingua.train.loop import TrainArgs, train  # noqa: E402
 
 # The recipe the README's debug run used before this benchmark existed (lingua 0.1): AdamW, 8 x 256 tokens a step.
 V1 = ["optim.name=adamw", "optim.decay_params=all", "optim.lr=3e-3", "optim.warmup=50", "optim.scheduler=cosine", "optim.lr_min_ratio=0.1",
@@ -120,7 +120,7 @@ def main():
     parser.add_argument("--steps", type=int, default=0,
                         help="train this many steps instead of timing the budget (to compare recipes per step on a "
                              "busy machine)")
-    parser.add_argument("--plot", action="store_true", help="curves against training time (lingua.plot)")
+    parser.add_argument("--plot", action="store_true", help="curves against training time (lingua.tools.plot)")
     args, extra = parser.parse_known_args()
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def main():
         print(f"{r['recipe']:14s} {r['optim']:6s} {r['steps']:6d} {r['tokens']:8d} {r['train_s']:8.0f} "
               f"{r['tok_per_s']:6.0f} {r['shakespeare']:16.4f} {r['sotu']:9.4f}  {r['curve']}")
     if args.plot:
-        subprocess.run([sys.executable, "-m", "lingua.plot", *[str(work / r["recipe"]) for r in rows], "--x", "time",
+        subprocess.run([sys.executable, "-m", "lingua.tools.plot", *[str(work / r["recipe"]) for r in rows], "--x", "time",
                         "--smooth", "0.8", "--out", str(work / "plots")], check=True)
 
 

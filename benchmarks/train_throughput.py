@@ -10,10 +10,10 @@ the plain GPT's architecture choices, to compare the step machinery alone) and e
 --repeats rounds so that a noisy machine slows all of them alike, then prints tok/s, model FLOP/s, MFU against this
 run's matmul peak of the mode's dtype, the data loader's share of the step, and each mode's ratio to the best plain
 mode; then where the time of lingua's default step and of the best plain step goes (torch.profiler over a few steps
-of one more run each, lingua.profiling.time_breakdown: matmuls, attention, compiled kernels, optimizer, the rest). Modes whose dtype this CPU only emulates (bf16 without AMX/AVX512-BF16, ~30x slower) run 2 steps and are
+of one more run each, lingua.train.profiling.time_breakdown: matmuls, attention, compiled kernels, optimizer, the rest). Modes whose dtype this CPU only emulates (bf16 without AMX/AVX512-BF16, ~30x slower) run 2 steps and are
 marked "emulated". Needs data/ and tokenizers/ (setup/prepare_data.py, setup/train_tokenizer.py). `config=` picks
 the base config (default apps/main/configs/debug.yaml; shape "config" runs it unchanged). On a CUDA GPU both loops
-run there and MFU is against the GPU's table peak (lingua.metrics.peak_flops); benchmarks/gpu_check.sh is the
+run there and MFU is against the GPU's table peak (lingua.train.metrics.peak_flops); benchmarks/gpu_check.sh is the
 prepared one-GPU run.
 """
 
@@ -31,15 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.plain_gpt import GPT, GPTConfig, train_steps  # noqa: E402
 from lingua.args import load_config  # noqa: E402
-from lingua.metrics import calibrate_matmul, peak_flops  # noqa: E402
-from lingua.precision import cpu_bf16_features, cpu_name  # noqa: E402
-from lingua.profiling import TIME_CATEGORIES, time_breakdown  # noqa: E402
-from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
-from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.transformer import flops_per_token  # noqa: E402
+from lingua.distributed.precision import cpu_bf16_features, cpu_name  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
+from lingua.models.transformer.model import flops_per_token  # noqa: E402
+from lingua.train.loop import TrainArgs, train  # noqa: E402
+from lingua.train.metrics import calibrate_matmul, peak_flops  # noqa: E402
+from lingua.train.profiling import TIME_CATEGORIES, time_breakdown  # noqa: E402
 
 # Overrides of apps/main/configs/debug.yaml. Both loops step fused AdamW: the debug recipe's Muon (about 35% more
-# FLOPs a step at 2k tokens, lingua/muon.py) is an algorithm choice, not a mode of the step machinery measured here.
+# FLOPs a step at 2k tokens, lingua/train/muon.py) is an algorithm choice, not a mode of the step machinery measured here.
 SAME_OPTIMIZER = ["optim.name=adamw"]
 DEBUG_CONFIG = ROOT / "apps" / "main" / "configs" / "debug.yaml"
 SHAPES = {

@@ -1,5 +1,5 @@
 """Logging setup for lingua's entry points. It configures the `lingua` logger (and so its children) only, never the
-root logger: a researcher who calls `lingua.train.train` from code that set up its own logging keeps it, and lingua's
+root logger: a researcher who calls `lingua.train.loop.train` from code that set up its own logging keeps it, and lingua's
 lines go through their handlers."""
 
 import logging

@@ -4,7 +4,7 @@
     python setup/tokenize_data.py --data_dir data --source mine --tokenizer bytes --workers 8
 
 Reads `<data_dir>/<source>/<source>.chunk.<k>.jsonl` (the train split) and `<source>.val.jsonl` (the val split), and
-writes `<data_dir>/<source>/tokens/` as lingua/token_data.py describes: one shard per piece of at most --shard_mb of
+writes `<data_dir>/<source>/tokens/` as lingua/data/tokens.py describes: one shard per piece of at most --shard_mb of
 jsonl (a piece never splits a line), uint16 ids when the vocabulary has fewer than 65536 tokens (else uint32), an
 index of document boundaries (token and UTF-8 byte offsets) per shard, and `manifest.json` with the tokenizer's
 sha256, vocabulary size, add_bos/add_eos and the document and token counts.
@@ -28,11 +28,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
+from lingua.data.jsonl import chunk_files, line_number, parse_document, scan_lines  # noqa: E402
+from lingua.data.tokenizer import TokenizerArgs, build_tokenizer, encode_array  # noqa: E402
+from lingua.data.tokens import (  # noqa: E402
+    FORMAT_VERSION,
+    MANIFEST,
+    read_manifest,
+    shard_paths,
+    token_dtype,
+    token_folder,
+    tokenizer_sha256,
+)
 from lingua.errors import LinguaError, exit_on_error  # noqa: E402
-from lingua.jsonl import chunk_files, line_number, parse_document, scan_lines  # noqa: E402
-from lingua.token_data import (FORMAT_VERSION, MANIFEST, read_manifest, shard_paths, token_dtype,  # noqa: E402
-                               token_folder, tokenizer_sha256)
-from lingua.tokenizer import TokenizerArgs, build_tokenizer, encode_array  # noqa: E402
 
 PLAN = "plan.json"
 
@@ -179,7 +186,9 @@ def prepare_partial(partial: str, plan: dict) -> dict[str, dict]:
 
 def tokenize_source(args) -> dict:
     """Tokenize args.source; returns the manifest (also when it was already up to date)."""
-    from lingua.metrics import Progress  # imports torch: kept out of the spawned workers' imports
+    from lingua.train.metrics import (
+        Progress,  # imports torch: kept out of the spawned workers' imports
+    )
 
     tokenizer_args = TokenizerArgs(args.tokenizer_name or guess_tokenizer(args.tokenizer),
                                    None if args.tokenizer == "bytes" else args.tokenizer)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
+from lingua.data.jsonl import chunk_files, read_lines  # noqa: E402
+from lingua.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 from lingua.errors import LinguaError, exit_on_error  # noqa: E402
-from lingua.jsonl import chunk_files, read_lines  # noqa: E402
-from lingua.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 MAX_PIECE_CHARS = 4000  # sentencepiece skips "sentences" longer than max_sentence_length bytes; we split first
 

@@ -161,7 +161,7 @@ def _binary_config(env: Env) -> list[str]:
 
 
 def _in_use(env: Env) -> list[str]:
-    from lingua.run_lock import RunLock
+    from lingua.checkpoint.lock import RunLock
 
     run = env.copy("in_use")
     env.lock = RunLock(run).__enter__()  # held by this process; the forked case opens the file anew, and is refused
@@ -224,15 +224,15 @@ CASES = [
          "train_state_00000.json' has no 'data'", watch=lambda e: e.work / "state_no_key"),
     Case("flipped bytes in a .distcp (resume)", "apps.main.train", _flipped_shard, "__0_0.distcp",
          watch=lambda e: e.work / "flipped"),
-    Case("consolidate a truncated checkpoint", "lingua.checkpoint", lambda e: _truncated(e, "trunc", False),
+    Case("consolidate a truncated checkpoint", "lingua.checkpoint.manager", lambda e: _truncated(e, "trunc", False),
          "__0_0.distcp", watch=lambda e: e.work / "trunc"),
-    Case("consolidate a truncated old checkpoint (no checksums)", "lingua.checkpoint",
+    Case("consolidate a truncated old checkpoint (no checksums)", "lingua.checkpoint.manager",
          lambda e: _truncated(e, "trunc_old", True), "0000000004", watch=lambda e: e.work / "trunc_old"),
     Case("eval with another tokenizer", "apps.main.eval", lambda e: _ckpt_args(e, f"dump_dir={e.work / 'ev'}"),
          "params.json"),
     Case("generate with another tokenizer", "apps.main.generate", lambda e: _ckpt_args(e, "prompt=the"),
          "params.json"),
-    Case("stool with a typo'd override", "lingua.stool", _stool, "optim.lrr", exit=2, check=_nothing_written),
+    Case("stool with a typo'd override", "lingua.tools.stool", _stool, "optim.lrr", exit=2, check=_nothing_written),
     Case("resume after a kill: metrics.jsonl rows replayed", "apps.main.train", _resume_rows, "", exit=0,
          check=_steps_once),
 ]
@@ -272,8 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--md")
     p.add_argument("--json")
     opts = p.parse_args(argv)
-    import lingua.inference  # noqa: F401  (imported once here, so that every forked case starts warm)
-    import lingua.train  # noqa: F401
+    import lingua.eval.load  # noqa: F401  (imported once here, so that every forked case starts warm)
+    import lingua.train.loop  # noqa: F401
 
     with tempfile.TemporaryDirectory() as tmp:
         env = Env(Path(tmp))

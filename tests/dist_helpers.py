@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m tests.dist_helpers [--global-batch] [--record DIR] [--exit-at STEP]
         [--hang-at STEP] [--fail-rank R] [--spec module:attr] -- key=value ...
 
-It runs `lingua.train.train` exactly as `apps.main.train` does (or the app of `--spec`), after patching the loop's
+It runs `lingua.train.loop.train` exactly as `apps.main.train` does (or the app of `--spec`), after patching the loop's
 DataLoader / build_model / checkpoint load (in this process only):
   --global-batch   every data-parallel rank reads the single-process stream of global batches (batch_size x dp_size
                    rows) and keeps its own rows, so a run on N ranks sees exactly the batches a 1-process run with
@@ -83,10 +83,10 @@ def fake_world_build(world: int, overrides: list[str]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from lingua.spec import TRANSFORMER_SPEC
     from lingua.args import load_config
-    from lingua.distributed import DistEnv, DistState
-    from lingua.train import TrainArgs, build_model
+    from lingua.distributed.mesh import DistEnv, DistState
+    from lingua.models.transformer.spec import TRANSFORMER_SPEC
+    from lingua.train.loop import TrainArgs, build_model
 
     def rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -116,18 +116,22 @@ def main(argv: list[str]) -> None:
     p.add_argument("--hang-at", type=int)
     p.add_argument("--fail-rank", type=int, default=1)
     p.add_argument("--fake-world", type=int)
-    p.add_argument("--spec", default="lingua.spec:TRANSFORMER_SPEC", help="the ModelSpec to train (module:attr)")
+    p.add_argument("--spec", default="lingua.models.transformer.spec:TRANSFORMER_SPEC", help="the ModelSpec to train (module:attr)")
     opts = p.parse_args(flags)
     if opts.fake_world:
         return fake_world_build(opts.fake_world, overrides)
 
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
-    import lingua.train as loop
-    from lingua.spec import get_spec
+    import lingua.train.loop as loop
     from lingua.args import run_cli
-    from lingua.checkpoint import CheckpointManager
+    from lingua.checkpoint.manager import CheckpointManager
+    from lingua.models.spec import get_spec
 
     rank = int(os.environ.get("RANK", 0))
     record = {"rank": rank, "pid": os.getpid(), "batches": []}

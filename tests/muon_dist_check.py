@@ -1,4 +1,4 @@
-"""Run under torchrun (2 or 4 processes, gloo) by tests/test_muon.py: lingua.muon.orthogonalize_all on DTensors of
+"""Run under torchrun (2 or 4 processes, gloo) by tests/test_muon.py: lingua.train.muon.orthogonalize_all on DTensors of
 several layouts equals the single-process orthogonalization, and each matrix is orthogonalized on one rank only.
 Prints one JSON line per rank: {"rank", "max_err", "computed"}."""
 
@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-import lingua.muon as muon
+import lingua.train.muon as muon
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ class Job:
 def run_stool(*args: str, cwd: Path = ROOT, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m lingua.stool *args` from cwd (the code that gets snapshotted)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "lingua.stool", *args], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lingua.tools.stool", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"stool failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

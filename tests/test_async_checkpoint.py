@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lingua.args import load_config
-from lingua.checkpoint import consolidate, list_checkpoints
-from lingua.ckpt_integrity import verify
-from lingua.spec import TRANSFORMER_SPEC
-from lingua.train import TrainArgs, train
+from lingua.checkpoint.integrity import verify
+from lingua.checkpoint.manager import consolidate, list_checkpoints
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
 from tests.conftest import ROOT, assert_same_weights, losses, tiny_overrides
 
 STEPS = dict(steps=6, checkpoint__dump__every=3, eval__at_end=False)

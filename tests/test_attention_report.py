@@ -10,10 +10,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from lingua.attention import sdpa_inputs
-from lingua.attention_report import _why_not, format_report, main, report_attention
-from lingua.precision import cpu_bf16_features
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.distributed.precision import cpu_bf16_features
+from lingua.kernels.attention import sdpa_inputs
+from lingua.models.transformer.model import Transformer, TransformerArgs
+from lingua.tools.attention_report import (
+    _why_not,
+    format_report,
+    main,
+    report_attention,
+)
 
 # what torch's CPU SDPA can dispatch to, by profiler op name (written out here, independently of the module's table)
 CPU_OPS = {
@@ -90,7 +95,7 @@ def test_format_report_is_a_table():
     # bf16 at seq 16 on an AMX CPU: compiled training runs lingua's matmul backward, which the train row says
     amx = "AMX-BF16" in cpu_bf16_features()
     if amx:
-        assert lines[3].strip() == ("backward: under torch.compile: matmul backward (lingua/cpu_attention.py, "
+        assert lines[3].strip() == ("backward: under torch.compile: matmul backward (lingua/kernels/cpu_attention.py, "
                                     "model.cpu_attn_backward=auto)")
     assert len(lines) == 1 + 3 * 2 + amx
     fp32 = format_report(report_attention(tiny(cpu_attn_backward="matmul"), "cpu", "fp32", seq_len=16))
@@ -124,7 +129,7 @@ def test_cli_errors_are_one_line_exit_2(argv, message, capsys):
 
 
 def test_module_entry_point():
-    cmd = [sys.executable, "-m", "lingua.attention_report", "dim=64", "n_layers=2", "n_heads=4", "vocab_size=100"]
+    cmd = [sys.executable, "-m", "lingua.tools.attention_report", "dim=64", "n_layers=2", "n_heads=4", "vocab_size=100"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -135,6 +140,6 @@ def test_module_entry_point():
 
 
 def test_module_entry_point_without_arguments_reports_the_default_model():
-    out = subprocess.run([sys.executable, "-m", "lingua.attention_report"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "lingua.tools.attention_report"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "n_heads=8" in out.stdout and "head_dim=64" in out.stdout

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import time_to_quality, train_throughput  # noqa: E402
-from lingua.precision import cpu_name  # noqa: E402
+from lingua.distributed.precision import cpu_name  # noqa: E402
 
 
 def settings(cfg) -> dict:

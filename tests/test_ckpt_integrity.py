@@ -6,11 +6,11 @@ import json
 import pytest
 
 from lingua.args import load_config
-from lingua.checkpoint import consolidate, list_checkpoints, load_model_weights
-from lingua.ckpt_integrity import CorruptCheckpoint
+from lingua.checkpoint.integrity import CorruptCheckpoint
+from lingua.checkpoint.manager import consolidate, list_checkpoints, load_model_weights
 from lingua.errors import LinguaError
-from lingua.spec import TRANSFORMER_SPEC
-from lingua.train import TrainArgs, train
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
 from tests.conftest import read_jsonl, tiny_overrides
 
 
@@ -52,7 +52,7 @@ def test_flipped_bytes_are_refused_everywhere_and_fallback_is_opt_in(tiny_corpus
         consolidate(str(c12), str(tmp_path / "out"))
     with pytest.raises(LinguaError, match="__0_0.distcp"):
         _run(tiny_corpus, tmp_path / "fresh", steps=1, checkpoint__init_ckpt_path=str(c12))
-    from lingua.inference import load_model
+    from lingua.eval.load import load_model
 
     with pytest.raises(CorruptCheckpoint, match="__0_0.distcp"):
         load_model(run)
@@ -68,9 +68,10 @@ def test_flipped_bytes_are_refused_everywhere_and_fallback_is_opt_in(tiny_corpus
 
 
 def _tiny_model():
-    from lingua.transformer import Transformer, TransformerArgs
-    from lingua.decoder import materialize
     import torch
+
+    from lingua.models.decoder import materialize
+    from lingua.models.transformer.model import Transformer, TransformerArgs
 
     with torch.device("meta"):
         model = Transformer(TransformerArgs(dim=32, n_layers=2, n_heads=4, vocab_size=258, max_seqlen=64))

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.main.eval import EvalAppArgs, main as eval_main
+from apps.main.eval import EvalAppArgs
+from apps.main.eval import main as eval_main
 from apps.main.generate import cli as generate_cli
 from apps.mtp.model import MTP_SPEC, MTPTransformer
 from lingua.args import load_config
-from lingua.data import StateMismatch
-from lingua.inference import inspect_checkpoint, load_model
-from lingua.spec import TRANSFORMER_SPEC
-from lingua.train import train, train_args_cls
-from lingua.transformer import Transformer
+from lingua.data.loader import StateMismatch
+from lingua.eval.load import inspect_checkpoint, load_model
+from lingua.models.transformer.model import Transformer
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import train, train_args_cls
 from tests.conftest import read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0_checkpoints"
@@ -31,7 +32,7 @@ def test_old_checkpoints_find_their_spec_and_give_the_same_logits(name, spec, cl
     ref = torch.load(FIXTURES / "reference_logits.pt", weights_only=True)
     with torch.no_grad():
         logits = model(ref["tokens"], tok_idx=ref["tok_idx"])
-    # fp32 rounding only: one q|k|v matmul (lingua.layers.linear_group) sums in another order than three did
+    # fp32 rounding only: one q|k|v matmul (lingua.models.layers.linear_group) sums in another order than three did
     torch.testing.assert_close(logits, ref[name], rtol=0, atol=1e-5)
 
 

@@ -71,8 +71,8 @@ def test_train_as_a_library_keeps_the_root_logger(tiny_corpus, tmp_path):
     import logging
 
     from lingua.args import load_config
-    from lingua.spec import TRANSFORMER_SPEC
-    from lingua.train import TrainArgs, train
+    from lingua.models.transformer.spec import TRANSFORMER_SPEC
+    from lingua.train.loop import TrainArgs, train
 
     class Keep(logging.Handler):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""lingua/cpu_attention.py: the matmul backward of CPU attention against float64 autograd, and when auto takes it."""
+"""lingua/kernels/cpu_attention.py: the matmul backward of CPU attention against float64 autograd, and when auto takes it."""
 
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from lingua.attention import attend, attention_mask
-from lingua.cpu_attention import CausalAttention, use_matmul_backward
-from lingua.precision import cpu_bf16_features
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.distributed.precision import cpu_bf16_features
+from lingua.kernels.attention import attend, attention_mask
+from lingua.kernels.cpu_attention import CausalAttention, use_matmul_backward
+from lingua.models.transformer.model import Transformer, TransformerArgs
 
 
 def reference(q, k, v, allowed):

@@ -1,4 +1,4 @@
-"""The loader (lingua/data.py, lingua/streams.py, lingua/jsonl.py) on small corpora written by the tests, with the bytes
+"""The loader (lingua/data/loader.py, lingua/data/streams.py, lingua/data/jsonl.py) on small corpora written by the tests, with the bytes
 tokenizer: packing, the world-size-invariant data order, exact resume on any layout, the async process, bad input."""
 
 import json
@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from lingua.data import DataArgs, DataLoader, open_stores, traced_batches
+from lingua.data.loader import DataArgs, DataLoader, open_stores, traced_batches
+from lingua.data.streams import group_states, initial_stream_state, mixed_documents
+from lingua.data.tokenizer import ByteTokenizer, TokenizerArgs
+from lingua.data.validation import val_iterator
 from lingua.errors import ConfigError, LinguaError
-from lingua.streams import group_states, initial_stream_state, mixed_documents
-from lingua.tokenizer import ByteTokenizer, TokenizerArgs
-from lingua.val_data import val_iterator
 
 TOK = ByteTokenizer()
 
@@ -363,7 +363,7 @@ def test_async_close_and_exceptions_leave_no_process(corpus):
 
 SCRIPT = """
 import faulthandler, os, signal, sys, time
-from lingua.data import DataArgs, DataLoader
+from lingua.data.loader import DataArgs, DataLoader
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a run that does not exit
 # a run started from a terminal turns Ctrl-C into KeyboardInterrupt; pytest started as a script's background job
 # inherits SIGINT ignored, and so would this run
@@ -463,7 +463,7 @@ def test_skip_bad_lines_counts_and_logs(tmp_path, caplog):
     texts = write_source(tmp_path, "a", [4])
     path = tmp_path / "a" / "a.chunk.0.jsonl"
     path.write_text(path.read_text() + "not json\n" + '{"no_text": 1}\n')
-    with caplog.at_level(logging.WARNING, logger="lingua.jsonl"):
+    with caplog.at_level(logging.WARNING, logger="lingua.data.jsonl"):
         with DataLoader(args_for(tmp_path, skip_bad_lines=True, prefetch_size=1, batch_size=1)) as loader:
             tokens = np.concatenate([b["input"][0] for b in take(loader, 40)])
     assert "a.chunk.0.jsonl:5: malformed JSON" in caplog.text and "a.chunk.0.jsonl:6" in caplog.text

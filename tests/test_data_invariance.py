@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from lingua.checkpoint import list_checkpoints
+from lingua.checkpoint.manager import list_checkpoints
 from tests.conftest import ROOT, read_jsonl, tiny_overrides
 from tests.dist_helpers import torchrun_cmd
 from tests.test_distributed import assert_same_curve, curve, cut_at, dcp_contents

@@ -1,4 +1,4 @@
-"""lingua.distributed end to end: real torchrun processes on CPU with gloo, training the tiny model of conftest.py.
+"""lingua.distributed.mesh end to end: real torchrun processes on CPU with gloo, training the tiny model of conftest.py.
 
 Equivalence. The equivalence runs use `tests.dist_helpers --global-batch`: every rank reads the single-process stream
 of global batches and keeps its rows, so both runs see the same global batch at every step whatever the loader does
@@ -27,17 +27,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from lingua.spec import TRANSFORMER_SPEC
 from lingua.args import load_config
-from lingua.checkpoint import list_checkpoints
-from lingua.distributed import DistributedArgs, detect_env, init_distributed, resolve_mesh_shape
-from lingua.parallelize import parallelize_model
-from lingua.transformer_tp import apply_transformer_tp
+from lingua.checkpoint.manager import list_checkpoints
+from lingua.distributed.mesh import (
+    DistributedArgs,
+    detect_env,
+    init_distributed,
+    resolve_mesh_shape,
+)
+from lingua.distributed.parallelize import parallelize_model
 from lingua.errors import ConfigError, LinguaError
-from lingua.train import TrainArgs, build_model, train
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.models.transformer.model import Transformer, TransformerArgs
+from lingua.models.transformer.parallelize import apply_transformer_tp
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, build_model, train
 from tests.conftest import ROOT, assert_same_weights, cut_at, read_jsonl, tiny_overrides
-from tests.dist_helpers import ROOT as HELPER_ROOT, free_port, torchrun, torchrun_cmd
+from tests.dist_helpers import ROOT as HELPER_ROOT
+from tests.dist_helpers import free_port, torchrun, torchrun_cmd
 
 assert ROOT == HELPER_ROOT
 
@@ -304,7 +310,7 @@ def test_two_node_launch_on_one_machine_agrees(tiny_corpus, tmp_path, runs):
 def test_two_ranks_read_disjoint_documents_then_resume_on_one(tiny_corpus, tmp_path):
     import hashlib
 
-    from lingua.data import traced_batches
+    from lingua.data.loader import traced_batches
 
     d = tmp_path / "real_loader"
     overrides = cfg(tiny_corpus, d, data__batch_size=2, distributed__dp_shard=2, steps=4, checkpoint__dump__every=2,

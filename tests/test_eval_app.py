@@ -12,14 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.main.eval import EvalAppArgs, main as eval_main
-from lingua.spec import TRANSFORMER_SPEC
+from apps.main.eval import EvalAppArgs
+from apps.main.eval import main as eval_main
 from lingua.args import load_config
-from lingua.checkpoint import consolidate
+from lingua.checkpoint.manager import consolidate
+from lingua.data.tokenizer import ByteTokenizer
 from lingua.errors import ConfigError, LinguaError
-from lingua.inference import TokenizerOverride, load_model
-from lingua.tokenizer import ByteTokenizer
-from lingua.train import TrainArgs, train
+from lingua.eval.load import TokenizerOverride, load_model
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
 from tests.conftest import ROOT, tiny_overrides, write_corpus
 
 # a long RoPE table lets validation put several whole documents in one sequence (the weights do not depend on it)
@@ -152,8 +153,8 @@ def test_load_model_from_a_run_dir_with_dtype_and_tokenizer_override(trained, tm
 def test_hugging_face_directory_loads_evaluates_and_needs_a_tokenizer(trained, tmp_path):
     pytest.importorskip("safetensors")
     pytest.importorskip("tokenizers")
-    from lingua.hf import export_hf
-    from lingua.hf_llama import LLAMA
+    from lingua.hf.io import export_hf
+    from lingua.models.transformer.hf import LLAMA
 
     corpus, ckpt = trained
     model, args, _ = load_model(str(ckpt))

@@ -7,23 +7,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from apps.fastRNN.model import (
+    CELLS,
+    FASTRNN_SPEC,
+    FastRNN,
+    FastRNNArgs,
+    flops_per_token,
+)
+from apps.fastRNN.scan import conv_step, linear_scan, log_scan, step
 from apps.main.eval import main as eval_main
 from apps.main.generate import cli as generate_main
-from apps.fastRNN.model import CELLS, FastRNN, FastRNNArgs, flops_per_token
-from apps.fastRNN.scan import conv_step, linear_scan, log_scan, step
-from apps.fastRNN.model import FASTRNN_SPEC
-from lingua.layers import causal_conv
-from lingua.train import train_args_cls
+from lingua.models.layers import causal_conv
+from lingua.train.loop import train_args_cls
 
 FastRNNTrainArgs = train_args_cls(FASTRNN_SPEC)
 from apps.main.eval import EvalAppArgs
 from lingua.args import load_config
-from lingua.checkpoint import list_checkpoints
+from lingua.checkpoint.manager import list_checkpoints
+from lingua.data.tokenizer import ByteTokenizer
 from lingua.errors import ConfigError
-from lingua.generate import Generator, GeneratorArgs
-from lingua.tokenizer import ByteTokenizer
-from lingua.train import train
-from tests.conftest import ROOT, assert_same_weights, cut_at, final_weights, read_jsonl, tiny_overrides
+from lingua.eval.generate import Generator, GeneratorArgs
+from lingua.train.loop import train
+from tests.conftest import (
+    ROOT,
+    assert_same_weights,
+    cut_at,
+    final_weights,
+    read_jsonl,
+    tiny_overrides,
+)
 from tests.dist_helpers import torchrun
 
 ATOL = 1e-5  # fp32: the parallel and step forms sum in different orders; measured differences are ~2e-6 on logits ~1

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.generate import Generator, GeneratorArgs, sample_next
-from lingua.kv_cache import KVCache
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.eval.generate import Generator, GeneratorArgs, sample_next
+from lingua.models.kv_cache import KVCache
+from lingua.models.transformer.model import Transformer, TransformerArgs
 from tests.conftest import ROOT
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,:!?ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -155,7 +155,7 @@ def test_bad_arguments_fail_in_one_line():
 
 @pytest.fixture(scope="module")
 def consolidated_dir(tmp_path_factory):
-    """A consolidated checkpoint of a random byte-level model, as `lingua.checkpoint consolidate` writes one."""
+    """A consolidated checkpoint of a random byte-level model, as `lingua.checkpoint.manager consolidate` writes one."""
     folder = tmp_path_factory.mktemp("gen_ckpt")
     model = tiny_model(2, vocab_size=258)
     torch.save({"model": model.state_dict()}, folder / "consolidated.pth")
@@ -166,8 +166,8 @@ def consolidated_dir(tmp_path_factory):
 
 def test_generate_app_prints_completions_and_throughput(consolidated_dir, tmp_path, capsys):
     from apps.main.generate import cli
-    from lingua.inference import load_model
-    from lingua.tokenizer import ByteTokenizer
+    from lingua.data.tokenizer import ByteTokenizer
+    from lingua.eval.load import load_model
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("JULIET: O\n\nthe king\n")

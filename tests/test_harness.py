@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("lm_eval")
 
-from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.args import load_config  # noqa: E402
-from lingua.generate import Generator, GeneratorArgs  # noqa: E402
-from lingua.harness import LinguaLM  # noqa: E402
-from lingua.inference import load_model  # noqa: E402
-from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.transformer import Transformer, TransformerArgs  # noqa: E402
+from lingua.eval.generate import Generator, GeneratorArgs  # noqa: E402
+from lingua.eval.harness import LinguaLM  # noqa: E402
+from lingua.eval.load import load_model  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
+from lingua.models.transformer.model import Transformer, TransformerArgs  # noqa: E402
+from lingua.train.loop import TrainArgs, train  # noqa: E402
 from tests.conftest import ROOT, WORDS, tiny_overrides, write_corpus  # noqa: E402
 
 TASK_YAML = """task: lingua_local_mc
@@ -109,7 +109,8 @@ def test_harness_accuracy_equals_accuracy_from_our_loglikelihoods(trained, offli
 
 
 def test_eval_app_runs_a_local_harness_task(trained, offline, tmp_path):
-    from apps.main.eval import EvalAppArgs, main as eval_main
+    from apps.main.eval import EvalAppArgs
+    from apps.main.eval import main as eval_main
 
     include = write_task(tmp_path, n_docs=4)
     run = trained[2]
@@ -146,7 +147,7 @@ def test_loglikelihood_is_batch_independent_and_reports_greedy(trained):
 def test_loglikelihood_rolling_scores_every_token_once_in_windows():
     args = TransformerArgs(dim=32, n_layers=2, n_heads=4, vocab_size=258, max_seqlen=64, multiple_of=16)
     model = Transformer.build(args).eval()
-    from lingua.tokenizer import ByteTokenizer
+    from lingua.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     short = "ROMEO: the night"
@@ -180,6 +181,6 @@ def test_generate_until_stops_at_until_and_matches_the_generator(trained):
 def test_without_lm_eval_the_harness_fails_in_one_line():
     code = ("import sys; sys.modules['lm_eval'] = None\n"
             "from lingua.errors import LinguaError\n"
-            "try:\n    import lingua.harness\nexcept LinguaError as e:\n    print(e)\n")
+            "try:\n    import lingua.eval.harness\nexcept LinguaError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "install it with: pip install -e '.[eval]'" in proc.stdout

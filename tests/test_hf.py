@@ -31,16 +31,17 @@ except ImportError as e:
     pytest.skip(f"the hf extra is not installed ({e}): pip install -e '.[hf]'", allow_module_level=True)
 
 from apps.main import export_hf as export_app  # noqa: E402
-from lingua.spec import TRANSFORMER_SPEC  # noqa: E402
-from lingua import hf, hf_llama  # noqa: E402
-from lingua.hf_llama import LLAMA  # noqa: E402
 from lingua.args import load_config  # noqa: E402
-from lingua.checkpoint import consolidate, list_checkpoints, load_model_weights  # noqa: E402
+from lingua.checkpoint.manager import consolidate, list_checkpoints, load_model_weights  # noqa: E402
+from lingua.data.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
 from lingua.errors import LinguaError  # noqa: E402
-from lingua.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
-from lingua.train import TrainArgs, train  # noqa: E402
-from lingua.layers import ffn_hidden_dim  # noqa: E402
-from lingua.transformer import Transformer, TransformerArgs, check_args  # noqa: E402
+from lingua.hf import io as hf
+from lingua.models.layers import ffn_hidden_dim  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
+from lingua.models.transformer import hf as hf_llama  # noqa: E402
+from lingua.models.transformer.hf import LLAMA  # noqa: E402
+from lingua.models.transformer.model import Transformer, TransformerArgs, check_args  # noqa: E402
+from lingua.train.loop import TrainArgs, train  # noqa: E402
 from tests.conftest import ROOT, tiny_overrides  # noqa: E402
 
 transformers.logging.set_verbosity_error()

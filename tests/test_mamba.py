@@ -13,17 +13,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.mamba.model import MAMBA_SPEC, Mamba, MambaArgs, MambaCache, _kernels, flops_per_token
+from apps.mamba.model import (
+    MAMBA_SPEC,
+    Mamba,
+    MambaArgs,
+    MambaCache,
+    _kernels,
+    flops_per_token,
+)
 from apps.mamba.ssd import segsum, ssd_chunked, ssd_sequential
-from lingua.decoder import non_embedding_params
-from lingua.layers import causal_conv
-from lingua.train import train_args_cls
+from lingua.models.decoder import non_embedding_params
+from lingua.models.layers import causal_conv
+from lingua.train.loop import train_args_cls
 
 MambaTrainArgs = train_args_cls(MAMBA_SPEC)
 from lingua.args import load_config
 from lingua.errors import ConfigError
-from lingua.generate import Generator, GeneratorArgs
-from lingua.train import train
+from lingua.eval.generate import Generator, GeneratorArgs
+from lingua.train.loop import train
 from tests.conftest import ROOT, final_weights, read_jsonl, tiny_overrides
 from tests.dist_helpers import torchrun
 
@@ -265,7 +272,8 @@ def test_trains_through_the_shared_loop_and_evaluates(tiny_corpus, tmp_path):
     assert 0 < evals[-1]["alpha/bpb"] < 8
 
     # the eval app scores the checkpoint with the same bits per byte as the loop's final eval
-    from apps.main.eval import EvalAppArgs, main as eval_main
+    from apps.main.eval import EvalAppArgs
+    from apps.main.eval import main as eval_main
 
     cfg = load_config(EvalAppArgs, [f"ckpt_dir={tmp_path}", f"dump_dir={tmp_path / 'eval'}", "device=cpu",
                                     "validation.max_docs=4"])
@@ -298,8 +306,8 @@ def test_generate_app_decodes_a_checkpoint(tiny_corpus, tmp_path, capsys):
 
 
 def test_tensor_parallel_is_refused_with_a_clear_message():
-    from lingua.distributed import DistributedArgs
-    from lingua.parallelize import parallelize_model
+    from lingua.distributed.mesh import DistributedArgs
+    from lingua.distributed.parallelize import parallelize_model
 
     assert MAMBA_SPEC.tp_plan is None
     with pytest.raises(ConfigError, match="mamba has no tensor-parallel plan"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lingua.errors import LinguaError
-from lingua.metrics import (
+from lingua.train.metrics import (
     TRAIN_KEYS,
     LoggingArgs,
     MetricLogger,

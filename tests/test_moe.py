@@ -11,16 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.main.eval import EvalAppArgs, main as eval_main
-from apps.moe.model import (MOE_SPEC, MoE, MoEArgs, MoETransformer, after_optimizer_step, dense_equivalent,
-                            flops_per_token, moe_layers, step_metrics)
+from apps.main.eval import EvalAppArgs
+from apps.main.eval import main as eval_main
+from apps.moe.model import (
+    MOE_SPEC,
+    MoE,
+    MoEArgs,
+    MoETransformer,
+    after_optimizer_step,
+    dense_equivalent,
+    flops_per_token,
+    moe_layers,
+    step_metrics,
+)
 from lingua.args import load_config
 from lingua.errors import ConfigError, LinguaError
-from lingua.generate import Generator, GeneratorArgs
-from lingua.inference import load_model
-from lingua.spec import spec_for_params
-from lingua.train import train, train_args_cls
-from lingua.transformer import flops_per_token as transformer_flops
+from lingua.eval.generate import Generator, GeneratorArgs
+from lingua.eval.load import load_model
+from lingua.models.spec import spec_for_params
+from lingua.models.transformer.model import flops_per_token as transformer_flops
+from lingua.train.loop import train, train_args_cls
 from tests.conftest import final_weights, losses, read_jsonl, tiny_overrides
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=32, multiple_of=16, n_experts=4, top_k=2)
@@ -138,7 +148,7 @@ def test_trains_through_the_shared_loop_and_resumes_exactly(trained, tiny_corpus
 
 def test_plot_draws_the_load_balance(trained, tmp_path, capsys):
     matplotlib_image = pytest.importorskip("matplotlib.image")
-    from lingua.plot import main as plot_main
+    from lingua.tools.plot import main as plot_main
 
     assert plot_main([str(trained), "--out", str(tmp_path), "--x", "step"]) == 0
     pixels = matplotlib_image.imread(tmp_path / "moe_load_step.png")[..., :3]
@@ -215,7 +225,7 @@ def test_expert_parallel_continues_the_single_process_run_and_reshards_both_ways
     for k, v in weights.items():
         assert torch.allclose(v, back_weights[k], atol=1e-4), k
     with pytest.raises(ConfigError, match="distributed.ep_size=3 must divide the 2 data-parallel ranks"):
-        from lingua.distributed import DistributedArgs, resolve_mesh_shape
+        from lingua.distributed.mesh import DistributedArgs, resolve_mesh_shape
         resolve_mesh_shape(DistributedArgs(dp_shard=2, ep_size=3), 2)
 
 
@@ -224,7 +234,7 @@ def test_expert_parallel_continues_the_single_process_run_and_reshards_both_ways
 
 def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lingua import hf
+    from lingua.hf import io as hf
 
     args = MoEArgs(**{**SMALL, "n_kv_heads": 2}, weight_tying=True)
     model = MoETransformer.build(args, seed=1).eval()

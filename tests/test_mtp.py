@@ -1,5 +1,5 @@
 """apps/mtp: multi-token prediction on the shared loop. One head is exactly the main transformer; several heads learn
-through lingua.train.train, resume bit-identically, run under 2-process FSDP, evaluate (bits per byte), generate, and
+through lingua.train.loop.train, resume bit-identically, run under 2-process FSDP, evaluate (bits per byte), generate, and
 self-speculative decoding gives exactly the greedy output."""
 
 import dataclasses
@@ -11,19 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from apps.main.eval import EvalAppArgs
-from lingua.spec import TRANSFORMER_SPEC
 from apps.main.eval import main as mtp_eval
 from apps.main.generate import GenerateAppArgs
 from apps.main.generate import main as mtp_generate
 from apps.mtp.model import MTP_SPEC, MTPArgs, MTPTransformer, flops_per_token
-from apps.mtp.speculative import SpeculativeAppArgs, greedy_decode, main as spec_main, speculative_decode
+from apps.mtp.speculative import SpeculativeAppArgs, greedy_decode, speculative_decode
+from apps.mtp.speculative import main as spec_main
 from lingua.args import load_config
-from lingua.checkpoint import list_checkpoints
+from lingua.checkpoint.manager import list_checkpoints
 from lingua.errors import ConfigError, LinguaError
-from lingua.generate import Generator, GeneratorArgs
-from lingua.inference import load_model
-from lingua.train import TrainArgs, train, train_args_cls
-from lingua.transformer import Transformer, TransformerArgs, flops_per_token as transformer_flops
+from lingua.eval.generate import Generator, GeneratorArgs
+from lingua.eval.load import load_model
+from lingua.models.transformer.model import Transformer, TransformerArgs
+from lingua.models.transformer.model import flops_per_token as transformer_flops
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train, train_args_cls
 from tests.conftest import final_weights, losses, read_jsonl, tiny_overrides
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=32, mask="block_causal")
@@ -98,7 +100,7 @@ def test_loss_is_the_sum_of_each_heads_cross_entropy_on_its_target_view():
     model = build(MTPTransformer, args)
     assert len(model.layers) == args.n_layers + 3
     seq = torch.randint(0, 64, (2, 20 + 3))
-    x, target = seq[:, :20], torch.stack([seq[:, k: k + 20] for k in (1, 2, 3)], -1)  # as lingua.data's n_views=4
+    x, target = seq[:, :20], torch.stack([seq[:, k: k + 20] for k in (1, 2, 3)], -1)  # as lingua.data.loader's n_views=4
     h = model.tok_embeddings(x)
     cos, sin = model.freq_cos[:20], model.freq_sin[:20]
     for block in model.layers[:args.n_layers]:

@@ -1,4 +1,4 @@
-"""Muon (lingua/muon.py) and the optimizer's param groups (lingua/optim.py): which params get Muon, weight decay
+"""Muon (lingua/train/muon.py) and the optimizer's param groups (lingua/train/optim.py): which params get Muon, weight decay
 and the embeddings' lr; Muon's numbers against torch.optim.Muon; training, exact resume and an old AdamW
 checkpoint resuming under the new group layout."""
 
@@ -13,13 +13,13 @@ import torch
 
 from apps.mamba.model import MAMBA_SPEC
 from lingua.args import load_config
+from lingua.distributed.precision import cpu_bf16_features
 from lingua.errors import ConfigError
-from lingua.muon import MuonAdamW, assign_owners, orthogonalize, resolve_ns_dtype
-from lingua.precision import cpu_bf16_features
-from lingua.optim import OptimArgs, build_optimizer, param_groups
-from lingua.spec import TRANSFORMER_SPEC
-from lingua.train import TrainArgs, train
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.models.transformer.model import Transformer, TransformerArgs
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
+from lingua.train.muon import MuonAdamW, assign_owners, orthogonalize, resolve_ns_dtype
+from lingua.train.optim import OptimArgs, build_optimizer, param_groups
 from tests.conftest import ROOT, cut_at, final_weights, losses, tiny_overrides
 from tests.dist_helpers import free_port, torchrun
 from tests.test_distributed import BATCH, EVERY, assert_same_curve, curve, dcp_contents

@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from lingua.errors import ConfigError
-from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm_, fused_supported, lr_factor
+from lingua.train.optim import (
+    OptimArgs,
+    build_optimizer,
+    clip_grad_norm_,
+    fused_supported,
+    lr_factor,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Schedules against their closed forms

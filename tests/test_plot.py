@@ -1,4 +1,4 @@
-"""Plotting run directories (lingua/plot.py): figures written and non-blank, EMA smoothing, resume dedup, bad input."""
+"""Plotting run directories (lingua/tools/plot.py): figures written and non-blank, EMA smoothing, resume dedup, bad input."""
 
 import json
 import math
@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from lingua.errors import LinguaError
-from lingua.plot import dedup_rows, load_run, main, plot_runs, smooth, unique_names
+from lingua.tools.plot import (
+    dedup_rows,
+    load_run,
+    main,
+    plot_runs,
+    smooth,
+    unique_names,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

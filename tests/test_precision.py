@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from lingua import precision
+from lingua.distributed import precision
+from lingua.distributed.precision import autocast_context, resolve_model_dtype
 from lingua.errors import ConfigError
-from lingua.precision import autocast_context, resolve_model_dtype
 
 
 def _torch_reports_native_cpu_bf16() -> bool:
-    """What torch says about this CPU, read independently of lingua.precision."""
+    """What torch says about this CPU, read independently of lingua.distributed.precision."""
     caps = getattr(torch.cpu, "get_capabilities", None)
     if caps is not None:
         c = caps()

@@ -1,4 +1,4 @@
-"""lingua/probe.py: statistics equal a direct computation, nothing at all happens on off steps, records and plots are
+"""lingua/train/probe.py: statistics equal a direct computation, nothing at all happens on off steps, records and plots are
 written, and under FSDP (2 gloo processes) the sharded statistics equal those of the full tensors.
 
 The 2-process test launches this very module under torchrun (`python -m tests.test_probe worker OUT_DIR`)."""
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lingua.plot import plot_probes, read_probe
-from lingua.probe import Probe, ProbeArgs, check_probe_args
 from lingua.errors import ConfigError
-from lingua.transformer import Transformer, TransformerArgs
+from lingua.models.transformer.model import Transformer, TransformerArgs
+from lingua.tools.plot import plot_probes, read_probe
+from lingua.train.probe import Probe, ProbeArgs, check_probe_args
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=259, max_seqlen=32, mask="block_causal")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def batch(seed=0, bs=2, seqlen=16):
 
 
 def direct(x: torch.Tensor, k=6.0) -> dict:
-    """The definitions of lingua/probe.py, computed the obvious way in fp64."""
+    """The definitions of lingua/train/probe.py, computed the obvious way in fp64."""
     x = x.detach().double().flatten()
     mean, std = x.mean(), x.std(correction=0)
     return {"numel": x.numel(), "mean": mean.item(), "std": std.item(), "max_abs": x.abs().max().item(),
@@ -210,9 +210,9 @@ def test_overhead_is_measured(tmp_path):
 def _worker(out_dir: str) -> None:
     """Under torchrun: the tiny model, FSDP2-sharded over 2 ranks (uneven: 259 embedding rows) and, separately,
     replicated (no_shard); the same batch on both ranks, so the averaged gradients equal the 1-process ones."""
-    from lingua.distributed import DistributedArgs, init_distributed
-    from lingua.parallelize import parallelize_model
-    from lingua.transformer import Transformer
+    from lingua.distributed.mesh import DistributedArgs, init_distributed
+    from lingua.distributed.parallelize import parallelize_model
+    from lingua.models.transformer.model import Transformer
 
     for fsdp_type in ("full_shard", "no_shard"):
         dargs = DistributedArgs(device="cpu", fsdp_type=fsdp_type, dp_shard=2 if fsdp_type == "full_shard" else 1)
@@ -256,7 +256,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
 
 
 def test_activation_checkpointing_recompute_is_not_counted_twice(tmp_path):
-    from lingua.parallelize import apply_ac
+    from lingua.distributed.parallelize import apply_ac
 
     model = tiny_model()
     apply_ac(model, selective=False)

@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from lingua.args import load_config
+from lingua.checkpoint.lock import RunLock
 from lingua.errors import LinguaError
-from lingua.run_lock import RunLock
-from lingua.spec import TRANSFORMER_SPEC
-from lingua.train import TrainArgs, train
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
 from tests.conftest import ROOT, tiny_overrides
 
-HOLD = "import sys, time; from lingua.run_lock import RunLock; l = RunLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)"
+HOLD = "import sys, time; from lingua.checkpoint.lock import RunLock; l = RunLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)"
 
 
 def test_second_run_on_a_dump_dir_is_refused_until_the_holder_is_gone(tiny_corpus, tmp_path):

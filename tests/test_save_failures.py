@@ -9,10 +9,10 @@ import uuid
 import pytest
 
 from lingua.args import load_config
-from lingua.checkpoint import list_checkpoints
+from lingua.checkpoint.manager import list_checkpoints
 from lingua.errors import LinguaError
-from lingua.spec import TRANSFORMER_SPEC
-from lingua.train import TrainArgs, train
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
 from tests.conftest import read_jsonl, tiny_overrides
 
 

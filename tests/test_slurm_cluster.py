@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_fake_train import loss_at
-from tests.slurm_helpers import ROOT, Job, job_info, read_metrics, require_slurm, run_stool, submit, \
-    submit_and_wait, wait_for, wait_job
+from tests.slurm_helpers import (
+    ROOT,
+    Job,
+    job_info,
+    read_metrics,
+    require_slurm,
+    run_stool,
+    submit,
+    submit_and_wait,
+    wait_for,
+    wait_job,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
 

@@ -10,7 +10,14 @@ import pytest
 
 from tests.conftest import ROOT, read_jsonl, tiny_overrides
 from tests.dist_helpers import free_port
-from tests.slurm_helpers import read_metrics, require_slurm, submit, submit_and_wait, wait_for, wait_job
+from tests.slurm_helpers import (
+    read_metrics,
+    require_slurm,
+    submit,
+    submit_and_wait,
+    wait_for,
+    wait_job,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -1,4 +1,4 @@
-"""lingua.stool without a cluster: argument split, dump_dir handling, code snapshot, the content and quoting of
+"""lingua.tools.stool without a cluster: argument split, dump_dir handling, code snapshot, the content and quoting of
 submit.slurm (checked with a port of sbatch's #SBATCH parser and by running the script with bash)."""
 
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lingua import stool
 from lingua.errors import ConfigError
-from lingua.stool import StoolArgs, parse_args, sbatch_quote, snapshot_code
+from lingua.tools import stool
+from lingua.tools.stool import StoolArgs, parse_args, sbatch_quote, snapshot_code
 from tests.slurm_helpers import ROOT
 
 FAKE = "tests.slurm_fake_train"
@@ -117,7 +117,7 @@ def test_config_errors_are_one_line_exit_2(project, capsys):
     assert "training override" in capsys.readouterr().err
     (project / "bad.yaml").write_text("a: [1\n")
     assert run("config=bad.yaml") == 2 and "bad.yaml" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "lingua.stool", "config=config.yaml", "nodes=abc"], cwd=project,
+    proc = subprocess.run([sys.executable, "-m", "lingua.tools.stool", "config=config.yaml", "nodes=abc"], cwd=project,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 

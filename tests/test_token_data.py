@@ -1,5 +1,5 @@
 """Token shards: setup/tokenize_data.py (parallel, atomic, resumable) and the memory-mapped document store
-(lingua/token_data.py), which gives the loader and validation the same batches as the jsonl files."""
+(lingua/data/tokens.py), which gives the loader and validation the same batches as the jsonl files."""
 
 import hashlib
 import json
@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from lingua.data import DataLoader
+from lingua.data.loader import DataLoader
+from lingua.data.tokenizer import ByteTokenizer, TokenizerArgs
+from lingua.data.tokens import MANIFEST, read_manifest, shard_paths, token_folder
+from lingua.data.validation import val_iterator
 from lingua.errors import LinguaError
-from lingua.token_data import MANIFEST, read_manifest, shard_paths, token_folder
-from lingua.tokenizer import ByteTokenizer, TokenizerArgs
-from lingua.val_data import val_iterator
 from tests.conftest import ROOT
 from tests.test_data import args_for, doc_text, global_batches, same, write_source
 
@@ -196,7 +196,7 @@ def test_auto_takes_the_shards_only_when_the_manifest_matches(corpus, caplog):
     tokenize(root, "a")
     with DataLoader(args_for(root)) as loader:
         assert loader.plan.sources["a"]["format"] == "tokens"
-    with caplog.at_level(logging.WARNING, logger="lingua.token_data"):
+    with caplog.at_level(logging.WARNING, logger="lingua.data.tokens"):
         with DataLoader(args_for(root, add_bos=False)) as loader:
             assert loader.plan.sources["a"]["format"] == "jsonl"
     assert "data.format=auto reads 'a' (train) from jsonl: token shards in" in caplog.text
@@ -297,7 +297,7 @@ def write_token_corpus(root, source: str, n_tokens: int, n_shards: int, seed: in
 
 PROBE = """
 import json, resource, sys, time
-from lingua.data import DataArgs, DataLoader
+from lingua.data.loader import DataArgs, DataLoader
 
 def rss_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024

@@ -1,4 +1,4 @@
-"""Tokenizers (lingua/tokenizer.py) and setup/train_tokenizer.py on a small corpus written by the test."""
+"""Tokenizers (lingua/data/tokenizer.py) and setup/train_tokenizer.py on a small corpus written by the test."""
 
 import base64
 import importlib.util
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lingua.data.tokenizer import build_tokenizer, check_vocab_size
 from lingua.errors import LinguaError
-from lingua.tokenizer import build_tokenizer, check_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,14 +137,14 @@ def test_a_long_document_is_encoded_in_pieces_with_memory_bounded_by_its_tokens(
     import subprocess
     import sys
 
-    from lingua.tokenizer import ENCODE_PIECE_CHARS, ByteTokenizer, encode_array
+    from lingua.data.tokenizer import ENCODE_PIECE_CHARS, ByteTokenizer, encode_array
 
     text = ("naïve line of text\n" * (ENCODE_PIECE_CHARS // 10))
     tok = ByteTokenizer()
     ids = encode_array(tok, text)
     assert ids.dtype == np.int32 and ids.tolist() == tok.encode(text)
     assert (ids == tok.bos_id).sum() == 1 and (ids == tok.eos_id).sum() == 1
-    code = ("import resource, sys; from lingua.tokenizer import ByteTokenizer, encode_array; t = 'x' * 99 + '\\n'; "
+    code = ("import resource, sys; from lingua.data.tokenizer import ByteTokenizer, encode_array; t = 'x' * 99 + '\\n'; "
             "text = t * 120_000; r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             "ids = encode_array(ByteTokenizer(), text); "
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024, len(ids))")

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from lingua.spec import TRANSFORMER_SPEC
 from lingua.args import load_config
-from lingua.checkpoint import list_checkpoints
+from lingua.checkpoint.manager import list_checkpoints
 from lingua.errors import LinguaError
-from lingua.train import TrainArgs, train
+from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.train.loop import TrainArgs, train
 from tests.conftest import ROOT, final_weights, losses, read_jsonl, tiny_overrides
 
 
@@ -143,9 +143,9 @@ def test_profiler_writes_a_chrome_trace_and_where_the_time_went(tiny_corpus, tmp
 
 
 def test_time_breakdown_sorts_ops_into_their_categories():
-    from lingua.profiling import time_breakdown
-
     from torch.autograd import DeviceType
+
+    from lingua.train.profiling import time_breakdown
 
     class Event:
         def __init__(self, key, t, device_type=DeviceType.CPU):
@@ -209,8 +209,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
 
 @pytest.mark.parametrize("name, low, high", [("llama_1B", 1.0e9, 2.0e9), ("llama_7B", 6.0e9, 8.0e9)])
 def test_cluster_configs_build_on_meta(name, low, high):
-    from lingua.decoder import num_params
-    from lingua.transformer import Transformer
+    from lingua.models.decoder import num_params
+    from lingua.models.transformer.model import Transformer
 
     cfg = load_config(TrainArgs, [f"config={ROOT}/apps/main/configs/{name}.yaml"])
     with torch.device("meta"):
@@ -277,7 +277,7 @@ def test_probe_runs_inside_the_train_loop(tiny_corpus, tmp_path):
     assert sorted(r["layer"] for r in acts) == ["layers.0", "layers.1"]
     assert all(r["std"] > 0 and r["max_abs"] > 0 for r in acts)
     # the plotting tool draws the probe records of a real run next to its curves
-    from lingua.plot import main as plot_main
+    from lingua.tools.plot import main as plot_main
 
     assert plot_main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
     pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}

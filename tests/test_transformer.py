@@ -8,10 +8,17 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.attention import attend, attention_mask
-from lingua.decoder import num_params
-from lingua.layers import ffn_hidden_dim, linear_group
-from lingua.transformer import Transformer, TransformerArgs, apply_rope, check_args, flops_per_token, rope_frequencies
+from lingua.kernels.attention import attend, attention_mask
+from lingua.models.decoder import num_params
+from lingua.models.layers import ffn_hidden_dim, linear_group
+from lingua.models.transformer.model import (
+    Transformer,
+    TransformerArgs,
+    apply_rope,
+    check_args,
+    flops_per_token,
+    rope_frequencies,
+)
 
 # eager flex_attention is the CPU path under test; torch warns that it is unfused
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -263,7 +270,7 @@ def test_fused_loss_equals_the_loss_through_the_logits(dtype, compiled):
     """model.fused_loss: the chunked loss with its gradient computed in the forward gives the plain loss and the plain
     gradients (bf16: as nn.Linear under autocast would), also over several chunks and ignored targets; compiled, its
     gradient is one fused expression instead of the eager in-place one, with the same numbers."""
-    from lingua.loss import cross_entropy, linear_cross_entropy
+    from lingua.kernels.loss import cross_entropy, linear_cross_entropy
 
     if compiled:
         linear_cross_entropy = torch.compile(linear_cross_entropy, fullgraph=True)

@@ -1,7 +1,7 @@
 """Recurrent language models on lingua's shared loop: minGRU, minLSTM (Feng et al. 2024, "Were RNNs All We Needed?")
 and Hawk (De et al. 2024, "Griffin"), in reading order: args, the three recurrent mixers, block, model, inference state.
 
-Every block is pre-norm: x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)) (lingua.layers' RMSNorm and FeedForward; Griffin's MLP block is this gated MLP with GeLU where SwiGLU has SiLU). The mixers train with a parallel scan
+Every block is pre-norm: x + mixer(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)) (lingua.models.layers' RMSNorm and FeedForward; Griffin's MLP block is this gated MLP with GeLU where SwiGLU has SiLU). The mixers train with a parallel scan
 (scan.py) and generate with the step form; a document start (tok_idx == 0) resets the state, so packed documents do
 not see each other, exactly as under the transformer's block-causal mask.
 """
@@ -14,11 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.fastRNN.scan import SCANS, conv_step, g, linear_scan, log_g, log_scan, step
-from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError
-from lingua.init import init_shard_, trunc_normal_
-from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim, init_output_
-from lingua.spec import ModelSpec
+from lingua.models.decoder import Decoder, DecoderArgs
+from lingua.models.init import init_shard_, trunc_normal_
+from lingua.models.layers import (
+    FeedForward,
+    RMSNorm,
+    causal_conv,
+    ffn_hidden_dim,
+    init_output_,
+)
+from lingua.models.spec import ModelSpec
 
 CELLS = ("mingru", "minlstm", "hawk")
 
@@ -234,7 +240,7 @@ def build_mixer(args: FastRNNArgs) -> nn.Module:
 
 
 class FastRNNBlock(nn.Module):
-    """lingua.transformer.TransformerBlock's shape with a recurrent mixer in place of attention; a copy rather than a
+    """lingua.models.transformer.model.TransformerBlock's shape with a recurrent mixer in place of attention; a copy rather than a
     shared base because the parameter names (mixer_norm/mixer vs attention_norm/attention) are the checkpoint format."""
 
     def __init__(self, args: FastRNNArgs):
@@ -300,7 +306,7 @@ class RecurrentCache:
 
 
 def flops_per_token(args: FastRNNArgs, seq_len: int) -> int:
-    """Training FLOPs per token: 6 * N, with lingua.transformer.flops_per_token's N (every parameter but the embedding
+    """Training FLOPs per token: 6 * N, with lingua.models.transformer.model.flops_per_token's N (every parameter but the embedding
     table, plus the output projection vocab_size * dim whether tied or not). A recurrence costs the same per token at
     any seq_len, so there is no attention-like term. Left out: the scan and gate elementwise work, about 60 FLOPs per
     recurrent unit per layer forward + backward, 0.3% of 6 N on the debug shape (and Hawk's conv, 6 * conv_size)."""

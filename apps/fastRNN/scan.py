@@ -22,7 +22,7 @@ Step form, for generation: `step` advances a (bs, hidden) state by one token. mi
 from the recurrent equations as the paper writes them (no logs), so the tests comparing both forms check the log-space
 math too; Hawk shares its gate code between the two forms.
 
-Hawk's short causal convolution is lingua.layers.causal_conv; its one-token form `conv_step` is here, with the same
+Hawk's short causal convolution is lingua.models.layers.causal_conv; its one-token form `conv_step` is here, with the same
 reset.
 """
 

@@ -7,7 +7,7 @@
 ckpt_dir: a DCP or consolidated checkpoint of any lingua app (params.json names its model spec), a Hugging Face Llama
 directory, or a run directory (its latest checkpoint).
 Validation reads `<root_dir>/<source>/<source>.val.jsonl` (root_dir, sources, seq_len, BOS/EOS default to the
-checkpoint's training config) and reports NLL per token, perplexity and bits per byte (lingua.evaluation). Under
+checkpoint's training config) and reports NLL per token, perplexity and bits per byte (lingua.eval.bpb). Under
 torchrun every rank holds the whole model and scores its share of the batches, or of the harness requests; rank 0
 prints the table and writes `<dump_dir>/results.json`:
 
@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Optional
 
 from lingua.args import run_cli
-from lingua.data import DataArgs
-from lingua.distributed import DistributedArgs, init_distributed
+from lingua.data.loader import DataArgs
+from lingua.data.tokenizer import TokenizerArgs
+from lingua.distributed.mesh import DistributedArgs, init_distributed
+from lingua.distributed.precision import autocast_context, resolve_model_dtype
 from lingua.errors import ConfigError, LinguaError
-from lingua.evaluation import EvalArgs, evaluate_source
+from lingua.eval.bpb import EvalArgs, evaluate_source
+from lingua.eval.load import TokenizerOverride, inspect_checkpoint, load_model
 from lingua.files import write_text_atomic
-from lingua.inference import TokenizerOverride, inspect_checkpoint, load_model
 from lingua.log import setup_logging
-from lingua.precision import autocast_context, resolve_model_dtype
-from lingua.tokenizer import TokenizerArgs
 
 logger = logging.getLogger("lingua")
 
@@ -107,10 +107,12 @@ def format_harness(results: dict) -> str:
 
 def run_harness(model, tokenizer, args: HarnessArgs) -> Optional[dict]:
     """lm-eval's results dict on rank 0, None on the other ranks."""
-    from lingua.harness import LinguaLM  # the optional eval extra, only when tasks are asked for
-
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    from lingua.eval.harness import (
+        LinguaLM,  # the optional eval extra, only when tasks are asked for
+    )
 
     if args.include_path and not os.path.isdir(args.include_path):
         raise LinguaError(f"harness.include_path '{args.include_path}' is not a directory")

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 from lingua.args import run_cli
-from lingua.decoder import num_params
+from lingua.distributed.precision import parse_dtype
 from lingua.errors import ConfigError, LinguaError
-from lingua.hf import export_hf
-from lingua.inference import build_for_checkpoint, inspect_checkpoint
-from lingua.precision import parse_dtype
+from lingua.eval.load import build_for_checkpoint, inspect_checkpoint
+from lingua.hf.io import export_hf
+from lingua.models.decoder import num_params
 
 
 @dataclass

@@ -5,7 +5,7 @@
 
 ckpt_dir: a DCP or consolidated checkpoint of any lingua app, a Hugging Face Llama directory, or a run directory (its
 latest checkpoint).
-`prompts_file` holds one prompt per line. Every sampling option of `lingua.generate.GeneratorArgs` is a top-level key
+`prompts_file` holds one prompt per line. Every sampling option of `lingua.eval.generate.GeneratorArgs` is a top-level key
 (temperature=0 is greedy; stop=["\\n\\n"] ends completions at a blank line). `prompt=` is taken verbatim.
 """
 
@@ -18,8 +18,8 @@ from typing import Optional
 
 from lingua.args import run_cli
 from lingua.errors import ConfigError, LinguaError
-from lingua.generate import Generator, GeneratorArgs, GenerationStats
-from lingua.inference import TokenizerOverride, load_model, pick_device
+from lingua.eval.generate import GenerationStats, Generator, GeneratorArgs
+from lingua.eval.load import TokenizerOverride, load_model, pick_device
 from lingua.log import setup_logging
 
 

@@ -24,11 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.mamba.ssd import ssd_chunked, ssd_step
-from lingua.decoder import Decoder, DecoderArgs
 from lingua.errors import ConfigError, LinguaError, require
-from lingua.init import init_shard_, trunc_normal_, uniform_
-from lingua.layers import FeedForward, RMSNorm, causal_conv, ffn_hidden_dim, init_output_
-from lingua.spec import ModelSpec
+from lingua.models.decoder import Decoder, DecoderArgs
+from lingua.models.init import init_shard_, trunc_normal_, uniform_
+from lingua.models.layers import (
+    FeedForward,
+    RMSNorm,
+    causal_conv,
+    ffn_hidden_dim,
+    init_output_,
+)
+from lingua.models.spec import ModelSpec
 
 SSM_IMPLS = ("auto", "torch", "mamba_ssm")
 
@@ -303,7 +309,7 @@ class Mamba(Decoder):
         return (tok_idx,)
 
     def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> MambaCache:
-        """The generator's inference state (lingua.generate): recurrent states instead of keys and values."""
+        """The generator's inference state (lingua.eval.generate): recurrent states instead of keys and values."""
         return MambaCache(self.args, bs, max_len, pad, device, dtype)
 
     def init_block(self, depth: int, block: nn.Module) -> None:

@@ -2,7 +2,7 @@
 renormalised over the top_k (model.gate=softmax, route_norm=true), no shared expert, no selection bias
 (bias_update_rate=0). Anything else is refused in one line.
 
-Attention, norms, embeddings and the RoPE layout are the Llama mapping's (lingua/hf_llama.py). The MoE: the router
+Attention, norms, embeddings and the RoPE layout are the Llama mapping's (lingua/models/transformer/hf.py). The MoE: the router
 `layers.{i}.feed_forward.router.weight` is `model.layers.{i}.block_sparse_moe.gate.weight`; our expert tensors
 [n_experts, dim, hidden] (x @ w) become per-expert nn.Linear weights `block_sparse_moe.experts.{e}.w1.weight`
 (hidden, dim), w3 likewise, w2 (dim, hidden): the layout of Mixtral checkpoints on the Hub, which transformers 5
@@ -15,9 +15,15 @@ from typing import Optional
 import torch
 
 from lingua.errors import LinguaError
-from lingua.hf import HFMapping, full_tensor
-from lingua.hf_llama import (HF_LAYER_NAMES, _relayout, hf_name, llama_args_from_config, llama_check_matches,
-                             llama_config)
+from lingua.hf.mapping import HFMapping, full_tensor
+from lingua.models.transformer.hf import (
+    HF_LAYER_NAMES,
+    _relayout,
+    hf_name,
+    llama_args_from_config,
+    llama_check_matches,
+    llama_config,
+)
 
 
 def mixtral_check_exportable(args) -> None:
@@ -93,7 +99,7 @@ def mixtral_config(args, bos_id=None, eos_id=None, dtype=torch.float32) -> dict:
 
 
 def mixtral_args_from_config(cfg_path, cfg: dict):
-    """MoEArgs for a Mixtral config.json (its Llama part read by lingua/hf_llama.py)."""
+    """MoEArgs for a Mixtral config.json (its Llama part read by lingua/models/transformer/hf.py)."""
     from apps.moe.model import MoEArgs
 
     # the dense width whose 1 / top_k is the experts' (what model.moe_hidden_dim=null would take)

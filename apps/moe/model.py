@@ -23,11 +23,17 @@ from torch import nn
 
 from apps.moe.hf_mixtral import MIXTRAL
 from lingua.errors import ConfigError
-from lingua.init import trunc_normal_
-from lingua.layers import FeedForward, ffn_hidden_dim, init_output_
-from lingua.spec import ModelSpec, describe_attention
-from lingua.transformer import Transformer, TransformerArgs, TransformerBlock, check_args
-from lingua.transformer import flops_per_token as transformer_flops
+from lingua.models.init import trunc_normal_
+from lingua.models.layers import FeedForward, ffn_hidden_dim, init_output_
+from lingua.models.spec import ModelSpec
+from lingua.models.transformer.model import (
+    Transformer,
+    TransformerArgs,
+    TransformerBlock,
+    check_args,
+)
+from lingua.models.transformer.model import flops_per_token as transformer_flops
+from lingua.models.transformer.spec import describe_attention
 
 GATES = ("softmax", "sigmoid")
 GROUPED_MM = ("auto", "true", "false")
@@ -169,7 +175,7 @@ class MoE(nn.Module):
         return torch.zeros_like(flat).index_add_(0, tokens, ys), torch.tensor(float(ys.shape[0]), device=flat.device)
 
     def parallelize_experts(self, ep_mesh) -> None:
-        """Called by lingua.parallelize on a multi-rank world (apps/moe/parallel.py)."""
+        """Called by lingua.distributed.parallelize on a multi-rank world (apps/moe/parallel.py)."""
         from apps.moe.parallel import parallelize_experts
 
         parallelize_experts(self, ep_mesh)
@@ -298,7 +304,7 @@ def active_params_delta(args: MoEArgs) -> int:
 
 
 def flops_per_token(args: MoEArgs, seq_len: int) -> float:
-    """Training FLOPs per token counting *active* parameters only (lingua.transformer.flops_per_token with each
+    """Training FLOPs per token counting *active* parameters only (lingua.models.transformer.model.flops_per_token with each
     layer's dense SwiGLU replaced by the router and the top_k + shared experts a token goes through)."""
     return transformer_flops(args, seq_len) + 6 * args.n_layers * active_params_delta(args)
 

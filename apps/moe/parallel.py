@@ -8,7 +8,7 @@ their experts' rank and back with two all-to-alls (torch.distributed, gloo and n
 
 An expert's gradient arrives summed over the tokens of the whole ep group, where every other weight's is a mean over
 data-parallel ranks: the experts' FSDP group divides by the world size instead of its own size, so both are the
-gradient of the global mean loss. lingua.parallelize calls `parallelize_experts` (any module that has it) when the
+gradient of the global mean loss. lingua.distributed.parallelize calls `parallelize_experts` (any module that has it) when the
 world has more than one rank; with ep_size = 1 it only makes the routing statistics global (see MoE.stats_group).
 """
 
@@ -28,11 +28,14 @@ def parallelize_experts(moe: nn.Module, ep_mesh) -> None:
     for name, p in list(moe.experts.named_parameters(recurse=False)):
         moe.experts.register_parameter(name, nn.Parameter(distribute_tensor(p, ep, [Shard(0)])))
     moe.ep_group, moe.ep_size = ep.get_group(), ep.size()
-    moe.experts.fsdp_mesh = ep_mesh["dp_mod_ep"]  # lingua.parallelize shards the experts over it
+    moe.experts.fsdp_mesh = ep_mesh["dp_mod_ep"]  # lingua.distributed.parallelize shards the experts over it
 
 
 def _to_ranks(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    from torch.distributed._functional_collectives import (
+        all_to_all_single_autograd,
+        wait_tensor,
+    )
 
     return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 

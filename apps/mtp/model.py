@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.kv_cache import KVCache
-from lingua.spec import ModelSpec, describe_attention
-from lingua.transformer import Transformer, TransformerArgs, check_args, flops_per_token as transformer_flops
-from lingua.transformer_tp import apply_transformer_tp
+from lingua.models.kv_cache import KVCache
+from lingua.models.spec import ModelSpec
+from lingua.models.transformer.model import Transformer, TransformerArgs, check_args
+from lingua.models.transformer.model import flops_per_token as transformer_flops
+from lingua.models.transformer.parallelize import apply_transformer_tp
+from lingua.models.transformer.spec import describe_attention
 
 
 @dataclass
@@ -79,7 +81,7 @@ class MTPTransformer(Transformer):
 
     def forward(self, tokens: torch.Tensor, target=None, tok_idx=None, cache: Optional[MTPCache] = None):
         """tokens, tok_idx: int64 (bs, seqlen); target: (bs, seqlen) with one head, else (bs, seqlen, n_views - 1),
-        view k being token t + k + 1 (lingua.data with n_views = n_future_head + 1).
+        view k being token t + k + 1 (lingua.data.loader with n_views = n_future_head + 1).
 
         No target: the next-token head's logits (bs, seqlen, vocab_size). With a target: the sum over heads of each
         head's mean cross-entropy. With a `cache` (inference): the next-token head's logits, through the cache."""
@@ -117,7 +119,7 @@ class MTPTransformer(Transformer):
     # ------------------------------------------------------------ inference
 
     def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32, heads: int = 1):
-        """The generator's inference state (lingua.generate): a KV cache over the trunk and the first `heads` heads.
+        """The generator's inference state (lingua.eval.generate): a KV cache over the trunk and the first `heads` heads.
         One head (plain decoding) costs what an (n_layers + 1)-layer transformer costs."""
         return MTPCache(self.args, heads, bs, max_len, pad, device, dtype)
 
@@ -142,7 +144,7 @@ class MTPTransformer(Transformer):
 
 
 def flops_per_token(args: MTPArgs, seq_len: int) -> float:
-    """Training FLOPs per token (see lingua.transformer.flops_per_token): the trunk and every head block count as
+    """Training FLOPs per token (see lingua.models.transformer.model.flops_per_token): the trunk and every head block count as
     layers, and each extra head runs the final norm and the output projection once more."""
     extra_unembed = (args.n_future_head - 1) * (args.vocab_size * args.dim + args.dim)
     return transformer_flops(args, seq_len, n_layers=args.n_layers + args.n_future_head) + 6 * extra_unembed

@@ -30,7 +30,7 @@ import torch
 from apps.mtp.model import MTPTransformer
 from lingua.args import run_cli
 from lingua.errors import ConfigError, LinguaError
-from lingua.inference import TokenizerOverride, load_model, pick_device
+from lingua.eval.load import TokenizerOverride, load_model, pick_device
 from lingua.log import setup_logging
 
 

@@ -1,0 +1,227 @@
+"""How a model is parallelized, applied from outside the model in torchtitan's order: tensor parallel (the model's
+own plan, from its ModelSpec: lingua/models/transformer/parallelize.py for the transformer), activation checkpointing, torch.compile
+per block, then data parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, or `replicate` for
+fsdp_type=no_shard). Any model whose blocks live in `model.layers` works.
+"""
+
+import importlib.util
+import logging
+import os
+import shutil
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from lingua.distributed.mesh import DistributedArgs
+from lingua.errors import ConfigError, LinguaError
+
+logger = logging.getLogger(__name__)
+
+
+def gather_sequence():
+    """A ParallelStyle for a module whose first input arrives sharded over the sequence (Shard(1), from a
+    sequence-parallel norm) and which needs the whole sequence (Replicate, as a plain tensor), e.g. attention; the
+    other inputs (RoPE tables, mask, KV cache) pass through. PrepareModuleInput would need one layout per input."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class GatherSequence(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh) -> nn.Module:
+            def hook(_module, args):
+                x = args[0]
+                if not isinstance(x, DTensor):
+                    x = DTensor.from_local(x, mesh, (Shard(1),), run_check=False)
+                return (x.redistribute(mesh, (Replicate(),)).to_local(), *args[1:])
+
+            module.register_forward_pre_hook(hook)
+            return module
+
+    return GatherSequence()
+
+
+def _sac_policy():
+    """Selective AC: keep the outputs of matmuls, attention and TP's reduce-scatters; recompute pointwise ops."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    names = ["aten.mm.default", "aten.addmm.default", "aten.bmm.default",
+             "aten._scaled_dot_product_flash_attention.default",
+             "aten._scaled_dot_product_efficient_attention.default",
+             "aten._scaled_dot_product_flash_attention_for_cpu.default",
+             "_c10d_functional.reduce_scatter_tensor.default"]
+    save = set()
+    for name in names:
+        ns, op, overload = name.split(".")
+        packet = getattr(getattr(torch.ops, ns), op, None)
+        if packet is not None:
+            save.add(getattr(packet, overload))
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_ac(model: nn.Module, selective: bool) -> None:
+    """Wrap each block: full recomputation, or selective (save matmul outputs, recompute the rest)."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs = {"preserve_rng_state": False}  # no dropout: recomputation needs no RNG replay
+    if selective:
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _sac_policy())
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, **kwargs)
+
+
+def resolve_compile(setting, device: torch.device, tp: int) -> tuple[bool, str]:
+    """distributed.compile -> (compile or not, why). auto compiles wherever inductor can generate code for the device
+    (a CUDA GPU with triton; a CPU with a C++ compiler), except under tensor parallelism, whose backward fails
+    compiled in this torch. Measured on 2 CPU cores (benchmarks/train_throughput.py): fused elementwise work, the
+    compiled chunked loss and one graph for the model are worth it once the first steps have paid for compilation."""
+    if setting is not True and setting is not False:  # auto
+        if tp > 1:
+            return False, "off (auto): tensor parallelism"
+        if device.type == "cuda":
+            found = importlib.util.find_spec("triton") is not None
+            return found, "on (auto): CUDA + triton" if found else "off (auto): triton is not installed"
+        if device.type == "cpu":
+            cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+            return cxx is not None, "on (auto): CPU + C++ compiler" if cxx else "off (auto): no C++ compiler found"
+        return False, f"off (auto): no inductor backend for {device.type}"
+    return setting, f"{'on' if setting else 'off'} (distributed.compile={str(setting).lower()})"
+
+
+def apply_compile(model: nn.Module, whole: bool) -> None:
+    """Compile in place, so parameter names stay the same and checkpoints do not see compilation: the whole model
+    (one graph, loss included) when no data-parallel wrapper splits it, else each block (FSDP/replicate hooks run
+    between blocks)."""
+    if whole:
+        model.compile(dynamic=False)
+    else:
+        for block in model.layers:
+            block.compile(dynamic=False)
+
+
+def apply_expert_parallel(model: nn.Module, mesh, args: DistributedArgs, device: torch.device) -> bool:
+    """Modules with `parallelize_experts(ep_mesh)` (apps/moe) shard their experts over a (dp_mod_ep, ep) view of
+    the data-parallel ranks (ep_mesh None with ep_size=1). Returns whether any module did."""
+    found = [m for m in model.modules() if hasattr(m, "parallelize_experts")]
+    if not found and args.ep_size > 1:
+        raise ConfigError("distributed.ep_size > 1 needs a model with experts (apps/moe)")
+    ep_mesh = None
+    if args.ep_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+        ep_mesh = init_device_mesh(device.type, (dp // args.ep_size, args.ep_size), mesh_dim_names=("dp_mod_ep", "ep"))
+    for m in found:
+        m.parallelize_experts(ep_mesh)
+    return bool(found)
+
+
+def _shard_experts(block: nn.Module, world: int, **fsdp_kwargs) -> None:
+    """Expert weights (sharded over ep) get their own FSDP group over the ranks holding the same experts; their
+    gradient is a sum over the ep group's tokens, so it is divided by the whole world (apps/moe/parallel.py)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in block.modules():
+        if hasattr(m, "fsdp_mesh"):
+            fully_shard(m, mesh=m.fsdp_mesh, **fsdp_kwargs)
+            m.set_gradient_divide_factor(world)
+
+
+def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype) -> None:
+    """FSDP2 per block then on the root (full_shard; HSDP when both dp dims > 1), or replicate (no_shard)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if args.fsdp_type == "no_shard":
+        # DDP built on FSDP2's machinery: parameters are replicated DTensors, gradients all-reduced per block.
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for block in model.layers:
+            replicate(block, mesh=mesh["dp_replicate"], mp_policy=mp)
+        replicate(model, mesh=mesh["dp_replicate"], mp_policy=mp)
+        return
+    # HSDP when both dims > 1: shard over dp_shard, replicate over dp_replicate. With dp_shard=1, full_shard shards
+    # over the replicas' dim (lingua's semantics: full_shard means "shard over every data-parallel rank" then).
+    if rep > 1 and shard > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"]
+    else:
+        dp_mesh = mesh["dp_shard" if shard > 1 else "dp_replicate"]
+    for i, block in enumerate(model.layers):
+        # The root reshards the last block right away anyway; keeping it unsharded saves one all-gather.
+        reshard = args.fsdp_reshard_after_forward and i < len(model.layers) - 1
+        _shard_experts(block, rep * shard, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # The root holds the embedding, the final norm and the output (tied weights stay one parameter in one group).
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=args.fsdp_reshard_after_forward)
+
+
+def apply_float8(model: nn.Module, args: DistributedArgs, tp_size: int) -> None:
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise LinguaError(f"distributed.float8_recipe={args.float8_recipe} needs a CUDA GPU (float8 matmuls have no "
+                          "CPU kernels): set distributed.float8_recipe=null")
+    if torch.cuda.get_device_capability() < (8, 9):
+        raise LinguaError(f"distributed.float8_recipe needs compute capability >= 8.9 (H100, L4, RTX 40xx); "
+                          f"{torch.cuda.get_device_name()} has {torch.cuda.get_device_capability()}")
+    if tp_size > 1:
+        raise ConfigError("distributed.float8_recipe is not supported with distributed.tp_size > 1 here")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise LinguaError(f"distributed.float8_recipe needs torchao ({e}): pip install torchao") from None
+    convert_to_float8_training(
+        model,
+        config=Float8LinearConfig.from_recipe_name(args.float8_recipe),
+        module_filter_fn=lambda mod, fqn: fqn != "output",  # the vocab projection stays in high precision
+    )
+
+
+def parallelize_model(
+    model: nn.Module,
+    mesh,
+    args: DistributedArgs,
+    param_dtype: torch.dtype = torch.float32,
+    tp_plan: Optional[Callable] = None,
+    model_name: str = "this model",
+    device: torch.device = torch.device("cpu"),
+) -> nn.Module:
+    """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> activation checkpointing -> compile (whole model, or
+    per block under data parallelism) -> FSDP2/replicate. `mesh` is None on one process. Call it on the meta-device model, then
+    `lingua.models.decoder.materialize` (see lingua.train.loop.build_model)."""
+    tp = mesh["tp"].size() if mesh is not None else 1
+    applied = []
+    if args.float8_recipe:
+        apply_float8(model, args, tp)
+        applied.append(f"float8 {args.float8_recipe}")
+    if tp > 1:
+        if tp_plan is None:
+            raise ConfigError(f"{model_name} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
+        tp_plan(model, mesh["tp"], args.loss_parallel)
+        applied.append(f"tensor parallel x{tp} (sequence parallel{', loss parallel' if args.loss_parallel else ''})")
+    if args.activation_checkpointing or args.selective_activation_checkpointing:
+        apply_ac(model, selective=args.selective_activation_checkpointing)
+        applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
+    rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
+    if mesh is not None and apply_expert_parallel(model, mesh, args, torch.device(device)):
+        applied.append(f"expert parallel x{args.ep_size}")
+    compile, why = resolve_compile(args.compile, torch.device(device), tp)
+    if compile:
+        apply_compile(model, whole=rep * shard == 1)
+    applied.append(f"compile {'of the whole model ' if compile and rep * shard == 1 else 'per block ' if compile else ''}"
+                   f"{why}")
+    if rep * shard > 1:
+        apply_data_parallel(model, mesh, args, param_dtype)
+        if args.fsdp_type == "no_shard":
+            applied.append(f"replicate (DDP) x{rep}")
+        else:
+            applied.append(f"FSDP2 {'HSDP ' + str(rep) + ' x ' if rep > 1 and shard > 1 else ''}full_shard x{rep * shard}")
+    logger.info("parallelism: " + " | ".join(applied))
+    return model

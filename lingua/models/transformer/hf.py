@@ -1,0 +1,254 @@
+"""The Hugging Face mapping of lingua's Transformer (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with model.qk_norm):
+parameter names, the RoPE layout and config.json, in both directions. lingua/hf/io.py does the file handling; lingua/models/spec.py hands this mapping to it.
+
+The two models compute the same function; only names and one layout differ:
+
+- Names: `layers.{i}.attention.wq.weight` <-> `model.layers.{i}.self_attn.q_proj.weight`, and so on (`HF_LAYER_NAMES`).
+- RoPE: we rotate interleaved pairs (dims 2i, 2i+1 of each head share angle i, as Meta's Llama code does);
+  transformers' `rotate_half` rotates the halves (dims i and i + head_dim/2 share angle i). Attention scores are
+  q.k summed over a head's dims, so permuting the output rows of wq and wk the same way inside every head changes
+  nothing but the layout: row 2i+j of a head (ours) becomes row j*head_dim/2 + i (theirs). wv, wo are untouched.
+- Tied embeddings: `lm_head.weight` is omitted from the file and `tie_word_embeddings` is set, as transformers saves it.
+"""
+
+import logging
+import re
+from typing import Optional
+
+import torch
+
+from lingua.errors import LinguaError
+from lingua.hf.mapping import DTYPE_NAMES, HFMapping, full_tensor
+from lingua.models.layers import ffn_hidden_dim
+from lingua.models.transformer.model import TransformerArgs, check_args
+
+logger = logging.getLogger(__name__)
+
+# ours -> theirs, for the parameters of block i (prefixes `layers.{i}.` and `model.layers.{i}.` added around them)
+HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+QK_NORM_NAMES = {"attention.q_norm.weight": "self_attn.q_norm.weight",  # model.qk_norm: Qwen3's
+                 "attention.k_norm.weight": "self_attn.k_norm.weight"}
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the Hugging Face Llama one."""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    layer_names = {**HF_LAYER_NAMES, **QK_NORM_NAMES}
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}"
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    raise LinguaError(f"parameter '{name}' has no Hugging Face Llama equivalent")
+
+
+def _expected_names(args: TransformerArgs) -> list[str]:
+    names = ["tok_embeddings.weight", "norm.weight", "output.weight"]
+    per_layer = list(HF_LAYER_NAMES) + (list(QK_NORM_NAMES) if args.qk_norm else [])
+    return names + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in per_layer]
+
+
+# ---------------------------------------------------------------- the RoPE layout
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of wq/wk (n_heads * head_dim, dim): pairs (2i, 2i+1) of each head -> (i, i + head_dim/2)."""
+    rows, dim = w.shape
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim).contiguous()
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `interleaved_to_halves`."""
+    rows, dim = w.shape
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim).contiguous()
+
+
+def _relayout(name: str, w: torch.Tensor, args: TransformerArgs, to_hf: bool) -> torch.Tensor:
+    """Permute what the RoPE layout touches: the rows of wq and wk, and the head_dim weights of the q/k norms (one
+    head's worth of rows)."""
+    n_heads, n_kv_heads, _ = check_args(args)
+    heads = {"attention.wq.weight": n_heads, "attention.wk.weight": n_kv_heads,
+             "attention.q_norm.weight": 1, "attention.k_norm.weight": 1}.get(name.split(".", 2)[-1])
+    if heads is None:
+        return w
+    permute = interleaved_to_halves if to_hf else halves_to_interleaved
+    return permute(w, heads) if w.dim() == 2 else permute(w[:, None], heads)[:, 0]
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def llama_to_hf(model_state: dict, args: TransformerArgs) -> dict:
+    """Our state dict (full tensors or DTensors) -> Hugging Face Llama names and RoPE layout. Tied embeddings: no
+    `lm_head.weight` (safetensors refuses two names for one storage). Tensors other than wq/wk may share memory
+    with `model_state`."""
+    expected = _expected_names(args)
+    if args.weight_tying:
+        expected.remove("output.weight")
+    for name in expected:
+        if name not in model_state:
+            raise LinguaError(f"model state has no '{name}': it is not a {args.n_layers}-layer lingua Transformer")
+    return {hf_name(name): _relayout(name, full_tensor(model_state[name]).detach(), args, to_hf=True).contiguous()
+            for name in expected}
+
+
+def llama_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
+    """Hugging Face Llama tensors -> our names and RoPE layout (the exact inverse of `llama_to_hf`).
+
+    A checkpoint without `lm_head.weight` has tied embeddings: `output.weight` is then the embedding table."""
+    theirs_to_ours = {hf_name(n): n for n in _expected_names(args)}
+    ours = {}
+    for key, w in hf_state.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older transformers saved; we derive it from rope_theta
+        if key not in theirs_to_ours:
+            raise LinguaError(f"Hugging Face tensor '{key}' has no place in a {args.n_layers}-layer lingua Transformer")
+        ours[theirs_to_ours[key]] = _relayout(theirs_to_ours[key], w, args, to_hf=False)
+    if "output.weight" not in ours and "tok_embeddings.weight" in ours:
+        ours["output.weight"] = ours["tok_embeddings.weight"]
+    for name in _expected_names(args):
+        if name not in ours:
+            raise LinguaError(f"Hugging Face checkpoint has no '{hf_name(name)}'")
+    return ours
+
+
+# ---------------------------------------------------------------- config.json
+
+
+def llama_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+              dtype: torch.dtype = torch.float32) -> dict:
+    """The `LlamaConfig` fields of a model built from `args`, as transformers writes them to config.json; with
+    model.qk_norm a `Qwen3Config` (Llama plus a per-head RMSNorm of queries and keys).
+
+    RoPE theta is written both ways: `rope_parameters` (transformers >= 5) and `rope_theta` (4.x)."""
+    n_heads, n_kv_heads, head_dim = check_args(args)
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.n_layers,
+             "layer_types": ["full_attention"] * args.n_layers} if args.qk_norm else {}
+    return {
+        "architectures": ["Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if args.qk_norm else "llama",
+        **qwen3,
+        "hidden_size": args.dim,
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rope_theta)},
+        "rope_theta": float(args.rope_theta),
+        "max_position_embeddings": args.max_seqlen,
+        "vocab_size": args.vocab_size,
+        "tie_word_embeddings": bool(args.weight_tying),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": args.init_base_std or args.dim**-0.5,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": DTYPE_NAMES.get(dtype, "float32"),
+        "torch_dtype": DTYPE_NAMES.get(dtype, "float32"),  # the name transformers 4.x reads
+    }
+
+
+def _ffn_args(dim: int, intermediate_size: int) -> tuple[Optional[float], int]:
+    """(ffn_dim_multiplier, multiple_of) that make our FeedForward exactly `intermediate_size` wide."""
+    for multiple_of in (256, 1024, 128, 64, 32, 16, 8):  # the defaults Llama configs use, when they fit
+        if ffn_hidden_dim(dim, multiple_of, None) == intermediate_size:
+            return None, multiple_of
+    # Otherwise round up to intermediate_size itself, scaling down first if the default is wider: int(multiplier *
+    # base) lands on intermediate_size or one below it, which rounds up to exactly intermediate_size.
+    base = int(2 * 4 * dim / 3)
+    multiplier = None if base <= intermediate_size else intermediate_size / base
+    if ffn_hidden_dim(dim, intermediate_size, multiplier) != intermediate_size:
+        raise LinguaError(f"cannot express intermediate_size={intermediate_size} for hidden_size={dim}")
+    return multiplier, intermediate_size
+
+
+def llama_args_from_config(cfg_path, cfg: dict) -> TransformerArgs:
+    """TransformerArgs for a Hugging Face Llama (or Qwen3) config.json, or one line saying why it cannot be
+    represented."""
+    if cfg.get("use_sliding_window"):
+        raise LinguaError(f"{cfg_path}: use_sliding_window=true is not supported (lingua attends to every position)")
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if cfg.get("rope_scaling") or rope_type != "default":
+        raise LinguaError(f"{cfg_path}: RoPE scaling ({cfg.get('rope_scaling') or rope}) is not supported")
+    if cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise LinguaError(f"{cfg_path}: partial_rotary_factor != 1 is not supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise LinguaError(f"{cfg_path}: {key}=true is not supported (lingua's linear layers have no bias)")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise LinguaError(f"{cfg_path}: hidden_act '{cfg['hidden_act']}' is not supported (lingua uses SwiGLU: silu)")
+    try:
+        dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        multiplier, multiple_of = _ffn_args(dim, int(cfg["intermediate_size"]))
+        return TransformerArgs(
+            dim=dim,
+            n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=n_heads,
+            head_dim=int(cfg.get("head_dim") or dim // n_heads),
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            ffn_dim_multiplier=multiplier,
+            multiple_of=multiple_of,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            max_seqlen=int(cfg.get("max_position_embeddings", 2048)),
+            vocab_size=int(cfg["vocab_size"]),
+            weight_tying=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm=cfg.get("model_type") == "qwen3",
+        )
+    except KeyError as e:
+        raise LinguaError(f"{cfg_path}: missing {e.args[0]}") from None
+
+
+def llama_check_matches(hf_args: TransformerArgs, args: TransformerArgs, path) -> None:
+    """Fail on a different shape or head layout (the RoPE permutation depends on it); warn on what only changes
+    numerics (rope_theta, norm_eps, max_seqlen), which a fine-tuning run may change on purpose."""
+    theirs, ours = check_args(hf_args), check_args(args)
+    shape_keys = {"model.dim": (hf_args.dim, args.dim), "model.n_layers": (hf_args.n_layers, args.n_layers),
+                  "model.qk_norm": (hf_args.qk_norm, args.qk_norm), "model.mlp": ("swiglu", args.mlp),
+                  "model.vocab_size": (hf_args.vocab_size, args.vocab_size),
+                  "model.n_heads": (theirs[0], ours[0]), "model.n_kv_heads": (theirs[1], ours[1]),
+                  "model.head_dim": (theirs[2], ours[2]),
+                  "FFN width": (ffn_hidden_dim(hf_args.dim, hf_args.multiple_of, hf_args.ffn_dim_multiplier),
+                                ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))}
+    for key, (h, o) in shape_keys.items():
+        if h != o:
+            raise LinguaError(f"Hugging Face model '{path}' has {key}={h} but this model has {o}")
+    for key in ("rope_theta", "norm_eps", "max_seqlen"):
+        if getattr(hf_args, key) != getattr(args, key):
+            logger.warning(f"Hugging Face model '{path}' has {key}={getattr(hf_args, key)}, this model "
+                           f"model.{key}={getattr(args, key)}: its outputs will differ from the original's")
+
+
+
+def llama_check_exportable(args: TransformerArgs) -> None:
+    """Llama and Qwen3 have a gated SiLU MLP and plain logits: a model with neither cannot be written as them."""
+    if args.mlp != "swiglu":
+        raise LinguaError(f"model.mlp={args.mlp} has no Hugging Face Llama/Qwen3 equivalent (their MLP is SwiGLU): "
+                          "export refused")
+    if args.logit_softcap is not None:
+        raise LinguaError("model.logit_softcap has no Hugging Face Llama/Qwen3 equivalent: export refused")
+
+
+LLAMA = HFMapping(model_types=("llama", "qwen3"), config=llama_config, args_from_config=llama_args_from_config,
+                  to_hf=llama_to_hf, from_hf=llama_from_hf, check_matches=llama_check_matches,
+                  check_exportable=llama_check_exportable)

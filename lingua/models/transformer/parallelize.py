@@ -1,0 +1,51 @@
+"""The transformer's tensor-parallel plan (the ModelSpec's `tp_plan`), next to the parameter names it shards:
+Megatron-style colwise q/k/v and w1/w3, rowwise wo and w2, sequence-parallel norms (activations between blocks are
+sharded over the sequence), and a vocab-sharded output projection for loss_parallel. Any model whose blocks are
+lingua.models.transformer.model.TransformerBlock (the main app, MTP) uses it."""
+
+from torch import nn
+
+from lingua.distributed.parallelize import gather_sequence
+from lingua.errors import ConfigError
+
+
+def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    if model.output.weight is model.tok_embeddings.weight:
+        raise ConfigError("model.weight_tying=true cannot be combined with distributed.tp_size > 1")
+    if hasattr(model.layers[0].attention, "q_norm"):  # its weights would see only the local heads' gradients
+        raise ConfigError("model.qk_norm=true cannot be combined with distributed.tp_size > 1 yet")
+    attn = model.layers[0].attention
+    n_heads, n_kv_heads = attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
+    hidden = model.layers[0].feed_forward.w1.out_features
+    for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads), ("the feed-forward width", hidden)):
+        if n % tp:
+            raise ConfigError(f"distributed.tp_size={tp} does not divide {what} ({n})")
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                  use_local_output=not loss_parallel),
+    })
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": gather_sequence(),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": gather_sequence(),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            **({"feed_forward.w3": ColwiseParallel()} if hasattr(block.feed_forward, "w3") else {}),
+        })

@@ -1,0 +1,206 @@
+"""Which attention kernel runs: the SDPA backend torch picks for this model's attention calls, and why faster ones
+were rejected.
+
+lingua calls F.scaled_dot_product_attention, which dispatches to FlashAttention-2, memory-efficient (cutlass), cuDNN
+or the unfused math kernel on CUDA, and to a fused flash-style kernel or math on CPU, depending on device, dtype,
+head dim, mask and GQA. Rather than restating torch's rules, this asks torch: `torch._fused_sdp_choice` (the dispatcher
+SDPA itself runs) on the exact tensors lingua would pass (`lingua.kernels.attention.sdpa_inputs`), and torch's own predicates in
+debug mode for the reasons a faster backend was turned down.
+
+    python -m lingua.attention_report config=apps/main/configs/debug.yaml [model.dim=...] [device=cpu] [dtype=bf16]
+"""
+
+import difflib
+import sys
+import warnings
+from dataclasses import fields
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lingua.distributed.precision import DTYPES
+from lingua.errors import ConfigError, LinguaError, print_error
+from lingua.kernels.attention import attention_mask, sdpa_inputs
+from lingua.kernels.cpu_attention import backward_plan
+from lingua.models.transformer.model import TransformerArgs, check_args
+
+KERNELS = {  # (device type, backend) -> (what it is, the aten op a profiler trace shows)
+    ("cpu", SDPBackend.FLASH_ATTENTION): ("fused flash CPU kernel", "_scaled_dot_product_flash_attention_for_cpu"),
+    ("cpu", SDPBackend.MATH): ("math (unfused, materialises scores)", "_scaled_dot_product_attention_math"),
+    ("cuda", SDPBackend.FLASH_ATTENTION): ("FlashAttention-2", "_scaled_dot_product_flash_attention"),
+    ("cuda", SDPBackend.EFFICIENT_ATTENTION): ("memory-efficient (cutlass)", "_scaled_dot_product_efficient_attention"),
+    ("cuda", SDPBackend.CUDNN_ATTENTION): ("cuDNN attention", "_scaled_dot_product_cudnn_attention"),
+    ("cuda", SDPBackend.MATH): ("math (unfused, materialises scores)", "_scaled_dot_product_attention_math"),
+}
+CUDA_PREDICATES = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.can_use_flash_attention,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.can_use_efficient_attention,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.can_use_cudnn_attention,
+}
+
+
+def _reasons(caught, error: str = "") -> str:
+    """torch's debug warnings (and the lines of its error, where newer torch lists them), without source locations."""
+    msgs = [str(w.message).split(" (Triggered internally at")[0].strip() for w in caught] + error.splitlines()[1:]
+    msgs = [m for m in msgs if m and not m.endswith(("not used because:", "Rejected backends:"))]
+    return "; ".join(msgs) or "torch gave no reason (it prints some only once per process)"
+
+
+def _why_not(backend: SDPBackend, q, k, v, attn_mask, is_causal) -> str:
+    """torch's own reason `backend` cannot run these inputs ('' when it could)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if q.device.type == "cuda":
+            params = torch.backends.cuda.SDPAParams(q, k, v, attn_mask, 0.0, is_causal, False)
+            return "" if CUDA_PREDICATES[backend](params, debug=True) else _reasons(caught)
+        # CPU has no public predicate; with only flash allowed, the dispatcher prints why it refuses, then raises
+        if not torch.backends.cuda.flash_sdp_enabled():
+            return "disabled at runtime (torch.backends.cuda.enable_flash_sdp(False) or an sdpa_kernel context)"
+        with sdpa_kernel([backend]):
+            try:
+                torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, is_causal)
+                return ""
+            except RuntimeError as e:
+                return _reasons(caught, str(e))
+
+
+def _candidates(device_type: str) -> list[SDPBackend]:
+    if device_type == "cuda":  # the order the CUDA dispatcher tries, as torch reports it
+        return [SDPBackend(i) for i in torch._C._get_sdp_priority_order() if i != SDPBackend.OVERRIDEABLE.value]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]  # fixed order in aten's sdp_utils_cpp.cpp
+
+
+def _row(phase, mask_name, dtype, q, k, v, attn_mask, is_causal) -> dict:
+    device_type = q.device.type
+    row = dict(phase=phase, dtype=str(dtype).removeprefix("torch."), mask=mask_name, device=device_type,
+               q_shape=tuple(q.shape), kv_shape=tuple(k.shape), is_causal=is_causal, rejected=[])
+    try:
+        backend = SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, is_causal))
+    except RuntimeError as e:  # every backend disabled or unusable: SDPA itself would raise this
+        row.update(backend="ERROR", kernel=str(e).splitlines()[0], op="")
+        backend = SDPBackend.ERROR
+    else:
+        kernel, op = KERNELS.get((device_type, backend), (backend.name.lower(), ""))
+        row.update(backend=backend.name, kernel=kernel, op=f"aten::{op}" if op else "")
+    if device_type in ("cpu", "cuda"):
+        for faster in _candidates(device_type):
+            if faster == backend:
+                break
+            if faster != SDPBackend.MATH:
+                why = _why_not(faster, q, k, v, attn_mask, is_causal)
+                row["rejected"].append((faster.name, why or "usable, but the dispatcher preferred another"))
+    return row
+
+
+def report_attention(args: TransformerArgs, device="cpu", dtype=torch.float32, seq_len=None) -> list[dict]:
+    """One row per attention call lingua makes, with the SDPA backend torch selects and why faster ones were rejected;
+    on CPU the train row's "backward" says when lingua/kernels/cpu_attention.py replaces the kernel's backward.
+
+    train: q = kv = seq_len (default max_seqlen), args.mask, inputs requiring grad. prefill: one prompt, causal,
+    no grad. decode: 1 query against a KV cache of seq_len entries sliced to its filled length (no mask)."""
+    n_heads, n_kv_heads, head_dim = check_args(args)
+    device = torch.device(device)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    seq_len = seq_len or args.max_seqlen
+    if args.attn_impl != "sdpa":
+        note = f"SDPA not called (model.attn_impl={args.attn_impl})"
+        if args.attn_impl == "flex_attention" and device.type == "cpu":
+            note += "; no backward on CPU: training raises, inference runs unfused"
+        if args.attn_impl == "xformers" and device.type != "cuda":
+            note += "; needs CUDA: raises on this device"
+        return [dict(phase=p, dtype=str(dtype).removeprefix("torch."), mask=m, device=device.type, q_shape=(),
+                     kv_shape=(), is_causal=True, backend=args.attn_impl, kernel=note, op="", rejected=[])
+                for p, m in (("train", args.mask), ("prefill", "causal"), ("decode", "none"))]
+
+    def qkv(q_len, kv_len, grad):
+        new = lambda n, s: torch.zeros(1, s, n, head_dim, device=device, dtype=dtype, requires_grad=grad)
+        return new(n_heads, q_len), new(n_kv_heads, kv_len), new(n_kv_heads, kv_len)  # (bs, seqlen, heads, head_dim)
+
+    # two packed documents: only the mask's shape, dtype and strides matter to the dispatcher, not its content
+    tok_idx = (torch.arange(seq_len, device=device) % max(1, (seq_len + 1) // 2))[None]
+    train_mask = attention_mask("sdpa", tok_idx if args.mask == "block_causal" else None, 1, seq_len, device)
+    rows = [_row("train", args.mask, dtype, *sdpa_inputs(*qkv(seq_len, seq_len, True), train_mask))]
+    if device.type == "cpu":
+        rows[0]["backward"] = backward_plan(args.cpu_attn_backward, dtype, seq_len)
+    rows.append(_row("prefill", "causal", dtype, *sdpa_inputs(*qkv(seq_len, seq_len, False), None)))
+    q, k, v, _, _ = sdpa_inputs(*qkv(1, seq_len, False), None)
+    rows.append(_row("decode", "none", dtype, q, k, v, None, False))  # is_causal would align the 1 query to key 0
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """A small table: one line per call, then one indented line per faster backend that was rejected."""
+    header = ("phase", "dtype", "mask", "q (b,h,s,d)", "kv len", "backend", "kernel", "aten op")
+    table = [header]
+    for r in rows:
+        table.append((r["phase"], r["dtype"], r["mask"], str(r["q_shape"]).replace(" ", ""),
+                      str(r["kv_shape"][2]) if r["kv_shape"] else "", r["backend"], r["kernel"], r["op"]))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
+    lines = []
+    for i, line in enumerate(table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
+        for name, why in rows[i - 1]["rejected"] if i else ():
+            lines.append(f"    {name} rejected: {why}")
+        if i and rows[i - 1].get("backward"):
+            lines.append(f"    backward: {rows[i - 1]['backward']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parse(argv: list[str]):
+    """config=file.yaml (its `model:` section if any), model keys (dim=64 or model.dim=64), device, dtype, seq_len."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    opts, dotlist, file_cfg = {}, [], OmegaConf.create()
+    for item in argv:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"expected key=value, got '{item}'")
+        if key == "config":
+            try:
+                file_cfg = OmegaConf.load(value)
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {value}") from None
+            except Exception as e:
+                raise ConfigError(f"cannot parse {value}: {str(e).splitlines()[0]}") from None
+            file_cfg = file_cfg.get("model", file_cfg)
+        elif key in ("device", "dtype", "seq_len"):
+            opts[key] = value
+        else:
+            dotlist.append(f"{key.removeprefix('model.')}={value}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TransformerArgs), file_cfg, OmegaConf.from_dotlist(dotlist))
+    except ConfigKeyError as e:
+        close = difflib.get_close_matches(str(e.key), [f.name for f in fields(TransformerArgs)], n=1)
+        hint = f" (did you mean 'model.{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown key 'model.{e.key}'{hint}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"model.{e.full_key}: {str(e.msg).splitlines()[0]}") from None
+    if opts.get("dtype", "fp32") not in DTYPES:
+        raise ConfigError(f"dtype={opts['dtype']!r} is not one of {', '.join(DTYPES)}")
+    return OmegaConf.to_object(cfg), opts
+
+
+def main(argv=None) -> int:
+    try:
+        args, opts = _parse(sys.argv[1:] if argv is None else argv)
+        device = opts.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+        dtypes = [opts["dtype"]] if "dtype" in opts else ["fp32", "bf16"]
+        seq_len = int(opts["seq_len"]) if "seq_len" in opts else None
+        rows = [row for dt in dtypes for row in report_attention(args, device, dt, seq_len)]
+        n_heads, n_kv_heads, head_dim = check_args(args)
+        on_cuda = device.startswith("cuda")
+        where = torch.cuda.get_device_name(device) if on_cuda else torch.backends.cpu.get_cpu_capability()
+        print(f"lingua attention report: torch {torch.__version__}, {device} ({where}), attn_impl={args.attn_impl}, "
+              f"n_heads={n_heads}, n_kv_heads={n_kv_heads} (kv repeated to n_heads), head_dim={head_dim}")
+        print(format_report(rows))
+        return 0
+    except LinguaError as e:
+        return print_error(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
