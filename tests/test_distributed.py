@@ -35,7 +35,7 @@ from lingua.distributed.mesh import (
     init_distributed,
     resolve_mesh_shape,
 )
-from lingua.distributed.parallelize import parallelize_model
+from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import ConfigError, LinguaError
 from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.models.transformer.parallelize import apply_transformer_tp
@@ -197,7 +197,7 @@ def test_float8_without_a_gpu_is_a_clear_error():
     with torch.device("meta"):
         model = Transformer(TransformerArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64))
     with pytest.raises(LinguaError, match="float8_recipe=rowwise needs a CUDA GPU"):
-        parallelize_model(model, None, DistributedArgs(float8_recipe="rowwise", device="cpu"))
+        parallelize_decoder(model, None, DistributedArgs(float8_recipe="rowwise", device="cpu"))
 
 
 class _FakeMesh:

@@ -307,11 +307,13 @@ def test_generate_app_decodes_a_checkpoint(tiny_corpus, tmp_path, capsys):
 
 def test_tensor_parallel_is_refused_with_a_clear_message():
     from lingua.distributed.mesh import DistributedArgs
-    from lingua.distributed.parallelize import parallelize_model
+    from lingua.distributed.parallelize import parallelize_decoder
 
-    assert MAMBA_SPEC.tp_plan is None
-    with pytest.raises(ConfigError, match="mamba has no tensor-parallel plan"):
-        parallelize_model(None, {"tp": _Size(2)}, DistributedArgs(tp_size=2), tp_plan=None, model_name="mamba")
+    assert MAMBA_SPEC.parallelize is parallelize_decoder  # the generic one: no tensor-parallel plan
+    with torch.device("meta"):
+        model = MAMBA_SPEC.build(MAMBA_SPEC.args_cls(dim=32, n_layers=1, d_state=8, head_dim=16, vocab_size=64))
+    with pytest.raises(ConfigError, match="^Mamba has no tensor-parallel plan: set distributed.tp_size=1"):
+        MAMBA_SPEC.parallelize(model, {"tp": _Size(2)}, DistributedArgs(tp_size=2))
 
 
 class _Size:

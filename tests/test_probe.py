@@ -211,7 +211,7 @@ def _worker(out_dir: str) -> None:
     """Under torchrun: the tiny model, FSDP2-sharded over 2 ranks (uneven: 259 embedding rows) and, separately,
     replicated (no_shard); the same batch on both ranks, so the averaged gradients equal the 1-process ones."""
     from lingua.distributed.mesh import DistributedArgs, init_distributed
-    from lingua.distributed.parallelize import parallelize_model
+    from lingua.distributed.parallelize import parallelize_decoder
     from lingua.models.transformer.model import Transformer
 
     for fsdp_type in ("full_shard", "no_shard"):
@@ -220,7 +220,7 @@ def _worker(out_dir: str) -> None:
         torch.manual_seed(0)
         with torch.device("meta"):
             model = Transformer(TransformerArgs(**ARGS))
-        model = parallelize_model(model, state.mesh, dargs)
+        model = parallelize_decoder(model, state.mesh, dargs)
         model.to_empty(device="cpu")
         torch.manual_seed(0)
         model.init_weights()

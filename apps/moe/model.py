@@ -9,7 +9,8 @@ auxiliary-loss-free balancing: after each optimizer step, overloaded experts' bi
 by model.bias_update_rate). The training loss adds aux_loss_coef * the Switch load-balancing loss and z_loss_coef *
 the router z-loss (ST-MoE) of every layer. Expert weights are one [n_experts, ...] tensor per projection, computed
 with grouped matmuls (torch._grouped_mm) or a loop over the experts (model.grouped_mm; see benchmarks/moe_dispatch.py).
-Expert parallelism (experts sharded over ranks, tokens exchanged all-to-all) is apps/moe/parallel.py.
+Expert parallelism is applied from outside (apps/moe/parallelize.py); tokens reach sharded experts through
+apps/moe/dispatch.py.
 MOE_SPEC at the end is what the train loop, eval, generate and export take.
 """
 
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.moe.dispatch import expert_parallel_compute
 from apps.moe.hf_mixtral import MIXTRAL
+from apps.moe.parallelize import parallelize_moe
 from lingua.errors import ConfigError
 from lingua.models.init import trunc_normal_
 from lingua.models.layers import FeedForward, ffn_hidden_dim, init_output_
@@ -142,8 +145,8 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(args.n_experts), persistent=False)
         self.register_buffer("last_losses", torch.zeros(3), persistent=False)  # aux, z, dropped token slots
-        self.stats_group = None  # process group the routing counts are summed over (set by parallel.py)
-        self.ep_group, self.ep_size = None, 1  # expert-parallel group (set by parallel.py); None: all experts here
+        self.stats_group = None  # process group the routing counts are summed over (set by parallelize.py)
+        self.ep_group, self.ep_size = None, 1  # expert-parallel group (set by parallelize.py); None: all experts here
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (bs, seqlen, dim) -> (output (bs, seqlen, dim), the weighted aux + z loss of this layer)."""
@@ -174,12 +177,6 @@ class MoE(nn.Module):
         ys = ys * gates.flatten()[order, None]
         return torch.zeros_like(flat).index_add_(0, tokens, ys), torch.tensor(float(ys.shape[0]), device=flat.device)
 
-    def parallelize_experts(self, ep_mesh) -> None:
-        """Called by lingua.distributed.parallelize on a multi-rank world (apps/moe/parallel.py)."""
-        from apps.moe.parallel import parallelize_experts
-
-        parallelize_experts(self, ep_mesh)
-
     def init_weights(self, init_base_std: Optional[float], factor: float):
         trunc_normal_(self.router.weight, init_base_std or self.args.dim**-0.5)
         self.experts.init_weights(init_base_std, factor)
@@ -198,8 +195,6 @@ def run_experts(moe: MoE, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch
     the rows per expert change every step (a compiled loop would recompile each time) and torch 2.13's
     compile-time shape function of _grouped_mm accepts bf16 only."""
     if moe.ep_group is not None:
-        from apps.moe.parallel import expert_parallel_compute
-
         return expert_parallel_compute(moe, rows, expert_ids)
     return moe.experts(rows, torch.bincount(expert_ids, minlength=moe.args.n_experts))
 
@@ -316,5 +311,6 @@ def dense_equivalent(args: MoEArgs) -> TransformerArgs:
 
 
 MOE_SPEC = ModelSpec(name="moe", path="apps.moe.model:MOE_SPEC", args_cls=MoEArgs, build=MoETransformer,
-                     flops_per_token=flops_per_token, hf=MIXTRAL, describe=describe_attention, step_metrics=step_metrics,
+                     flops_per_token=flops_per_token, hf=MIXTRAL, describe=describe_attention, parallelize=parallelize_moe,
+                     step_metrics=step_metrics,
                      after_optimizer_step=after_optimizer_step)

@@ -25,7 +25,7 @@ from lingua.models.kv_cache import KVCache
 from lingua.models.spec import ModelSpec
 from lingua.models.transformer.model import Transformer, TransformerArgs, check_args
 from lingua.models.transformer.model import flops_per_token as transformer_flops
-from lingua.models.transformer.parallelize import apply_transformer_tp
+from lingua.models.transformer.parallelize import parallelize_transformer
 from lingua.models.transformer.spec import describe_attention
 
 
@@ -163,5 +163,5 @@ def head_metrics(model: MTPTransformer) -> dict:
 
 
 MTP_SPEC = ModelSpec(name="mtp", path="apps.mtp.model:MTP_SPEC", args_cls=MTPArgs, build=MTPTransformer,
-                     flops_per_token=flops_per_token, tp_plan=apply_transformer_tp, describe=describe_attention,
+                     flops_per_token=flops_per_token, parallelize=parallelize_transformer, describe=describe_attention,
                      check_train_args=check_train_args, step_metrics=head_metrics)

@@ -1,7 +1,10 @@
-"""How a model is parallelized, applied from outside the model in torchtitan's order: tensor parallel (the model's
-own plan, from its ModelSpec: lingua/models/transformer/parallelize.py for the transformer), activation checkpointing, torch.compile
-per block, then data parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, or `replicate` for
-fsdp_type=no_shard). Any model whose blocks live in `model.layers` works.
+"""The generic parallelisms, applied to a model from outside: float8, activation checkpointing, torch.compile, data
+parallel (FSDP2 `fully_shard`, HSDP when both dp dims > 1, or `replicate` for fsdp_type=no_shard).
+
+A model package owns how its model is parallelized (its ModelSpec's `parallelize`, torchtitan's order: TP -> AC ->
+compile -> FSDP): lingua/models/transformer/parallelize.py adds its tensor-parallel plan, apps/moe/parallelize.py its
+expert parallelism, by calling `parallelize_decoder` here. A model whose blocks live in `model.layers` and that needs
+nothing else (apps/fastRNN, apps/mamba) takes `parallelize_decoder` as it is.
 """
 
 import importlib.util
@@ -107,36 +110,14 @@ def apply_compile(model: nn.Module, whole: bool) -> None:
             block.compile(dynamic=False)
 
 
-def apply_expert_parallel(model: nn.Module, mesh, args: DistributedArgs, device: torch.device) -> bool:
-    """Modules with `parallelize_experts(ep_mesh)` (apps/moe) shard their experts over a (dp_mod_ep, ep) view of
-    the data-parallel ranks (ep_mesh None with ep_size=1). Returns whether any module did."""
-    found = [m for m in model.modules() if hasattr(m, "parallelize_experts")]
-    if not found and args.ep_size > 1:
-        raise ConfigError("distributed.ep_size > 1 needs a model with experts (apps/moe)")
-    ep_mesh = None
-    if args.ep_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
-        ep_mesh = init_device_mesh(device.type, (dp // args.ep_size, args.ep_size), mesh_dim_names=("dp_mod_ep", "ep"))
-    for m in found:
-        m.parallelize_experts(ep_mesh)
-    return bool(found)
+# (block, **fully_shard kwargs) -> None: shards groups inside a block that need their own FSDP mesh (MoE experts)
+InnerShard = Callable[..., None]
 
 
-def _shard_experts(block: nn.Module, world: int, **fsdp_kwargs) -> None:
-    """Expert weights (sharded over ep) get their own FSDP group over the ranks holding the same experts; their
-    gradient is a sum over the ep group's tokens, so it is divided by the whole world (apps/moe/parallel.py)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for m in block.modules():
-        if hasattr(m, "fsdp_mesh"):
-            fully_shard(m, mesh=m.fsdp_mesh, **fsdp_kwargs)
-            m.set_gradient_divide_factor(world)
-
-
-def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype) -> None:
-    """FSDP2 per block then on the root (full_shard; HSDP when both dp dims > 1), or replicate (no_shard)."""
+def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
+                        shard_inner: Optional[InnerShard] = None) -> None:
+    """FSDP2 per block then on the root (full_shard; HSDP when both dp dims > 1), or replicate (no_shard).
+    `shard_inner(block, **kwargs)` runs before each block is sharded, with the block's own kwargs."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
@@ -158,7 +139,8 @@ def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dty
     for i, block in enumerate(model.layers):
         # The root reshards the last block right away anyway; keeping it unsharded saves one all-gather.
         reshard = args.fsdp_reshard_after_forward and i < len(model.layers) - 1
-        _shard_experts(block, rep * shard, mp_policy=mp, reshard_after_forward=reshard)
+        if shard_inner is not None:
+            shard_inner(block, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     # The root holds the embedding, the final norm and the output (tied weights stay one parameter in one group).
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=args.fsdp_reshard_after_forward)
@@ -184,44 +166,39 @@ def apply_float8(model: nn.Module, args: DistributedArgs, tp_size: int) -> None:
     )
 
 
-def parallelize_model(
-    model: nn.Module,
-    mesh,
-    args: DistributedArgs,
-    param_dtype: torch.dtype = torch.float32,
-    tp_plan: Optional[Callable] = None,
-    model_name: str = "this model",
-    device: torch.device = torch.device("cpu"),
-) -> nn.Module:
+def parallelize_decoder(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype = torch.float32,
+                        device: torch.device = torch.device("cpu"), *, name: Optional[str] = None,
+                        tp_plan: Optional[Callable] = None, shard_inner: Optional[InnerShard] = None) -> nn.Module:
     """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> activation checkpointing -> compile (whole model, or
-    per block under data parallelism) -> FSDP2/replicate. `mesh` is None on one process. Call it on the meta-device model, then
-    `lingua.models.decoder.materialize` (see lingua.train.loop.build_model)."""
+    per block under data parallelism) -> FSDP2/replicate. `mesh` is None on one process. Called on the meta-device
+    model, before `lingua.models.decoder.materialize` (see lingua.train.loop.build_model)."""
     tp = mesh["tp"].size() if mesh is not None else 1
+    name = name or type(model).__name__
+    if args.ep_size > 1 and shard_inner is None:
+        raise ConfigError(f"distributed.ep_size={args.ep_size} needs a model with experts (apps/moe); {name} has none")
     applied = []
     if args.float8_recipe:
         apply_float8(model, args, tp)
         applied.append(f"float8 {args.float8_recipe}")
     if tp > 1:
         if tp_plan is None:
-            raise ConfigError(f"{model_name} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
+            raise ConfigError(f"{name} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
         tp_plan(model, mesh["tp"], args.loss_parallel)
         applied.append(f"tensor parallel x{tp} (sequence parallel{', loss parallel' if args.loss_parallel else ''})")
     if args.activation_checkpointing or args.selective_activation_checkpointing:
         apply_ac(model, selective=args.selective_activation_checkpointing)
         applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
     rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
-    if mesh is not None and apply_expert_parallel(model, mesh, args, torch.device(device)):
-        applied.append(f"expert parallel x{args.ep_size}")
     compile, why = resolve_compile(args.compile, torch.device(device), tp)
     if compile:
         apply_compile(model, whole=rep * shard == 1)
     applied.append(f"compile {'of the whole model ' if compile and rep * shard == 1 else 'per block ' if compile else ''}"
                    f"{why}")
     if rep * shard > 1:
-        apply_data_parallel(model, mesh, args, param_dtype)
+        apply_data_parallel(model, mesh, args, param_dtype, shard_inner)
         if args.fsdp_type == "no_shard":
             applied.append(f"replicate (DDP) x{rep}")
         else:
             applied.append(f"FSDP2 {'HSDP ' + str(rep) + ' x ' if rep > 1 and shard > 1 else ''}full_shard x{rep * shard}")
-    logger.info("parallelism: " + " | ".join(applied))
+    logger.info(f"parallelism ({name}): " + " | ".join(applied))
     return model

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping
 
@@ -30,7 +31,9 @@ class ModelSpec:
     args_cls: type  # the model args dataclass (a DecoderArgs), the `model:` section of the config
     build: Callable[[Any], nn.Module]  # model args -> module; called on the meta device
     flops_per_token: Callable[[Any, int], float]  # (model args, seq_len) -> training FLOPs per token
-    tp_plan: Optional[Callable] = None  # (model, tp_mesh, loss_parallel) -> None; None: tp_size > 1 is refused
+    # (model, mesh, DistributedArgs, param_dtype, device) -> model: how this model is parallelized, on the meta device
+    # (TP -> AC -> compile -> FSDP; EP for MoE). The default has no TP plan: tp_size > 1 is refused with one line.
+    parallelize: Callable[..., nn.Module] = parallelize_decoder
     hf: Optional[HFMapping] = None  # Hugging Face export/import; None: export is refused with one line
     describe: Optional[Callable] = None  # (model args, device, dtype, seq_len) -> text logged at start
     check_train_args: Optional[Callable[[Any], None]] = None  # (TrainArgs) -> None, or a ConfigError

@@ -37,7 +37,6 @@ from lingua.checkpoint.manager import (
 from lingua.data.loader import DataArgs, DataLoader
 from lingua.data.tokenizer import build_tokenizer
 from lingua.distributed.mesh import DistributedArgs, DistState, init_distributed
-from lingua.distributed.parallelize import parallelize_model
 from lingua.distributed.precision import autocast_context, resolve_model_dtype
 from lingua.errors import LinguaError
 from lingua.eval.bpb import EvalArgs, evaluate
@@ -133,8 +132,7 @@ def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_d
     """Meta-device construction, parallelization, then materialization and init: no rank holds the full model."""
     with torch.device("meta"):
         model = spec.build(args.model)
-    model = parallelize_model(model, dist_state.mesh, args.distributed, param_dtype, spec.tp_plan, spec.name,
-                              dist_state.device)
+    model = spec.parallelize(model, dist_state.mesh, args.distributed, param_dtype, dist_state.device)
     return materialize(model, dist_state.device, seed=args.seed)
 
 

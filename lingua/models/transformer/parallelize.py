@@ -1,11 +1,14 @@
-"""The transformer's tensor-parallel plan (the ModelSpec's `tp_plan`), next to the parameter names it shards:
-Megatron-style colwise q/k/v and w1/w3, rowwise wo and w2, sequence-parallel norms (activations between blocks are
-sharded over the sequence), and a vocab-sharded output projection for loss_parallel. Any model whose blocks are
-lingua.models.transformer.model.TransformerBlock (the main app, MTP) uses it."""
+"""How the transformer is parallelized (its ModelSpec's `parallelize`): the generic float8 -> TP -> AC -> compile ->
+FSDP of lingua.distributed.parallelize, with the tensor-parallel plan that lives here, next to the parameter names it
+shards: Megatron-style colwise q/k/v and w1/w3, rowwise wo and w2, sequence-parallel norms (activations between
+blocks are sharded over the sequence), and a vocab-sharded output projection for loss_parallel. Any model whose
+blocks are lingua.models.transformer.model.TransformerBlock (the main app, MTP) uses it."""
 
+import torch
 from torch import nn
 
-from lingua.distributed.parallelize import gather_sequence
+from lingua.distributed.mesh import DistributedArgs
+from lingua.distributed.parallelize import gather_sequence, parallelize_decoder
 from lingua.errors import ConfigError
 
 
@@ -49,3 +52,10 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             **({"feed_forward.w3": ColwiseParallel()} if hasattr(block.feed_forward, "w3") else {}),
         })
+
+
+def parallelize_transformer(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
+                            device: torch.device) -> nn.Module:
+    """float8 -> tensor parallel (the plan above) -> AC -> compile -> FSDP2/HSDP/DDP."""
+    return parallelize_decoder(model, mesh, args, param_dtype, device, name="transformer",
+                               tp_plan=apply_transformer_tp)

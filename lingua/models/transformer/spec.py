@@ -7,7 +7,7 @@ from lingua.models.transformer.model import (
     TransformerArgs,
     flops_per_token,
 )
-from lingua.models.transformer.parallelize import apply_transformer_tp
+from lingua.models.transformer.parallelize import parallelize_transformer
 from lingua.tools.attention_report import format_report, report_attention
 
 
@@ -18,4 +18,4 @@ def describe_attention(model_args, device, dtype, seq_len) -> str:
 
 TRANSFORMER_SPEC = ModelSpec(name="transformer", path="lingua.models.transformer.spec:TRANSFORMER_SPEC",
                              args_cls=TransformerArgs, build=Transformer, flops_per_token=flops_per_token,
-                             tp_plan=apply_transformer_tp, hf=LLAMA, describe=describe_attention)
+                             parallelize=parallelize_transformer, hf=LLAMA, describe=describe_attention)

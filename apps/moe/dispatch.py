@@ -1,5 +1,6 @@
-"""Expert parallelism for apps/moe: each of the `ep` ranks of a group holds n_experts / ep experts; tokens travel to
-their experts' rank and back with two all-to-alls (torch.distributed, gloo and nccl alike).
+"""Expert-parallel dispatch for apps/moe: each of the `ep` ranks of a group holds n_experts / ep experts; tokens
+travel to their experts' rank and back with two all-to-alls (torch.distributed, gloo and nccl alike). How the experts
+are sharded is apps/moe/parallelize.py.
 
     ranks (tp_size = 1):  the data-parallel world, viewed as a (dp_mod_ep, ep) mesh
     expert weights:       DTensors [n_experts, ...] Shard(0) over `ep` (a checkpoint holds the whole tensor, so DCP
@@ -8,27 +9,12 @@ their experts' rank and back with two all-to-alls (torch.distributed, gloo and n
 
 An expert's gradient arrives summed over the tokens of the whole ep group, where every other weight's is a mean over
 data-parallel ranks: the experts' FSDP group divides by the world size instead of its own size, so both are the
-gradient of the global mean loss. lingua.distributed.parallelize calls `parallelize_experts` (any module that has it) when the
-world has more than one rank; with ep_size = 1 it only makes the routing statistics global (see MoE.stats_group).
+gradient of the global mean loss.
 """
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-def parallelize_experts(moe: nn.Module, ep_mesh) -> None:
-    """Shard `moe.experts` (meta device, before materialisation) over ep_mesh["ep"]; ep_mesh None: counts only."""
-    moe.stats_group = dist.group.WORLD  # aux loss and bias update see the global batch's load
-    if ep_mesh is None:
-        return
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    ep = ep_mesh["ep"]
-    for name, p in list(moe.experts.named_parameters(recurse=False)):
-        moe.experts.register_parameter(name, nn.Parameter(distribute_tensor(p, ep, [Shard(0)])))
-    moe.ep_group, moe.ep_size = ep.get_group(), ep.size()
-    moe.experts.fsdp_mesh = ep_mesh["dp_mod_ep"]  # lingua.distributed.parallelize shards the experts over it
 
 
 def _to_ranks(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

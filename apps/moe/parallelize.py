@@ -1,0 +1,73 @@
+"""How the MoE model is parallelized (MOE_SPEC.parallelize): expert parallelism set up here, then the generic
+float8 -> AC -> compile -> FSDP of lingua.distributed.parallelize, with each block's experts in their own FSDP group.
+
+    ranks (tp_size = 1):  the data-parallel world, viewed as a (dp_mod_ep, ep) mesh
+    expert weights:       DTensors [n_experts, ...] Shard(0) over `ep` (a checkpoint holds the whole tensor, so DCP
+                          reshards it between EP sizes), then FSDP over `dp_mod_ep` (the ranks that hold the same
+                          experts); every other weight is FSDP over the whole world as in any app
+
+An expert's gradient arrives summed over the tokens of the whole ep group, where every other weight's is a mean over
+data-parallel ranks: the experts' FSDP group divides by the world size instead of its own size, so both are the
+gradient of the global mean loss. With ep_size = 1 on several ranks only the routing statistics become global
+(MoE.stats_group): the aux loss and the bias update see the global batch, and 1 and N processes train the same model.
+"""
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lingua.distributed.mesh import DistributedArgs
+from lingua.distributed.parallelize import parallelize_decoder
+from lingua.errors import ConfigError
+
+
+def moe_modules(model: nn.Module) -> list[nn.Module]:
+    """The MoE feed-forward of every block (apps/moe/model.py: MoEBlock.feed_forward)."""
+    return [block.feed_forward for block in model.layers]
+
+
+def shard_experts(moe: nn.Module, ep_mesh) -> None:
+    """Shard `moe.experts` (meta device, before materialisation) over ep_mesh["ep"]."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ep = ep_mesh["ep"]
+    for name, p in list(moe.experts.named_parameters(recurse=False)):
+        moe.experts.register_parameter(name, nn.Parameter(distribute_tensor(p, ep, [Shard(0)])))
+    moe.ep_group, moe.ep_size = ep.get_group(), ep.size()
+
+
+def shard_expert_groups(block: nn.Module, fsdp_mesh, world: int, **fsdp_kwargs) -> None:
+    """A block's experts get their own FSDP group over the ranks that hold the same experts; their gradient is a sum
+    over the ep group's tokens, so it is divided by the whole world."""
+    from torch.distributed.fsdp import fully_shard
+
+    experts = block.feed_forward.experts
+    fully_shard(experts, mesh=fsdp_mesh, **fsdp_kwargs)
+    experts.set_gradient_divide_factor(world)
+
+
+def parallelize_moe(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
+                    device: torch.device) -> nn.Module:
+    """Routing statistics over the world, experts over `ep`, then float8 -> AC -> compile -> FSDP2 (the experts in
+    their own groups)."""
+    if mesh is None:
+        return parallelize_decoder(model, mesh, args, param_dtype, device, name="moe")
+    if mesh["tp"].size() > 1:
+        raise ConfigError("the MoE model has no tensor-parallel plan: set distributed.tp_size=1 "
+                          "(distributed.ep_size shards the experts)")
+    for moe in moe_modules(model):
+        moe.stats_group = dist.group.WORLD
+    shard_inner = None
+    if args.ep_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+        ep_mesh = init_device_mesh(torch.device(device).type, (dp // args.ep_size, args.ep_size),
+                                   mesh_dim_names=("dp_mod_ep", "ep"))
+        for moe in moe_modules(model):
+            shard_experts(moe, ep_mesh)
+        shard_inner = partial(shard_expert_groups, fsdp_mesh=ep_mesh["dp_mod_ep"], world=dp)
+    return parallelize_decoder(model, mesh, args, param_dtype, device, name=f"moe, expert parallel x{args.ep_size}",
+                               shard_inner=shard_inner)
