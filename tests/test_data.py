@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from lingua.data.loader import DataArgs, DataLoader, open_stores, traced_batches
+from lingua.data.batches import DataArgs, open_stores
+from lingua.data.loader import DataLoader, traced_batches
 from lingua.data.streams import group_states, initial_stream_state, mixed_documents
 from lingua.data.tokenizer import ByteTokenizer, TokenizerArgs
 from lingua.data.validation import val_iterator

@@ -1,4 +1,4 @@
-"""The loader's async mode: the rank's pipeline (lingua.data.loader.rank_batches) in a spawned child process, batches through
+"""The loader's async mode: the rank's pipeline (lingua.data.batches.rank_batches) in a spawned child process, batches through
 shared memory (a bounded ring of slots), each with the positions of the streams it advanced.
 
 The child is pinned to one thread of compute (OMP/MKL/OpenBLAS and torch's intra-op pool): on a machine whose cores
@@ -16,6 +16,7 @@ import weakref
 
 import numpy as np
 
+from lingua.data.batches import make_batch, rank_batches
 from lingua.errors import LinguaError
 
 SLOTS = 4  # groups of batches produced ahead of the trainer
@@ -51,8 +52,6 @@ class Slots:
 
 def _worker(plan, states: dict, out, free, stop, shm_name: str, layout: tuple) -> None:
     """Run the pipeline in this child process until told to stop or the parent dies."""
-    from lingua.data.loader import rank_batches
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     if "torch" in sys.modules:  # imported by the parent's main module, which spawn re-imports
         sys.modules["torch"].set_num_threads(1)
@@ -166,8 +165,6 @@ class AsyncPipeline:
         self.batches, self._ready = 0, []
 
     def __next__(self):
-        from lingua.data.loader import make_batch
-
         if not self._ready:
             kind, payload = self._receive()
             if kind != "batches":
