@@ -1,6 +1,7 @@
 """Checkpoints written before the decoder/ModelSpec redesign (tests/fixtures/v0_checkpoints) still load, compute the
 same logits, evaluate, generate and resume training."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -63,3 +64,42 @@ def test_an_old_run_resumes_with_its_old_config(tmp_path):
     assert result["step"] == 4
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [3, 4]  # it did not start again from step 1
+
+
+# ---------------------------------------------------------------- checkpoints of the flat layout (before the move)
+
+V1 = Path(__file__).parent / "fixtures" / "v1_checkpoints"
+V1_MODELS = ("transformer", "mtp", "fastRNN", "mamba", "moe")
+
+
+@pytest.mark.parametrize("model", V1_MODELS)
+def test_checkpoints_from_before_the_package_move_find_their_spec_and_give_the_same_logits(model):
+    ckpt = inspect_checkpoint(V1 / model / "checkpoints" / "0000000002")
+    assert ckpt.params["model_spec"] in ("lingua.spec:TRANSFORMER_SPEC", f"apps.{model}.model:{model.upper()}_SPEC")
+    assert ckpt.spec.name == {"transformer": "transformer", "fastRNN": "fastrnn"}.get(model, model.lower())
+    loaded, _, _ = load_model(V1 / model / "checkpoints" / "0000000002")
+    ref = torch.load(V1 / "reference_logits.pt", weights_only=True)
+    with torch.no_grad():
+        logits = loaded(ref["tokens"])
+    # the same code path in fp32: equal here; 1e-5 leaves room for another CPU's matmul blocking (tests/golden)
+    torch.testing.assert_close(logits, ref[model], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", V1_MODELS)
+def test_runs_from_before_the_package_move_resume_with_the_same_losses(model, tmp_path):
+    from tests.conftest import write_corpus
+    from tests.golden.record import TOLERANCE
+
+    run = tmp_path / model
+    shutil.copytree(V1 / model, run)
+    ckpt = inspect_checkpoint(run / "checkpoints" / "0000000002")
+    corpus = write_corpus(tmp_path / "corpus")
+    args = load_config(train_args_cls(ckpt.spec), [f"config={run / 'config.yaml'}", f"dump_dir={run}",
+                                                   f"data.root_dir={corpus}"])
+    assert train(args, ckpt.spec)["step"] == 4
+    expected = {int(k): v for k, v in json.loads((run / "expected_losses.json").read_text()).items()}
+    got = {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl")}
+    assert sorted(got) == [3, 4]  # resumed at step 3, not started again
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=TOLERANCE), step
