@@ -93,3 +93,18 @@ def test_a_missing_or_garbage_train_state_is_one_line(tiny_corpus, tmp_path):
     (ckpt / "COMPLETE").write_text(json.dumps(marker))  # ... while with checksums the change is caught first
     with pytest.raises(CorruptCheckpoint, match="train_state_00000.json does not match"):
         _run(tiny_corpus, tmp_path, steps=4)
+
+
+def test_a_file_listed_in_complete_but_missing_is_refused_by_name(tiny_corpus, tmp_path):
+    from lingua.checkpoint.integrity import verify
+
+    _run(tiny_corpus, tmp_path, steps=2, checkpoint__dump__every=2)
+    ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert verify(ckpt) is True
+    for name in ("__0_0.distcp", "params.json", ".metadata"):
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).unlink()
+        with pytest.raises(CorruptCheckpoint, match=rf"^corrupt checkpoint: .*/{name} is missing$"):
+            verify(ckpt)
+        (ckpt / name).write_bytes(data)
+    assert verify(ckpt) is True

@@ -266,7 +266,9 @@ def test_exact_resume_async_matches_sync(corpus):
 
 
 @pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (4, 1)), ((4, 1), (2, 1)),
-                                     ((1, 1), (4, 1)), ((2, 1), (1, 2)), ((1, 2), (4, 1))])
+                                     ((1, 1), (4, 1)), ((2, 1), (1, 2)), ((1, 2), (4, 1)),
+                                     # several ranks AND several micro-batches on the new side (and the old)
+                                     ((1, 1), (2, 2)), ((4, 1), (2, 2)), ((2, 2), (4, 1)), ((2, 2), (1, 2))])
 def test_resume_on_another_layout_continues_the_same_global_batches(corpus, old, new):
     # (dp ranks, grad_acc_steps) of the same global batch of 8 rows; stopped mid-fill (prefetch_size 4, 6 steps)
     def args(dp, acc):

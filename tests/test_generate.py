@@ -189,3 +189,17 @@ def test_generate_app_prints_completions_and_throughput(consolidated_dir, tmp_pa
     proc = subprocess.run([sys.executable, "-m", "apps.main.generate", f"ckpt_dir={consolidated_dir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: give prompt=")
+
+
+@pytest.mark.parametrize("temperature, top_k, expected", [
+    (1.0, None, [0.7, 0.2, 0.1]),
+    (0.5, None, [0.49 / 0.54, 0.04 / 0.54, 0.01 / 0.54]),  # p ** (1 / T), normalised
+    (2.0, None, [v / sum(x ** 0.5 for x in (0.7, 0.2, 0.1)) for v in (0.7 ** 0.5, 0.2 ** 0.5, 0.1 ** 0.5)]),
+    (0.5, 2, [0.49 / 0.53, 0.04 / 0.53, 0.0]),
+])
+def test_samples_follow_the_tempered_distribution(temperature, top_k, expected):
+    # 20,000 draws: each frequency's standard deviation is <= 0.0036, so 0.02 is more than 5 of them
+    logits = torch.tensor([0.7, 0.2, 0.1]).log().expand(20_000, 3)
+    ids = sample_next(logits, temperature, top_k, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=3).double() / len(ids)
+    assert freq.tolist() == pytest.approx(expected, abs=0.02)

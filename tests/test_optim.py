@@ -243,3 +243,13 @@ def test_clip_dtensor_mixed_meshes(tmp_path):
         torch.testing.assert_close(p3.grad, grads[2] * scale)
     finally:
         dist.destroy_process_group()
+
+
+def test_cosine_with_short_cycles_restarts_each_cycle_from_the_peak():
+    # cycle_length=0.5 over 100 steps: two cycles of 50 steps, each a full cosine from 1 down to lr_min_ratio
+    kw = dict(scheduler="cosine", warmup=0, lr_min_ratio=0.1, cycle_length=0.5)
+    for start in (0, 50):
+        assert f(start, 100, **kw) == pytest.approx(1.0)
+        assert f(start + 25, 100, **kw) == pytest.approx(0.55)
+        assert f(start + 49, 100, **kw) == pytest.approx(0.1 + 0.45 * (math.cos(math.pi * 0.98) + 1))
+    assert f(100, 100, **kw) == pytest.approx(0.1)
