@@ -13,6 +13,7 @@ DataLoader / build_model / checkpoint load (in this process only):
                    optimizer right after a checkpoint was loaded), to compare layouts exactly.
   --exit-at/--hang-at STEP with --fail-rank R: rank R dies (os._exit) or hangs (sleeps, sockets open) when it
                    fetches the batch of step STEP.
+  --signal-at STEP with --fail-rank R: rank R alone receives SIGUSR2 (a preemption) when it fetches that batch.
 
 The tests-side launcher (`torchrun`, `free_port`) is here too.
 """
@@ -114,6 +115,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--record")
     p.add_argument("--exit-at", type=int)
     p.add_argument("--hang-at", type=int)
+    p.add_argument("--signal-at", type=int)
     p.add_argument("--fail-rank", type=int, default=1)
     p.add_argument("--fake-world", type=int)
     p.add_argument("--spec", default="lingua.models.transformer.spec:TRANSFORMER_SPEC", help="the ModelSpec to train (module:attr)")
@@ -159,6 +161,8 @@ def main(argv: list[str]) -> None:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's teardown must still kill it at once
                 while True:
                     time.sleep(1)
+            if rank == opts.fail_rank and opts.signal_at == step:
+                os.kill(os.getpid(), signal.SIGUSR2)
             batch = super().__next__()
             if self.rows is not None:
                 batch = {k: v[self.rows] for k, v in batch.items()}

@@ -509,3 +509,14 @@ def test_debug_config_trains_on_two_processes(tmp_path):
     # tied embeddings + zero-init blocks start as norm(e) @ E^T, which favours the input token: loss ~16 at step 1
     losses = [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and losses[-1] < 9 and losses[-1] < losses[0]
+
+
+def test_preemption_of_one_rank_stops_both_at_the_same_step_with_a_save(tiny_corpus, tmp_path):
+    """Only rank 1 gets SIGUSR2 (during step 5) and no step reads the device (logging every 100): the host flag's
+    all-reduce still makes both ranks save step 6 and stop there."""
+    d = tmp_path / "preempt"
+    out = torchrun(2, cfg(tiny_corpus, d, steps=50, logging__freq=100, checkpoint__dump__every=0,
+                          distributed__dp_shard=2), ["--signal-at", "5", "--fail-rank", "1"], timeout=300)
+    assert [p.name for p in list_checkpoints(d / "checkpoints")] == ["0000000006"], out.stdout[-3000:]
+    assert "preempted at step 6" in out.stdout  # rank 0 logs; rank 1 exited 0 too (a disagreement would hang the save)
+    assert [r["step"] for r in read_jsonl(d / "metrics.jsonl")] == [6]

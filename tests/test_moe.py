@@ -255,3 +255,38 @@ def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(
         bad_args = dataclasses.replace(args, **bad)
         with pytest.raises(LinguaError, match=f"^{what} has no MixtralForCausalLM equivalent"):
             hf.export_hf(MOE_SPEC.hf, MoETransformer.build(bad_args).state_dict(), bad_args, tmp_path / "bad")
+
+
+def test_expert_counts_equal_bincount_without_its_host_sync():
+    from apps.moe.model import expert_counts
+
+    ids = torch.randint(0, 8, (37, 2), generator=torch.Generator().manual_seed(0))
+    counts = expert_counts(ids, 8)
+    assert counts.dtype == torch.long and counts.tolist() == torch.bincount(ids.flatten(), minlength=8).tolist()
+    assert expert_counts(torch.full((5, 2), 3), 8).tolist() == [0, 0, 0, 10, 0, 0, 0, 0]  # unused experts: 0
+
+
+def test_grouped_gemm_in_bf16_with_padded_dims_matches_the_plain_one():
+    """What CUDA's grouped GEMM gets (lingua can only run it on CPU here): bf16 operands, dim and hidden padded to
+    multiples of 8; the result comes back in fp32 and equals the unpadded product in bf16."""
+    from apps.moe.grouped import compute_dtype, grouped_swiglu, pad_to, padded
+
+    assert [padded(n) for n in (1, 8, 12, 256)] == [8, 8, 16, 256]
+    assert compute_dtype("cuda", torch.float32, None) == torch.bfloat16  # autocast has no _grouped_mm rule
+    assert compute_dtype("cuda", torch.float32, torch.float16) == torch.float16
+    assert compute_dtype("cpu", torch.float32, torch.bfloat16) == torch.float32
+    t = torch.ones(2, 3)
+    assert pad_to(t, (2, 3)) is t and pad_to(t, (2, 8)).shape == (2, 8) and pad_to(t, (2, 8))[:, 3:].abs().sum() == 0
+    g = torch.Generator().manual_seed(0)
+    x, w1, w3, w2 = (torch.randn(*s, generator=g) for s in ((10, 12), (3, 12, 20), (3, 12, 20), (3, 20, 12)))
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no rows
+    with pytest.raises(RuntimeError, match="strides should be multiple of 16 bytes"):  # torch's own check
+        grouped_swiglu(x, w1, w3, w2, offs, dtype=torch.bfloat16)  # 12 bf16 = 24 bytes
+    aligned = grouped_swiglu(x, w1, w3, w2, offs, align=8, dtype=torch.bfloat16)
+    assert aligned.dtype == torch.float32 and aligned.shape == (10, 12)
+    exact = grouped_swiglu(x, w1, w3, w2, offs)  # fp32 rows are 48 bytes: no padding needed
+    assert torch.allclose(grouped_swiglu(x, w1, w3, w2, offs, align=8), exact, rtol=1e-6, atol=1e-5)  # zeros add 0
+    ref = torch.cat([F.silu(x[a:b] @ w1[e]) * (x[a:b] @ w3[e]) @ w2[e] for e, (a, b) in enumerate([(0, 4), (4, 4), (4, 10)])])
+    assert torch.allclose(exact, ref, rtol=1e-5, atol=1e-4)
+    err = ((aligned - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.02, err  # bf16 rounding (it did run in bf16), not a different product

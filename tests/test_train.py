@@ -129,10 +129,13 @@ def test_save_at_end_false_keeps_only_the_periodic_saves(tiny_corpus, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "0000000005"
 
 
-def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path):
-    with pytest.raises(LinguaError, match=r"loss is (nan|inf) at step \d+: stopping without saving"):
+@pytest.mark.parametrize("freq, every, at", [(1, 0, r"\d+"), (100, 25, "25")], ids=["log_every_step", "rare_logs"])
+def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, freq, every, at):
+    """The loss is read only at logging and save steps (no host sync elsewhere): with logs every 100 steps, the
+    first save step (25) is where the NaN is seen, before that save."""
+    with pytest.raises(LinguaError, match=rf"loss is (nan|inf) at step {at}: stopping without saving"):
         run(tiny_corpus, tmp_path, steps=50, optim__lr=1e9, optim__clip=0.0, optim__warmup=0,
-            checkpoint__dump__every=0)
+            checkpoint__dump__every=every, logging__freq=freq)
     assert list_checkpoints(tmp_path / "checkpoints") == []
 
 

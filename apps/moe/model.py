@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.moe.dispatch import expert_parallel_compute
+from apps.moe.grouped import experts_swiglu
 from apps.moe.hf_mixtral import MIXTRAL
 from apps.moe.parallelize import parallelize_moe
 from lingua.errors import ConfigError
@@ -102,8 +103,7 @@ class GroupedExperts(nn.Module):
         w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
         if use_grouped_mm(self.grouped_mm):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
-            return torch._grouped_mm(h, w2, offs=offs)  # (n_rows, dim)
+            return experts_swiglu(x, w1, w3, w2, offs)  # (n_rows, dim); bf16 and aligned dims on CUDA
         outs = []
         for e, rows in enumerate(torch.split(x, counts.tolist())):  # one host sync: the split sizes
             outs.append((F.silu(rows @ w1[e]) * (rows @ w3[e])) @ w2[e])
@@ -114,6 +114,13 @@ class GroupedExperts(nn.Module):
         trunc_normal_(self.w1, in_std)
         trunc_normal_(self.w3, in_std)
         init_output_(self.w2, (init_base_std or self.hidden_dim**-0.5) / factor)
+
+
+def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert (n_experts,) int64, as torch.bincount(minlength=n_experts) gives them, but without the host
+    sync bincount pays on CUDA (it reads the max id first to size its output)."""
+    ids = expert_ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, args: MoEArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,7 +160,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (n_tok, dim)
         logits = self.router(flat).float()  # (n_tok, n_experts)
         gates, experts, probs = route(logits, self.expert_bias, self.args)
-        counts = torch.bincount(experts.flatten(), minlength=self.args.n_experts)  # (n_experts,)
+        counts = expert_counts(experts, self.args.n_experts)  # (n_experts,)
         if self.stats_group is not None:
             counts = counts.clone()
             torch.distributed.all_reduce(counts, group=self.stats_group)
@@ -175,7 +182,8 @@ class MoE(nn.Module):
         tokens = order // self.args.top_k
         ys = run_experts(self, flat[tokens], experts.flatten()[order])  # (n_tok * top_k, dim)
         ys = ys * gates.flatten()[order, None]
-        return torch.zeros_like(flat).index_add_(0, tokens, ys), torch.tensor(float(ys.shape[0]), device=flat.device)
+        n_done = torch.full((), float(ys.shape[0]), device=flat.device)  # a fill, not a host-to-device copy
+        return torch.zeros_like(flat).index_add_(0, tokens, ys), n_done
 
     def init_weights(self, init_base_std: Optional[float], factor: float):
         trunc_normal_(self.router.weight, init_base_std or self.args.dim**-0.5)
@@ -196,7 +204,7 @@ def run_experts(moe: MoE, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch
     compile-time shape function of _grouped_mm accepts bf16 only."""
     if moe.ep_group is not None:
         return expert_parallel_compute(moe, rows, expert_ids)
-    return moe.experts(rows, torch.bincount(expert_ids, minlength=moe.args.n_experts))
+    return moe.experts(rows, expert_counts(expert_ids, moe.args.n_experts))
 
 
 # ---------------------------------------------------------------- block and model
@@ -265,8 +273,8 @@ def after_optimizer_step(model: nn.Module) -> None:
     for moe in moe_layers(model):
         load = moe.tokens_per_expert
         moe.last_load.copy_(load)
-        if moe.args.bias_update_rate > 0 and load.sum() > 0:
-            moe.expert_bias.add_(moe.args.bias_update_rate * torch.sign(load.mean() - load))
+        if moe.args.bias_update_rate > 0:  # no update before any token was routed: a mask, not a host read
+            moe.expert_bias.add_(moe.args.bias_update_rate * torch.sign(load.mean() - load) * (load.sum() > 0))
         load.zero_()
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -126,6 +127,8 @@ class CheckpointManager:
         self._pending: Optional[_PendingSave] = None
         # async writes run collectives from a background thread: on a group of their own, never the training one
         self._async_group = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
+        # poll's agreement runs on the main thread, on host memory: no device sync (NCCL) while a save is in flight
+        self._poll_group = dist.new_group(backend="gloo") if self._async_group is not None else None
 
     def clean_incomplete(self) -> None:
         """Remove what killed saves left behind (a `.tmp` dir, a step dir without COMPLETE); rank 0 only."""
@@ -196,10 +199,10 @@ class CheckpointManager:
         if self._pending is None:
             return
         done = self._pending.future.done()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(done)], device=_collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            done = bool(flag.item())
+        if self._poll_group is not None and dist.get_world_size() > 1:
+            host = np.array([float(done)], dtype=np.float32)  # read back through numpy: no torch op, no sync
+            dist.all_reduce(torch.from_numpy(host), op=dist.ReduceOp.MIN, group=self._poll_group)
+            done = bool(host[0] > 0)
         if done:
             self.wait()
 
@@ -294,10 +297,6 @@ class _PendingSave:
     train_state: dict
     config: dict
     kinds: list
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _last_line(e: BaseException) -> str:

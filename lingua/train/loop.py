@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -53,12 +52,14 @@ from lingua.train.metrics import (
     memory_gb,
     peak_flops,
 )
+from lingua.train.host_sync import HostSyncDetector, watch
 from lingua.train.optim import (
     OptimArgs,
     build_optimizer,
     clip_grad_norm_,
     sync_scheduler,
 )
+from lingua.train.preemption import Preemption
 from lingua.train.probe import Probe, ProbeArgs
 from lingua.train.profiling import ProfilerArgs, maybe_profile
 
@@ -96,29 +97,6 @@ def train_args_cls(spec: ModelSpec) -> type:
 def main(spec: ModelSpec, argv: Optional[list[str]] = None):
     """`python -m apps.<app>.train config=... key=value ...` for the app of `spec`."""
     return run_cli(lambda args: train(args, spec), train_args_cls(spec), argv)
-
-
-class Preemption:
-    """SIGUSR2 (SLURM's warning) and SIGTERM set a flag; the loop saves and exits at the end of the step."""
-
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-        logger.warning(f"received {self.requested}: will checkpoint and stop after this step")
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def make_dump_dir(dump_dir: str) -> None:
@@ -200,27 +178,26 @@ def _grad_sync(model: nn.Module, enabled: bool) -> None:
 class StepResult:
     """One step's numbers, left on the device until `read` (a host sync, which a GPU step should not pay every step)."""
 
-    stats: torch.Tensor  # [mean loss over micro-batches and ranks, grad norm before clipping, ranks asked to stop]
+    stats: torch.Tensor  # [mean loss over micro-batches and ranks, grad norm before clipping]
     data_s: float  # time spent waiting for batches
     loss: float = float("nan")  # filled in by read()
     grad_norm: float = float("nan")
-    stop: bool = False  # some rank was asked to stop (preemption)
+    stop: bool = False  # some rank was asked to stop (preemption; a host flag, lingua/train/preemption.py)
 
     def read(self) -> "StepResult":
-        self.loss, self.grad_norm, stopping = self.stats.tolist()
-        self.stop = stopping > 0
+        self.loss, self.grad_norm = self.stats.tolist()
         return self
 
 
 class Trainer:
-    """One optimizer step at a time: forward/backward over the micro-batches, one small collective (the global loss
-    and whether any rank must stop), clipping, the update. Nothing here waits for the device: the loop reads the
+    """One optimizer step at a time: forward/backward over the micro-batches, one small collective (the global
+    loss), clipping, the update. Nothing here waits for the device: the loop reads the
     step's numbers (and checks the loss is finite) only where it needs them, at logging and checkpoint steps."""
 
-    def __init__(self, args: TrainArgs, model, optimizer, scheduler, data, dist_state: DistState, autocast, preempt,
+    def __init__(self, args: TrainArgs, model, optimizer, scheduler, data, dist_state: DistState, autocast,
                  probe: Probe, after_optimizer_step=None):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
-        self.data_iter, self.dist, self.autocast, self.preempt, self.probe = iter(data), dist_state, autocast, preempt, probe
+        self.data_iter, self.dist, self.autocast, self.probe = iter(data), dist_state, autocast, probe
         self.after_optimizer_step = after_optimizer_step  # the spec's hook, e.g. MoE's load-balancing bias update
 
     def step(self, step: int) -> StepResult:
@@ -246,15 +223,14 @@ class Trainer:
                 (loss / args.grad_acc_steps).backward()
             loss_sum += _local(loss.detach())
         self.probe.after_backward(step, self.model)
-        stopping = torch.tensor(float(self.preempt.requested is not None), device=device)
-        flags = dist_state.all_reduce(torch.stack([loss_sum / (args.grad_acc_steps * dist_state.world_size), stopping]))
+        loss_mean = dist_state.all_reduce(loss_sum / (args.grad_acc_steps * dist_state.world_size))
         grad_norm = clip_grad_norm_(self.model, args.optim.clip)
         self.optimizer.step()
         if self.after_optimizer_step is not None:  # the spec's hook (MoE: the load-balancing bias update)
             self.after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(torch.stack([flags[0], grad_norm.to(flags.device, flags.dtype), flags[1]]), data_s)
+        return StepResult(torch.stack([loss_mean, grad_norm.to(loss_mean.device, loss_mean.dtype)]), data_s)
 
 
 class ThroughputWindow:
@@ -372,21 +348,28 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     progress = stack.enter_context(Progress(args.steps, start=state.step,
                                             enabled=dist_state.is_main and args.logging.progress))
     autocast = autocast_context(dist_state.device, dtype)
-    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, preempt, probe,
+    trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, probe,
                       spec.after_optimizer_step)
     window = ThroughputWindow(flops_per_token, peak, dist_state.world_size)
     status, result, last_read = "done", None, None
+    syncs = HostSyncDetector(dist_state.device.type == "cpu") if args.logging.check_host_syncs else None
     model.train()
     while state.step < args.steps:
-        step_start = time.perf_counter()
-        result = trainer.step(state.step + 1)
-        state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
+        step_start, step = time.perf_counter(), state.step + 1
+        logging_step = step % args.logging.freq == 0 or step == args.steps
+        # the host reads the step's numbers only at logging and save steps; elsewhere nothing may wait for the device
+        with watch(syncs, step, enabled=not (logging_step or checkpoints.kinds_due(step))):
+            result = trainer.step(step)
+            result.stop = preempt.should_stop()  # every step, a host flag: ranks agree without a device sync
+            checkpoints.poll()  # completes an async save of an earlier step once its files are written
+        state.step, state.tokens_seen = step, state.tokens_seen + tokens_per_step
         state.train_s += time.perf_counter() - step_start
         window.add(tokens_per_step, result.data_s)
         profiler.step()
-        logging_step = state.step % args.logging.freq == 0 or state.step == args.steps
-        if logging_step or checkpoints.kinds_due(state.step) or dist_state.device.type == "cpu":
-            read_checked(result, state.step, checkpoints)  # on a GPU, the only host syncs: log and save steps
+        last = (state.step == args.steps and args.checkpoint.save_at_end) or result.stop
+        kinds = checkpoints.kinds_due(state.step, last=last)
+        if logging_step or kinds:
+            read_checked(result, state.step, checkpoints)  # a non-finite loss stops here, before any save
             last_read = result
         progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
         if logging_step or result.stop:
@@ -394,9 +377,6 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
-        last = (state.step == args.steps and args.checkpoint.save_at_end) or result.stop
-        kinds = checkpoints.kinds_due(state.step, last=last)
-        checkpoints.poll()  # completes an async save of an earlier step once its files are written
         if kinds:  # the final and preemption saves wait for their files
             checkpoints.save(state.step, model, optimizer, state.state_dict(dist_state.world_size),
                              config_to_dict(args), kinds, wait=last)

@@ -33,6 +33,9 @@ class LoggingArgs:
     wandb: bool = False  # needs the 'wandb' extra; honours WANDB_MODE=offline
     tensorboard: bool = False  # needs the 'tensorboard' extra; writes <dump_dir>/tensorboard/
     progress: bool = True  # progress bar with ETA, only when stdout is a terminal
+    # debugging: fail a step other than a logging/save step that makes the host wait for the device (.item(),
+    # nonzero, ...; lingua/train/host_sync.py). Slow (every op is inspected); on CPU, tensors stand in for the GPU's
+    check_host_syncs: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
