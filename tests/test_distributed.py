@@ -520,3 +520,32 @@ def test_preemption_of_one_rank_stops_both_at_the_same_step_with_a_save(tiny_cor
     assert [p.name for p in list_checkpoints(d / "checkpoints")] == ["0000000006"], out.stdout[-3000:]
     assert "preempted at step 6" in out.stdout  # rank 0 logs; rank 1 exited 0 too (a disagreement would hang the save)
     assert [r["step"] for r in read_jsonl(d / "metrics.jsonl")] == [6]
+
+
+@pytest.mark.parametrize("app", ["main", "moe"])
+def test_float8_converts_only_linears_scaled_mm_can_take(app):
+    """The debug models' real shapes, built on meta: every 16-aligned projection converts; the vocab projection and
+    the MoE router (dim -> 8 experts, which _scaled_mm would reject) stay in high precision."""
+    from lingua.distributed.parallelize import float8_filter
+    from lingua.models.spec import get_spec
+    from lingua.train.loop import train_args_cls
+
+    spec = get_spec({"main": "lingua.models.transformer.spec:TRANSFORMER_SPEC", "moe": "apps.moe.model:MOE_SPEC"}[app])
+    args = load_config(train_args_cls(spec), [f"config={ROOT}/apps/{app}/configs/debug.yaml"])
+    with torch.device("meta"):
+        model = spec.build(args.model)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = sorted(n.split(".")[-1] for n, m in linears.items() if not float8_filter(m, n))
+    converted = {n.split(".")[-1] for n, m in linears.items() if float8_filter(m, n)}
+    assert converted == {"wq", "wk", "wv", "wo"} | ({"w1", "w2"} if app == "main" else set())  # relu2 MLP
+    assert kept == (["output"] if app == "main" else ["output"] + ["router"] * args.model.n_layers)
+    assert not float8_filter(torch.nn.Linear(256, 8), "layers.0.feed_forward.router")
+
+
+def test_compile_auto_on_cuda_names_what_is_missing():
+    from lingua.distributed.parallelize import cuda_toolchain_missing
+
+    assert cuda_toolchain_missing(True, "/usr/bin/cc", __file__) is None
+    assert cuda_toolchain_missing(False, "/usr/bin/cc", __file__) == "triton is not installed"
+    assert "no C compiler" in cuda_toolchain_missing(True, None, __file__)
+    assert "install python3-dev" in cuda_toolchain_missing(True, "/usr/bin/cc", "/nowhere/Python.h")

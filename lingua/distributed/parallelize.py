@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sysconfig
 from typing import Callable, Optional
 
 import torch
@@ -90,13 +91,30 @@ def resolve_compile(setting, device: torch.device, tp: int) -> tuple[bool, str]:
         if tp > 1:
             return False, "off (auto): tensor parallelism"
         if device.type == "cuda":
-            found = importlib.util.find_spec("triton") is not None
-            return found, "on (auto): CUDA + triton" if found else "off (auto): triton is not installed"
+            missing = cuda_toolchain_missing(importlib.util.find_spec("triton") is not None, _c_compiler(),
+                                             os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+            return missing is None, f"off (auto): {missing}" if missing else "on (auto): CUDA + triton + C compiler"
         if device.type == "cpu":
             cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
             return cxx is not None, "on (auto): CPU + C++ compiler" if cxx else "off (auto): no C++ compiler found"
         return False, f"off (auto): no inductor backend for {device.type}"
     return setting, f"{'on' if setting else 'off'} (distributed.compile={str(setting).lower()})"
+
+
+def _c_compiler():
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def cuda_toolchain_missing(triton: bool, c_compiler, python_h: str):
+    """What inductor's CUDA path lacks, as a few words, or None: triton, and the C compiler and Python headers it
+    builds each kernel's launcher with (a node without them fails at the first compiled step, not here)."""
+    if not triton:
+        return "triton is not installed"
+    if c_compiler is None:
+        return "no C compiler (cc/gcc/clang, or $CC) for triton's kernel launchers"
+    if not os.path.isfile(python_h):
+        return f"no Python headers ({python_h}; install python3-dev) for triton's kernel launchers"
+    return None
 
 
 def apply_compile(model: nn.Module, whole: bool) -> None:
@@ -162,8 +180,16 @@ def apply_float8(model: nn.Module, args: DistributedArgs, tp_size: int) -> None:
     convert_to_float8_training(
         model,
         config=Float8LinearConfig.from_recipe_name(args.float8_recipe),
-        module_filter_fn=lambda mod, fqn: fqn != "output",  # the vocab projection stays in high precision
+        module_filter_fn=float8_filter,
     )
+
+
+def float8_filter(module: nn.Module, fqn: str) -> bool:
+    """Which Linears become float8: not the vocab projection (kept in high precision), and only those whose in and
+    out features are multiples of 16, which _scaled_mm requires (the MoE router's dim -> n_experts is not)."""
+    if not isinstance(module, nn.Linear) or fqn == "output":
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def parallelize_decoder(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype = torch.float32,
