@@ -186,6 +186,25 @@ def test_peak_flops_sources():
     assert gpu_table_peak("Tesla V100-SXM2-16GB", torch.bfloat16) == (15.7e12, "table: V100 fp32 (no native bf16)")
     assert gpu_table_peak("NVIDIA GeForce RTX 4090", torch.float32)[0] == 82.6e12
     assert gpu_table_peak("Some Future GPU", torch.bfloat16) is None
+    # exact words: GH200 is not an H200 (same peak, its own label), the H20 is not an H200, A800 is an A100's twin
+    assert gpu_table_peak("NVIDIA GH200 480GB", torch.bfloat16) == (989e12, "table: GH200 bf16")
+    assert gpu_table_peak("NVIDIA H20", torch.bfloat16) == (148e12, "table: H20 bf16")
+    assert gpu_table_peak("NVIDIA H200", torch.bfloat16)[1] == "table: H200 bf16"
+    assert gpu_table_peak("NVIDIA H800", torch.bfloat16) == (989e12, "table: H800 SXM bf16")
+    assert gpu_table_peak("NVIDIA A800-SXM4-80GB", torch.bfloat16) == (312e12, "table: A800 bf16")
+    assert gpu_table_peak("NVIDIA B200", torch.bfloat16) == (2.25e15, "table: B200 bf16")
+    assert gpu_table_peak("NVIDIA GB200", torch.bfloat16) == (2.5e15, "table: GB200 bf16")
+    assert gpu_table_peak("AMD Instinct MI300X", torch.bfloat16) == (1307.4e12, "table: MI300X bf16")
+    assert gpu_table_peak("NVIDIA A10", torch.bfloat16)[1] == "table: A10 bf16"
+
+
+def test_memory_row_from_cuda_allocator_stats_and_cpu_keys():
+    from lingua.train.metrics import cuda_memory_row, memory_window
+
+    stats = {"allocated_bytes.all.peak": 3 * 2**30, "reserved_bytes.all.peak": 5 * 2**30, "num_alloc_retries": 2}
+    assert cuda_memory_row(stats) == {"mem_gb": 3.0, "mem_reserved_gb": 5.0, "alloc_retries": 2}
+    row = memory_window(torch.device("cpu"))  # CPU: RSS only; the allocator keys are absent, not null
+    assert set(row) == {"mem_gb"} and row["mem_gb"] > 0.01
 
 
 def test_mfu():
@@ -200,3 +219,12 @@ def test_memory_gb_is_this_process_rss():
     assert 0.01 < before < 64
     assert after - before == pytest.approx(1 / 16, abs=0.03)
     del big
+
+
+def test_an_unknown_gpu_logs_no_mfu():
+    from lingua.train.loop import ThroughputWindow
+
+    window = ThroughputWindow(flops_per_token=1e6, peak=None, world_size=1)  # peak_flops' answer for such a GPU
+    window.add(1000, 0.0)
+    assert window.metrics()["mfu"] is None and window.metrics()["tok_per_s"] > 0
+    assert format_console_line({"step": 1, "mfu": None}) == "step 1"

@@ -49,7 +49,7 @@ from lingua.train.metrics import (
     MetricLogger,
     Progress,
     format_console_line,
-    memory_gb,
+    memory_window,
     peak_flops,
 )
 from lingua.train.host_sync import HostSyncDetector, watch
@@ -250,7 +250,8 @@ class ThroughputWindow:
     def metrics(self) -> dict:
         elapsed = time.perf_counter() - self.start
         tok_per_s = self.tokens / elapsed
-        return {"tok_per_s": tok_per_s, "mfu": self.flops_per_token * tok_per_s / (self.peak * self.world_size),
+        mfu = self.flops_per_token * tok_per_s / (self.peak * self.world_size) if self.peak else None
+        return {"tok_per_s": tok_per_s, "mfu": mfu,
                 "data_share": self.data_s / elapsed}
 
 
@@ -268,7 +269,7 @@ def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow
     entry = {"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, "loss": result.loss,
              "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
              "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
-             "mem_gb": memory_gb(device), **extra}
+             **memory_window(device), **extra}
     metrics.log(entry)
     if progress.enabled:
         progress.write(format_console_line(entry))
@@ -336,7 +337,10 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         return {"step": state.step, "status": "done", "loss": float("nan")}
     peak, peak_src = peak_flops(dist_state.device, dtype, args.logging.peak_flops)
     flops_per_token = spec.flops_per_token(args.model, args.data.seq_len)
-    logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
+    if peak is None:
+        logger.warning(f"MFU not logged: {peak_src}")
+    else:
+        logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
     tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dist_state.dp_size
     metrics = stack.enter_context(MetricLogger(args.dump_dir, args.logging, rank=dist_state.rank,
                                                run_name=args.name, config_dict=config_to_dict(args),

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -263,30 +264,44 @@ class Progress:
 # MFU: peak FLOP/s of the device, model FLOPs utilisation, memory
 # ---------------------------------------------------------------------------------------------------------
 
-# (substring of torch.cuda.get_device_name(), label, dense bf16 tensor-core FLOP/s, fp32 FLOP/s without tensor
-# cores). Checked in order, so a name that contains another (A100 / A10, L40S / L40 / L4) comes first.
-GPU_PEAK_FLOPS: list[tuple[str, str, Optional[float], float]] = [
-    ("H100 PCIe", "H100 PCIe", 756e12, 51.2e12),
-    ("H100 NVL", "H100 NVL", 835e12, 60e12),
-    ("H100", "H100 SXM", 989e12, 67e12),
-    ("H200 NVL", "H200 NVL", 835e12, 60e12),
-    ("H200", "H200", 989e12, 67e12),
-    ("A100", "A100", 312e12, 19.5e12),
-    ("A10G", "A10G", 70e12, 35e12),
-    ("A10", "A10", 125e12, 31.2e12),
-    ("L40S", "L40S", 362e12, 91.6e12),
-    ("L40", "L40", 181e12, 90.5e12),
-    ("L4", "L4", 121e12, 30.3e12),
-    ("V100", "V100", None, 15.7e12),  # no native bf16
-    ("RTX 4090", "RTX 4090", 165e12, 82.6e12),
-    ("RTX 3090", "RTX 3090", 71e12, 35.6e12),
+# (the words of torch.cuda.get_device_name() that name the model, label, dense bf16 tensor-core FLOP/s, fp32 FLOP/s
+# without tensor cores). A GPU matches when every word is one of its name's words (split on spaces and dashes), so
+# "GH200" is not an "H200" and "A10" is not an "A100"; variants (PCIe, NVL) come before their base model.
+# Sources, dense (no sparsity) per GPU: NVIDIA's H100/H200/H800/H20, A100/A800, L4/L40/L40S, A10/A10G datasheets;
+# Blackwell: HGX B200 (36 PF bf16 sparse and 600 TF fp32 per 8 GPUs) and GB200 NVL72 (360 PF bf16 sparse and
+# 5,760 TF fp32 per 72 GPUs) datasheets; GH200: its Hopper GPU is an H100 SXM's; AMD Instinct MI300X datasheet
+# (1307.4 TF bf16 dense, 163.4 TF fp32 vector).
+GPU_PEAK_FLOPS: list[tuple[tuple[str, ...], str, Optional[float], float]] = [
+    (("H100", "PCIE"), "H100 PCIe", 756e12, 51.2e12),
+    (("H100", "NVL"), "H100 NVL", 835e12, 60e12),
+    (("H100",), "H100 SXM", 989e12, 67e12),
+    (("H200", "NVL"), "H200 NVL", 835e12, 60e12),
+    (("H200",), "H200", 989e12, 67e12),
+    (("GH200",), "GH200", 989e12, 67e12),
+    (("H800", "PCIE"), "H800 PCIe", 756e12, 51.2e12),
+    (("H800",), "H800 SXM", 989e12, 67e12),
+    (("H20",), "H20", 148e12, 44e12),
+    (("B200",), "B200", 2.25e15, 75e12),
+    (("GB200",), "GB200", 2.5e15, 80e12),
+    (("A100",), "A100", 312e12, 19.5e12),
+    (("A800",), "A800", 312e12, 19.5e12),
+    (("A10G",), "A10G", 70e12, 35e12),
+    (("A10",), "A10", 125e12, 31.2e12),
+    (("L40S",), "L40S", 362e12, 91.6e12),
+    (("L40",), "L40", 181e12, 90.5e12),
+    (("L4",), "L4", 121e12, 30.3e12),
+    (("V100",), "V100", None, 15.7e12),  # no native bf16
+    (("RTX", "4090"), "RTX 4090", 165e12, 82.6e12),
+    (("RTX", "3090"), "RTX 3090", 71e12, 35.6e12),
+    (("MI300X",), "MI300X", 1307.4e12, 163.4e12),
 ]
 
 
 def gpu_table_peak(name: str, dtype: torch.dtype) -> Optional[tuple[float, str]]:
     """Peak FLOP/s for a GPU name from the table, or None when the GPU is not in it."""
-    for key, label, bf16, fp32 in GPU_PEAK_FLOPS:
-        if key.lower() in name.lower():
+    words = set(re.split(r"[\s\-_]+", name.upper()))
+    for required, label, bf16, fp32 in GPU_PEAK_FLOPS:
+        if words.issuperset(required):
             if dtype == torch.bfloat16 and bf16 is not None:
                 return bf16, f"table: {label} bf16"
             note = " (no native bf16)" if dtype == torch.bfloat16 else ""
@@ -350,18 +365,16 @@ def calibrate_matmul(
     return 2 * size**3 / best, f"calibrated: {size}^3 {_dtype_name(dtype)} matmul, best of {samples}{threads}"
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, override: Optional[float] = None) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) for MFU: the override, the GPU table, or a calibration."""
+def peak_flops(device: torch.device, dtype: torch.dtype, override: Optional[float] = None) -> tuple[Optional[float], str]:
+    """(peak FLOP/s, where the number comes from) for MFU: the override, the GPU table, a calibration on CPU; None
+    for a GPU missing from the table."""
     if override:
         return float(override), "logging.peak_flops override"
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        found = gpu_table_peak(name, dtype)
-        if found is not None:
-            return found
-        flops, source = calibrate_matmul(dtype, device)
-        return flops, f"{source} ('{name}' is not in the table)"
+        # an unknown GPU gets no MFU: a calibrated matmul would make MFU look better than the datasheet's
+        return gpu_table_peak(name, dtype) or (None, f"'{name}' is not in the table: no MFU (set logging.peak_flops)")
     return calibrate_matmul(dtype, device)
 
 
@@ -371,7 +384,7 @@ def mfu(flops_per_token: float, tok_per_s: float, peak: float) -> float:
 
 
 def memory_gb(device: torch.device) -> float:
-    """GiB in use: CUDA's peak allocated memory, or on CPU the process's resident set size (RSS)."""
+    """GiB in use: CUDA's peak allocated memory (since the last `memory_window`), or on CPU the process's RSS."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -386,3 +399,24 @@ def memory_gb(device: torch.device) -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS: bytes on macOS, kB elsewhere
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def cuda_memory_row(stats: dict) -> dict:
+    """The allocator's numbers a person needs, from torch.cuda.memory_stats(): peak allocated and reserved GiB (a
+    reserved figure far above the allocated one is fragmentation) and the allocation retries (cudaMalloc failed, the
+    cache was flushed and the allocation retried: a run close to OOM and slow because of it)."""
+    return {"mem_gb": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+            "mem_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
+
+
+def memory_window(device: torch.device) -> dict:
+    """Memory keys of one logged row, then the peaks start again for the next logging window. On CUDA: mem_gb,
+    mem_reserved_gb, alloc_retries (cumulative); on CPU only mem_gb (RSS): a CPU has no caching allocator, so the
+    other keys are absent rather than null. Host-side counters: no device sync."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"mem_gb": memory_gb(device)}
+    row = cuda_memory_row(torch.cuda.memory_stats(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    return row
