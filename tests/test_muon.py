@@ -146,6 +146,13 @@ def test_distributed_orthogonalization_is_exact_and_split_across_ranks():
     rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", out.stdout)]  # two ranks' lines may interleave
     assert len(rows) == 2 and all(r["max_err"] == 0.0 for r in rows), rows
     assert sum(r["computed"] for r in rows) == rows[0]["total"] and all(r["computed"] < rows[0]["total"] for r in rows)
+    # a sharded matrix goes to its owner and back once: 2 (world-1)/world x its bytes (+ uneven shards' padding),
+    # where gathering it on every rank and broadcasting the result sent 2 (world-1) x (2x at 2 ranks, 6x at 4); a
+    # replicated one (no_shard) is only sent back, (world-1) x, as the broadcast did
+    world, sent, r0 = len(rows), sum(r["sent"] for r in rows), rows[0]
+    assert all(r["other_ops"] == [] for r in rows), rows
+    bound = 1.2 * (2 * (world - 1) / world * r0["sharded_bytes"] + (world - 1) * r0["replicated_bytes"])
+    assert 0 < sent <= bound, (sent, bound)
 
 
 @pytest.mark.slow

@@ -8,9 +8,10 @@ clipping and DCP's `get_state_dict` / `set_state_dict` see a single optimizer, w
 
 What torch.optim.Muon lacks and this adds:
 - DTensor parameters (FSDP2 Shard(0), TP, HSDP): Newton-Schulz needs the whole matrix. Each matrix has one owner
-  rank (largest first, to the least-loaded rank): every rank gathers it (`full_tensor`), only the owner
-  orthogonalizes it, and the owner's result is broadcast and each rank keeps its own shard. The work is split
-  across ranks, not repeated (DistMuon / Dion).
+  rank (largest first, to the least-loaded rank): the shards are gathered to the owner only, in the Newton-Schulz
+  dtype, the owner orthogonalizes it and scatters each rank its shard back. The work is split across ranks, not
+  repeated (DistMuon / Dion), and a step moves about 2x the matrices' bytes (in that dtype) over the network, not
+  world_size x (tests/muon_dist_check.py counts them).
 - The iteration's dtype is a group option (`optim.muon_ns_dtype`): auto runs it in bf16 where bf16 matmuls are
   native (CUDA, as torch's; CPUs with AVX512-BF16 or AMX, ~2.5x fp32's speed) and in fp32 elsewhere (bf16 matmuls
   are ~70x slower on CPUs without them). The multi-process tests pin fp32, which keeps layouts comparable.
@@ -19,6 +20,8 @@ What torch.optim.Muon lacks and this adds:
   decay) carry over without a separate search. "original" is Keller Jordan's sqrt(max(1, m / n)).
 """
 
+import functools
+import itertools
 import math
 from typing import Optional
 
@@ -88,19 +91,61 @@ def _check_mesh(p) -> None:
                           "distributed Muon needs meshes that span every rank")
 
 
-def _local_part(full: torch.Tensor, like) -> torch.Tensor:
-    """This rank's piece of `full` laid out as the DTensor `like` (any placements), as a DTensor."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+@functools.lru_cache(maxsize=None)
+def _pieces(shape: tuple, mesh, placements: tuple) -> tuple:
+    """(local shape, global offset) of every global rank's piece of a DTensor laid out so, by rank (cached: the
+    layout of a parameter never changes, and the mesh is read on the host once)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
-    local = full[tuple(slice(o, o + s) for s, o in zip(shape, offset))]
-    return DTensor.from_local(local.contiguous(), like.device_mesh, like.placements, run_check=False,
-                              shape=like.shape, stride=like.stride())
+    grid = mesh.mesh.tolist()
+    coords = {}
+    for idx in itertools.product(*(range(n) for n in mesh.mesh.shape)):
+        coords[functools.reduce(lambda g, i: g[i], idx, grid)] = list(idx)
+    return tuple(_compute_local_shape_and_global_offset(shape, mesh.mesh.shape, coords[r], placements)
+                 for r in range(dist.get_world_size()))
+
+
+def _slices(shape, offset) -> tuple:
+    return tuple(slice(o, o + s) for s, o in zip(shape, offset))
+
+
+def _gather_to_owner(u, owner: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The full matrix of DTensor `u` in `dtype` on rank `owner` (None elsewhere): each rank sends its shard once."""
+    if all(p.is_replicate() for p in u.placements):  # no_shard (DDP): the owner has the matrix already
+        return u.to_local().to(dtype) if dist.get_rank() == owner else None
+    pieces = _pieces(tuple(u.shape), u.device_mesh, tuple(u.placements))
+    width = max(math.prod(shape) for shape, _ in pieces)  # shards may be uneven: pad each to the largest
+    local = u.to_local().to(dtype).flatten()
+    send = torch.nn.functional.pad(local, (0, width - local.numel()))
+    recv = [torch.empty_like(send) for _ in pieces] if dist.get_rank() == owner else None
+    dist.gather(send, recv, dst=owner)
+    if recv is None:
+        return None
+    full = torch.empty(u.shape, dtype=dtype, device=send.device)
+    for (shape, offset), flat in zip(pieces, recv):
+        full[_slices(shape, offset)] = flat[:math.prod(shape)].view(shape)
+    return full
+
+
+def _scatter_from_owner(full: Optional[torch.Tensor], u, owner: int, dtype: torch.dtype):
+    """Each rank's piece of the owner's `full`, as a DTensor laid out as `u` (in u's dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    pieces = _pieces(tuple(u.shape), u.device_mesh, tuple(u.placements))
+    width = max(math.prod(shape) for shape, _ in pieces)
+    recv = torch.empty(width, dtype=dtype, device=u.to_local().device)
+    send = None
+    if full is not None:
+        send = [full[_slices(shape, offset)].flatten() for shape, offset in pieces]
+        send = [torch.nn.functional.pad(t, (0, width - t.numel())) for t in send]
+    dist.scatter(recv, send, src=owner)
+    shape = pieces[dist.get_rank()][0]
+    local = recv[:math.prod(shape)].view(shape).to(u.dtype)
+    return DTensor.from_local(local, u.device_mesh, u.placements, run_check=False, shape=u.shape, stride=u.stride())
 
 
 def orthogonalize_all(updates: list[torch.Tensor], steps: int, dtype: str = "fp32") -> list[torch.Tensor]:
-    """Orthogonalize each matrix; DTensors are gathered, orthogonalized by their owner only, and sent back."""
+    """Orthogonalize each matrix; DTensors are gathered to their owner, orthogonalized there, and scattered back."""
     out: list[Optional[torch.Tensor]] = [None if _is_dtensor(u) else orthogonalize(u, steps, dtype) for u in updates]
     shared = [i for i, u in enumerate(updates) if _is_dtensor(u)]
     if not shared:
@@ -108,17 +153,13 @@ def orthogonalize_all(updates: list[torch.Tensor], steps: int, dtype: str = "fp3
     for i in shared:
         _check_mesh(updates[i])
     owners = assign_owners([updates[i].numel() for i in shared], dist.get_world_size())  # global ranks
-    me, mine = dist.get_rank(), {}
-    for i, owner in zip(shared, owners):
-        full = updates[i].full_tensor()  # a collective: every rank takes part, in the same order
-        if owner == me:
-            mine[i] = orthogonalize(full, steps, dtype).contiguous()  # a tall matrix's result is a transpose view
-        del full  # non-owners keep nothing: their peak is one gathered matrix
-    for i, owner in zip(shared, owners):
-        u = updates[i]
-        full = mine.pop(i) if i in mine else torch.empty(u.shape, dtype=u.dtype, device=u.to_local().device)
-        dist.broadcast(full, src=owner)
-        out[i] = _local_part(full, u)
+    ns_dtype = NS_DTYPES[dtype]
+    # all gathers, then each rank orthogonalizes its own matrices (in parallel across ranks), then all scatters;
+    # every rank takes part in every gather and scatter, in the same order
+    mine = {i: _gather_to_owner(updates[i], owner, ns_dtype) for i, owner in zip(shared, owners)}
+    mine = {i: orthogonalize(full, steps, dtype).contiguous() for i, full in mine.items() if full is not None}
+    for i, owner in zip(shared, owners):  # a tall matrix's result was a transpose view: contiguous to slice it
+        out[i] = _scatter_from_owner(mine.pop(i, None), updates[i], owner, ns_dtype)
     return out
 
 
