@@ -66,3 +66,28 @@ def test_kill_9_during_an_async_save_then_resume(tiny_corpus, tmp_path):
     subprocess.run(_cli(tiny_corpus, run, checkpoint__async_save=True, **steps), check=True, capture_output=True,
                    cwd=ROOT, timeout=600)
     assert losses(ref)[30] == losses(run)[30]
+
+
+def test_async_save_hashes_its_shards_off_the_training_thread(tmp_path):
+    """The save returns once the state is staged (through DCP's DefaultStager: pinned memory on CUDA); the shards'
+    checksums come from the hashing thread with the write, so wait() on the loop's thread hashes only the small
+    train state; COMPLETE then verifies."""
+    import threading
+
+    from lingua.checkpoint.integrity import file_sha256
+    from lingua.checkpoint.manager import CheckpointArgs, CheckpointManager
+
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(CheckpointArgs(async_save=True), str(tmp_path))
+    mgr.save(1, model, opt, {"step": 1}, {}, wait=False)
+    pending = mgr._pending
+    hashed = pending.future.result(timeout=60)  # written and hashed, before anyone called wait()
+    shards = sorted(p.name for p in pending.tmp.glob("__0_*.distcp"))
+    assert shards and sorted(k for k in hashed if k.endswith(".distcp")) == shards
+    assert all(hashed[n] == file_sha256(pending.tmp / n) for n in shards)
+    assert any(t.name.startswith("ckpt-hash") for t in threading.enumerate())
+    mgr.wait()
+    assert verify(list_checkpoints(tmp_path / "checkpoints")[-1])

@@ -42,9 +42,15 @@ def own_files(folder: Path, rank: int) -> list[Path]:
     return files
 
 
-def gather_checksums(folder: Path, rank: int) -> dict[str, str]:
-    """Every rank hashes its own files; rank 0 gets the union (other ranks get {}). A collective."""
-    mine = {p.name: file_sha256(p) for p in own_files(folder, rank)}
+def hash_own_files(folder: Path, rank: int) -> dict[str, str]:
+    return {p.name: file_sha256(p) for p in own_files(folder, rank)}
+
+
+def gather_checksums(folder: Path, rank: int, known: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Every rank hashes its own files (but those in `known`, hashed already off the main thread); rank 0 gets the
+    union (other ranks get {}). A collective."""
+    known = known or {}
+    mine = {p.name: known.get(p.name) or file_sha256(p) for p in own_files(folder, rank)}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     parts = [None] * dist.get_world_size() if rank == 0 else None

@@ -14,6 +14,7 @@ COMPLETE is written only once every rank's write finished (`poll`/`wait`).
 """
 
 import base64
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -43,6 +44,7 @@ from lingua.checkpoint.integrity import (
     COMPLETE,
     CorruptCheckpoint,
     gather_checksums,
+    hash_own_files,
     recorded_checksums,
     verify,
     write_complete,
@@ -129,6 +131,9 @@ class CheckpointManager:
         self._async_group = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
         # poll's agreement runs on the main thread, on host memory: no device sync (NCCL) while a save is in flight
         self._poll_group = dist.new_group(backend="gloo") if self._async_group is not None else None
+        self._staging = None  # DCP's stager, made at the first async save
+        # hashes the shards of an async save once they are written, off the training thread
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
 
     def clean_incomplete(self) -> None:
         """Remove what killed saves left behind (a `.tmp` dir, a step dir without COMPLETE); rank 0 only."""
@@ -183,8 +188,9 @@ class CheckpointManager:
                 with _single_process_is_fine():
                     dcp.save(state, checkpoint_id=str(tmp))
                 return self._finish(step, tmp, train_state, config, kinds)
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
-                                    no_dist=not dist.is_initialized())
+            written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
+                                     no_dist=not dist.is_initialized(), async_stager=self._stager())
+            future = self._hasher.submit(_hash_when_written, written, tmp, _rank())
         except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps a rank's failure in a BaseException
             raise self._failed(step, tmp, e) from None
         # the train state is a snapshot now: the loader and scheduler move on while the files are written
@@ -192,6 +198,17 @@ class CheckpointManager:
         if wait:
             self.wait()
         return final
+
+    def _stager(self):
+        """DCP's stager with pinned host memory and non-blocking device-to-host copies where CUDA is (torch's default
+        copies into pageable memory, synchronously); kept, so the pinned buffers are reused by every save."""
+        if self._staging is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._staging = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                         use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._staging
 
     def poll(self) -> None:
         """Complete an async save whose files are written on every rank (a small collective while one is in flight,
@@ -212,8 +229,8 @@ class CheckpointManager:
         if pending is None:
             return
         try:
-            pending.future.result()
-            self._finish(pending.step, pending.tmp, pending.train_state, pending.config, pending.kinds)
+            hashed = pending.future.result()  # the shards' checksums, computed by the hashing thread
+            self._finish(pending.step, pending.tmp, pending.train_state, pending.config, pending.kinds, hashed)
         except (Exception, dcp.api.CheckpointException) as e:
             raise self._failed(pending.step, pending.tmp, e) from None
 
@@ -226,11 +243,11 @@ class CheckpointManager:
         _barrier()
         return tmp
 
-    def _finish(self, step: int, tmp: Path, train_state: dict, config: dict, kinds) -> Path:
+    def _finish(self, step: int, tmp: Path, train_state: dict, config: dict, kinds, hashed=None) -> Path:
         """After every rank's shards are on disk: train states, checksums, COMPLETE, the rename, retention."""
         final = self.folder / CKPT_NAME.format(step)
         write_json_atomic(tmp / f"train_state_{_rank():05d}.json", train_state)
-        checksums = gather_checksums(tmp, _rank())  # also the barrier: every rank has written its shards and state
+        checksums = gather_checksums(tmp, _rank(), hashed)  # also the barrier: every rank wrote its shards and state
         if _rank() == 0:
             write_json_atomic(tmp / "params.json", {**config, "model_spec": self.spec_path} if self.spec_path else config)
             write_json_atomic(tmp / "kinds.json", list(kinds))
@@ -291,12 +308,18 @@ class CheckpointManager:
 class _PendingSave:
     """An async save whose files are being written; COMPLETE comes in `CheckpointManager.wait`."""
 
-    future: object  # concurrent.futures.Future of dcp.async_save
+    future: object  # concurrent.futures.Future: DCP's write, then this rank's shard checksums
     step: int
     tmp: Path
     train_state: dict
     config: dict
     kinds: list
+
+
+def _hash_when_written(written, folder: Path, rank: int) -> dict[str, str]:
+    """In the hashing thread: wait for DCP's write, then hash this rank's files (its train state comes later)."""
+    written.result()
+    return hash_own_files(folder, rank)
 
 
 def _last_line(e: BaseException) -> str:
