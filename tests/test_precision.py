@@ -65,3 +65,14 @@ def test_autocast_context():
         out = a @ b
     assert out.dtype == torch.float32
     assert torch.equal(out, a @ b)
+
+
+def test_generation_dtype_auto_is_bf16_only_on_a_cuda_gpu_with_native_bf16():
+    from lingua.distributed.precision import inference_dtype
+    from lingua.eval.generate import GeneratorArgs
+
+    assert GeneratorArgs().dtype == "auto"
+    assert inference_dtype("auto", torch.device("cpu")) == torch.float32  # CPU decoding keeps fp32 numerics
+    assert inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8 else torch.float32
+    assert inference_dtype("auto", torch.device("cuda")) == expected

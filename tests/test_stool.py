@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lingua.errors import ConfigError
+from lingua.errors import ConfigError, LinguaError
 from lingua.tools import stool
 from lingua.tools.stool import StoolArgs, parse_args, sbatch_quote, snapshot_code
 from tests.slurm_helpers import ROOT
@@ -155,7 +155,7 @@ def test_gpu_defaults_and_name_dump_dir_from_the_config(project, tmp_path):
     assert run("config=typo.yaml", "dry_run=true", "partition=gpu") == 2
     assert run("config=config.yaml", "dry_run=true", "partition=gpu", "optim.lrr=1") == 2
     assert not (tmp_path / "from_config").exists()
-    assert run("config=config.yaml", "dry_run=true", "partition=gpu") == 0
+    assert run("config=config.yaml", "dry_run=true", "partition=gpu", "ncpu=16") == 0
     dump = tmp_path / "from_config"
     header = sbatch_header((dump / "submit.slurm").read_text())
     assert header["job-name"] == "from_config" and header["gres"] == "gpu:8"
@@ -345,3 +345,12 @@ def test_the_job_runs_the_snapshot_not_the_working_tree(project, tmp_path):
     seen = json.loads((dump / "ranks" / "restart0_rank0.json").read_text())
     assert seen["code_version"] == "original" and seen["cwd"] == str(dump / "code")
     assert seen["read_file"] == "tokens"  # data/ is not copied but linked: relative paths resolve as in the project
+
+
+def test_cpus_per_task_come_from_the_node():
+    from lingua.tools.stool import cpus_per_task, min_node_cpus
+
+    assert cpus_per_task(96, 8) == 12 and cpus_per_task(4, 8) == 1
+    assert min_node_cpus("128\n96+\n") == 96
+    with pytest.raises(LinguaError, match="set ncpu"):
+        min_node_cpus("")

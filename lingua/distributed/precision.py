@@ -81,6 +81,15 @@ def resolve_model_dtype(requested: str, device: torch.device) -> tuple[torch.dty
     return DTYPES[req], f"{req}: set by distributed.model_dtype ({why_native})"
 
 
+def inference_dtype(requested, device) -> torch.dtype:
+    """Generation's weights: 'auto' (or None) is bf16 on a CUDA GPU with native bf16 (decoding reads every weight
+    per token: half the bytes), fp32 elsewhere (CPU decoding keeps its fp32 numerics); else parse_dtype."""
+    if requested in (None, "auto"):
+        device = torch.device(device)
+        return torch.bfloat16 if device.type == "cuda" and _cuda_native_bf16(device) else torch.float32
+    return parse_dtype(requested)
+
+
 def parse_dtype(name, what: str = "dtype") -> torch.dtype:
     """'fp32' | 'bf16' | 'fp16' (or a torch.dtype) -> the torch.dtype, or a one-line ConfigError naming `what`."""
     if isinstance(name, torch.dtype):

@@ -35,7 +35,7 @@ class GeneratorArgs:
     max_prompt_len: Optional[int] = None  # longer prompts keep their last tokens; None: model.max_seqlen - max_gen_len
     stop: list[str] = field(default_factory=list)  # a completion ends before the first of these strings
     seed: int = 42
-    dtype: str = "fp32"  # fp32 | bf16: what load_model casts the weights to
+    dtype: str = "auto"  # auto | fp32 | bf16: what load_model casts the weights to; auto: bf16 on CUDA, else fp32
     batch_size: int = 8  # prompts decoded together
     use_cache: bool = True  # False re-runs the whole sequence every step: slow, a reference for tests and benchmarks
     add_bos: bool = True  # start each prompt with BOS, as training documents do
@@ -63,7 +63,8 @@ def check_generator_args(args: GeneratorArgs) -> None:
         raise ConfigError(f"max_prompt_len must be >= 1 or null (got {args.max_prompt_len})")
     if args.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {args.batch_size})")
-    parse_dtype(args.dtype)
+    if args.dtype != "auto":
+        parse_dtype(args.dtype)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],

@@ -28,7 +28,7 @@ from lingua.checkpoint.integrity import file_sha256
 from lingua.checkpoint.manager import CONSOLIDATED, list_checkpoints, load_model_weights
 from lingua.data.tokenizer import build_tokenizer, check_vocab_size
 from lingua.distributed.mesh import pick_device as _pick_device
-from lingua.distributed.precision import parse_dtype
+from lingua.distributed.precision import inference_dtype, parse_dtype
 from lingua.errors import LinguaError
 from lingua.files import read_json
 from lingua.hf.io import args_from_hf, hf_model_type, hf_tokenizer
@@ -159,12 +159,13 @@ def build_for_checkpoint(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:
 
 def load_model(ckpt_dir, device="cpu", dtype=None, tokenizer: Optional[TokenizerOverride] = None):
     """-> (model in eval mode on `device`, model args, tokenizer). ckpt_dir: a directory or an `inspect_checkpoint`
-    result. dtype: None/'fp32', 'bf16' or a torch.dtype (buffers such as RoPE tables stay fp32)."""
+    result. dtype: None/'fp32', 'bf16', 'auto' (bf16 on CUDA, else fp32) or a torch.dtype (buffers such as RoPE tables
+    stay fp32)."""
     ckpt = ckpt_dir if isinstance(ckpt_dir, Checkpoint) else inspect_checkpoint(ckpt_dir)
     tok = resolve_tokenizer(ckpt, tokenizer or TokenizerOverride())
     check_vocab_size(tok, ckpt.model_args.vocab_size)
     model = build_for_checkpoint(ckpt, device)
-    dtype = parse_dtype(dtype) if dtype is not None else torch.float32
+    dtype = inference_dtype(dtype, device) if dtype == "auto" else parse_dtype(dtype) if dtype is not None else torch.float32
     if dtype != torch.float32:
         for p in model.parameters():  # parameters only: buffers (RoPE angles) need fp32
             p.data = p.data.to(dtype)

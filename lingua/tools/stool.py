@@ -49,7 +49,7 @@ class StoolArgs:
     dump_dir: str = ""  # run directory; default: the config's dump_dir
     nodes: int = 1
     ngpu: int = 8  # GPUs per node; 0 = CPU job
-    ncpu: int = 16  # CPUs per task
+    ncpu: int = 0  # CPUs per task; 0 = the node's CPUs / tasks per node (sinfo; this machine for launcher=bash)
     tasks_per_node: int = 0  # 0 = one task per GPU (ngpu), or 1 for a CPU job
     mem: str = ""  # --mem per node, e.g. 64G; "" = the cluster's default
     time: int = -1  # time limit in minutes; -1 = the partition's default
@@ -165,10 +165,9 @@ def validate(args: StoolArgs) -> None:
         raise ConfigError(f"launcher must be 'sbatch' or 'bash', got {args.launcher!r}")
     if not MODULE_RE.fullmatch(args.script):
         raise ConfigError(f"script must be a python module name like apps.main.train, got {args.script!r}")
-    for key in ("nodes", "ncpu"):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(args, key)}")
-    for key in ("ngpu", "tasks_per_node", "signal_grace"):
+    if args.nodes < 1:
+        raise ConfigError(f"nodes must be >= 1, got {args.nodes}")
+    for key in ("ngpu", "ncpu", "tasks_per_node", "signal_grace"):
         if getattr(args, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(args, key)}")
     if args.time == 0 or args.time < -1:
@@ -191,6 +190,33 @@ def validate(args: StoolArgs) -> None:
 
 def tasks_per_node(args: StoolArgs) -> int:
     return args.tasks_per_node or args.ngpu or 1
+
+
+def cpus_per_task(node_cpus: int, tasks: int) -> int:
+    """ncpu=0: the node's CPUs shared by its tasks (8 GPUs on a 96-core node: 12 each, not a fixed 16 that asks
+    128 CPUs of a 96-CPU node and never schedules)."""
+    return max(1, node_cpus // tasks)
+
+
+def min_node_cpus(sinfo_out: str) -> int:
+    """The fewest CPUs of any node in `sinfo -h -o %c` output (lines such as '96' or '64+')."""
+    counts = [int(m) for m in re.findall(r"\d+", sinfo_out)]
+    if not counts:
+        raise LinguaError(f"sinfo printed no CPU count ({sinfo_out.strip()[:80]!r}): set ncpu")
+    return min(counts)
+
+
+def node_cpus(args: StoolArgs) -> int:
+    """CPUs per node: the partition's smallest node (sinfo); this machine's without SLURM (launcher=bash, or a
+    dry run where sinfo is not installed)."""
+    if shutil.which("sinfo") is None or (args.launcher == "bash" and not os.environ.get("SLURM_JOB_ID")):
+        return os.cpu_count() or 1
+    cmd = ["sinfo", "-h", "-o", "%c"] + (["-p", args.partition] if args.partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LinguaError(f"ncpu=0 reads the nodes' CPUs with sinfo, which failed ({_one_line(e)}): set ncpu") from None
+    return min_node_cpus(out)
 
 
 def sbatch_quote(value: str) -> str:
@@ -365,6 +391,9 @@ def launch_job(args: StoolArgs, overrides: list[str]) -> int:
     cfg = load_training_config(args, overrides)
     validate(args)
     check_overrides(args, overrides)
+    if args.ncpu == 0:
+        args.ncpu = cpus_per_task(node_cpus(args), tasks_per_node(args))
+        log(f"ncpu=0: {args.ncpu} CPUs per task ({tasks_per_node(args)} tasks per node)")
     code_root = os.getcwd()
     prepare_dump_dir(args, code_root)
     with open(os.path.join(args.dump_dir, "base_config.yaml"), "w") as f:
