@@ -549,3 +549,42 @@ def test_compile_auto_on_cuda_names_what_is_missing():
     assert cuda_toolchain_missing(False, "/usr/bin/cc", __file__) == "triton is not installed"
     assert "no C compiler" in cuda_toolchain_missing(True, None, __file__)
     assert "install python3-dev" in cuda_toolchain_missing(True, "/usr/bin/cc", "/nowhere/Python.h")
+
+
+def test_selective_ac_saves_every_attention_kernel_and_matmul():
+    from torch._higher_order_ops.flex_attention import flex_attention
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from lingua.distributed.parallelize import _sac_policy
+
+    policy = _sac_policy()
+    for op in (torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+               torch.ops.aten._scaled_dot_product_flash_attention.default, flex_attention):
+        assert policy(None, op) == CheckpointPolicy.MUST_SAVE, op
+    assert policy(None, torch.ops.aten.add.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_fsdp_bf16_keeps_the_rope_angles_fp32(tmp_path):
+    """FSDP2's mixed precision casts a block's float inputs to param_dtype unless told not to: the blocks must see
+    the hidden state in bf16 and the RoPE cos/sin in fp32 (one process, a real gloo group and FSDP)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lingua.distributed.mesh import DistributedArgs
+    from lingua.distributed.parallelize import apply_data_parallel
+    from lingua.models.decoder import materialize
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+        with torch.device("meta"):
+            model = Transformer(TransformerArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=16))
+        apply_data_parallel(model, mesh, DistributedArgs(), torch.bfloat16)
+        model = materialize(model, torch.device("cpu"), seed=0)
+        seen = []
+        model.layers[0].register_forward_pre_hook(lambda m, args: seen.append([a.dtype for a in args[:3]]))
+        tokens = torch.randint(0, 64, (2, 16))
+        model(tokens, tokens).backward()
+        assert seen == [[torch.bfloat16, torch.float32, torch.float32]]  # x, freq_cos, freq_sin
+    finally:
+        dist.destroy_process_group()

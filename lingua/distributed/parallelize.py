@@ -51,6 +51,7 @@ def _sac_policy():
     names = ["aten.mm.default", "aten.addmm.default", "aten.bmm.default",
              "aten._scaled_dot_product_flash_attention.default",
              "aten._scaled_dot_product_efficient_attention.default",
+             "aten._scaled_dot_product_cudnn_attention.default",  # SDPA's choice on H100 for some shapes
              "aten._scaled_dot_product_flash_attention_for_cpu.default",
              "_c10d_functional.reduce_scatter_tensor.default"]
     save = set()
@@ -59,6 +60,12 @@ def _sac_policy():
         packet = getattr(getattr(torch.ops, ns), op, None)
         if packet is not None:
             save.add(getattr(packet, overload))
+    try:  # flex attention runs as a higher-order op, not an aten one
+        from torch._higher_order_ops.flex_attention import flex_attention
+
+        save.add(flex_attention)
+    except ImportError:
+        pass
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
@@ -139,7 +146,9 @@ def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dty
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: FSDP would cast every float input of a block to param_dtype, the fp32 RoPE cos/sin
+    # included (bf16 angles lose ~3 digits); the hidden state is already in param_dtype (a bf16 embedding's output)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if args.fsdp_type == "no_shard":
         # DDP built on FSDP2's machinery: parameters are replicated DTensors, gradients all-reduced per block.
         from torch.distributed._composable.replicate_with_fsdp import replicate
