@@ -255,6 +255,17 @@ class ThroughputWindow:
                 "data_share": self.data_s / elapsed}
 
 
+def throughput_window(args: TrainArgs, spec: ModelSpec, dist_state: DistState, dtype) -> ThroughputWindow:
+    """The MFU's peak (logged once; a GPU missing from the table gets a warning and no MFU) and FLOPs per token."""
+    peak, peak_src = peak_flops(dist_state.device, dtype, args.logging.peak_flops)
+    flops_per_token = spec.flops_per_token(args.model, args.data.seq_len)
+    if peak is None:
+        logger.warning(f"MFU not logged: {peak_src}")
+    else:
+        logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
+    return ThroughputWindow(flops_per_token, peak, dist_state.world_size)
+
+
 def read_checked(result: StepResult, step: int, checkpoints: CheckpointManager) -> None:
     """Bring the step's numbers to the host; a non-finite loss stops the run before anything can save it."""
     result.read()
@@ -335,12 +346,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     if state.step >= args.steps:  # re-running a finished run (e.g. the quickstart again) costs nothing
         logger.info(f"run already complete at step {state.step} (steps={args.steps}): nothing to do")
         return {"step": state.step, "status": "done", "loss": float("nan")}
-    peak, peak_src = peak_flops(dist_state.device, dtype, args.logging.peak_flops)
-    flops_per_token = spec.flops_per_token(args.model, args.data.seq_len)
-    if peak is None:
-        logger.warning(f"MFU not logged: {peak_src}")
-    else:
-        logger.info(f"peak FLOP/s for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}); {flops_per_token / 1e6:.1f} MFLOP/token")
+    window = throughput_window(args, spec, dist_state, dtype)
     tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * dist_state.dp_size
     metrics = stack.enter_context(MetricLogger(args.dump_dir, args.logging, rank=dist_state.rank,
                                                run_name=args.name, config_dict=config_to_dict(args),
@@ -354,7 +360,6 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     autocast = autocast_context(dist_state.device, dtype)
     trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, probe,
                       spec.after_optimizer_step)
-    window = ThroughputWindow(flops_per_token, peak, dist_state.world_size)
     status, result, last_read = "done", None, None
     syncs = HostSyncDetector(dist_state.device.type == "cpu") if args.logging.check_host_syncs else None
     model.train()
