@@ -511,6 +511,7 @@ def test_debug_config_trains_on_two_processes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and losses[-1] < 9 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_preemption_of_one_rank_stops_both_at_the_same_step_with_a_save(tiny_corpus, tmp_path):
     """Only rank 1 gets SIGUSR2 (during step 5) and no step reads the device (logging every 100): the host flag's
     all-reduce still makes both ranks save step 6 and stop there."""
