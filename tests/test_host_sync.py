@@ -9,7 +9,7 @@ import torch
 
 from lingua.args import load_config
 from lingua.errors import LinguaError
-from lingua.train.host_sync import HostSyncDetector, describe, watch
+from lingua.train.host_sync import HostSyncDetector, watch
 from lingua.train.loop import train, train_args_cls
 from tests.golden.record import MODELS, TRAIN
 

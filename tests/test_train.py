@@ -81,8 +81,8 @@ def test_async_loader_resume_is_bit_identical(tiny_corpus, tmp_path):
 def test_grad_accumulation_matches_one_big_batch(tiny_corpus, tmp_path):
     # The global batch (batch_size x grad_acc_steps) fixes the data order: both runs see the same 4 sequences per
     # step, in one batch or split in two micro-batches.
-    big = run(tiny_corpus, tmp_path / "big", steps=3, data__batch_size=4, optim__warmup=0)
-    acc = run(tiny_corpus, tmp_path / "acc", steps=3, data__batch_size=2, grad_acc_steps=2, optim__warmup=0)
+    run(tiny_corpus, tmp_path / "big", steps=3, data__batch_size=4, optim__warmup=0)
+    run(tiny_corpus, tmp_path / "acc", steps=3, data__batch_size=2, grad_acc_steps=2, optim__warmup=0)
     # Equal up to fp32 summation order, step by step: the loss and the gradient norm before clipping (Adam and
     # clipping would hide a gradient k times too large in the loss alone; the norm shows it at once).
     for b, a in zip(read_jsonl(tmp_path / "big" / "metrics.jsonl"), read_jsonl(tmp_path / "acc" / "metrics.jsonl"),
