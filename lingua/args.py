@@ -30,6 +30,8 @@ DEPRECATED_KEYS = {
     "model.seed": "the model is initialised from the top-level `seed`",
     "optim.annealing_step": "no schedule ever read it",
 }
+# Keys that moved: accepted under the old name with a warning (the new name wins where a layer gives both).
+RENAMED_KEYS = {"model.cpu_attn_backward": "model.attn_backward"}
 
 
 def _unwrap_optional(tp):
@@ -132,9 +134,21 @@ def _drop_deprecated(cls, layer: dict, origin: str) -> None:
             logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
 
 
+def _rename_moved(cls, layer: dict, origin: str) -> None:
+    for old, new in RENAMED_KEYS.items():
+        *parents, key = old.split(".")
+        node = layer
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and _expected_type(cls, old) is None:
+            node.setdefault(new.rsplit(".", 1)[-1], node.pop(key))
+            logger.warning(f"'{old}' in {origin} is now '{new}': read as such")
+
+
 def _merge(cls, layers: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(cls)
     for origin, layer in layers:
+        _rename_moved(cls, layer, origin)
         _drop_deprecated(cls, layer, origin)
         _check_keys(cls, layer, "", cls)
         try:
