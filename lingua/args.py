@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -123,25 +123,28 @@ def _parse_dotlist(items: list[str]) -> dict:
         raise ConfigError(f"cannot parse command line overrides: {str(e).splitlines()[0]}") from None
 
 
+def _stale_parent(cls, layer: dict, dotted: str) -> Optional[dict]:
+    """The mapping in `layer` that holds the old key `dotted`, if it does and the schema no longer has that key."""
+    *parents, key = dotted.split(".")
+    node = layer
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None else None
+
+
 def _drop_deprecated(cls, layer: dict, origin: str) -> None:
     for dotted, why in DEPRECATED_KEYS.items():
-        *parents, key = dotted.split(".")
-        node = layer
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None:
-            node.pop(key)
+        node = _stale_parent(cls, layer, dotted)
+        if node is not None:
+            node.pop(dotted.rsplit(".", 1)[-1])
             logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
 
 
 def _rename_moved(cls, layer: dict, origin: str) -> None:
     for old, new in RENAMED_KEYS.items():
-        *parents, key = old.split(".")
-        node = layer
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and _expected_type(cls, old) is None:
-            node.setdefault(new.rsplit(".", 1)[-1], node.pop(key))
+        node = _stale_parent(cls, layer, old)
+        if node is not None:  # old and new share their parent
+            node.setdefault(new.rsplit(".", 1)[-1], node.pop(old.rsplit(".", 1)[-1]))
             logger.warning(f"'{old}' in {origin} is now '{new}': read as such")
 
 
