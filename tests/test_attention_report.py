@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+from lingua.distributed.precision import cpu_name
 from lingua.kernels.attention.measure import AttentionShape, cache_key, cache_path
 from lingua.kernels.attention.sdpa import sdpa_inputs
 from lingua.models.transformer.model import Transformer, TransformerArgs
@@ -102,7 +103,7 @@ def test_the_train_row_follows_the_measured_backward(tmp_path, monkeypatch):
     """The report reads the timing cache place_attention writes: the kernel it names is the one training gets."""
     monkeypatch.setenv("LINGUA_CACHE_DIR", str(tmp_path))
     args = tiny(mask="block_causal")
-    key = cache_key(AttentionShape(8, 32, 4, 2, 8, "block_causal"), torch.bfloat16, compiled=True)
+    key = cache_key(cpu_name(), AttentionShape(8, 32, 4, 2, 8, "block_causal"), torch.bfloat16, compiled=True)
     cache_path().write_text(json.dumps({key: {"aten": 4.0, "matmul": 2.0, "batch": 8}}))
     row = report_attention(args, "cpu", "bf16")[0]
     assert row["lingua"] == "cpu_matmul_backward" and row["op"] == "aten::_scaled_dot_product_flash_attention_for_cpu"

@@ -17,7 +17,7 @@ from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs
 
-BF16_COMPILED = Placement("cpu", torch.bfloat16, compiled=True)
+BF16_COMPILED = Placement("cpu", torch.bfloat16, compiled=True, machine="Test CPU 9000")
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ SHAPE = AttentionShape(2, 16, 4, 2, 8, "block_causal")  # tiny()'s attention at 
 def write_timings(aten_ms: float, matmul_ms: float) -> None:
     """A measured table, as measure.store writes it, for tiny()'s shape in compiled bf16."""
     cache_path().parent.mkdir(parents=True, exist_ok=True)
-    key = cache_key(SHAPE, torch.bfloat16, compiled=True)
+    key = cache_key("Test CPU 9000", SHAPE, torch.bfloat16, compiled=True)
     cache_path().write_text(json.dumps({key: {"aten": aten_ms, "matmul": matmul_ms, "batch": 2}}))
 
 
@@ -73,6 +73,13 @@ def test_auto_follows_the_measured_table_and_logs_it(aten_ms, matmul_ms, kernel,
     assert f"{best} backward, 1.0 ms vs {other} 5.0 ms (cached" in line
 
 
+def test_the_table_is_per_machine():
+    write_timings(5.0, 1.0)
+    other = Placement("cpu", torch.bfloat16, compiled=True, machine="Another CPU")
+    assert resolve_backward("auto", "auto", "block_causal", other, SHAPE, run=False)[0] == "auto"  # not measured there
+    assert resolve_backward("auto", "auto", "block_causal", BF16_COMPILED, SHAPE, run=False)[0] == "matmul"
+
+
 @pytest.mark.parametrize("choice, kernel", [("aten", "sdpa"), ("matmul", "cpu_matmul_backward")])
 def test_the_config_key_overrides_the_measurement(choice, kernel):
     write_timings(*((1.0, 5.0) if choice == "matmul" else (5.0, 1.0)))  # the table says the other one
@@ -93,7 +100,7 @@ def test_nothing_is_timed_where_the_backwards_cannot_differ(placement, cache_dir
 def test_a_measurement_is_stored_then_reused(cache_dir):
     """A real timing of both backwards (compiled, bf16, tiny): stored under this machine's key, read back after."""
     backward, why = resolve_backward("auto", "sdpa", "block_causal", BF16_COMPILED, SHAPE)
-    entry = json.loads(cache_path().read_text())[cache_key(SHAPE, torch.bfloat16, compiled=True)]
+    entry = json.loads(cache_path().read_text())[cache_key("Test CPU 9000", SHAPE, torch.bfloat16, compiled=True)]
     assert entry["batch"] == 2 and entry["aten"] > 0 and entry["matmul"] > 0
     assert backward == min(("aten", "matmul"), key=entry.get) and "(measured at batch 2 x seq 16" in why
     write_timings(9.0, 3.0)  # the next placement reads the file, it does not time again

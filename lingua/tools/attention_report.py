@@ -2,11 +2,11 @@
 the function the train loop places the model with) and, where that is SDPA, the backend torch picks and why faster
 ones were rejected. `device=cuda` on a machine without a GPU prints what lingua would run there.
 
-lingua's SDPA kernel calls F.scaled_dot_product_attention, which dispatches to FlashAttention-2, memory-efficient (cutlass), cuDNN
-or the unfused math kernel on CUDA, and to a fused flash-style kernel or math on CPU, depending on device, dtype,
-head dim, mask and GQA. Rather than restating torch's rules, this asks torch: `torch._fused_sdp_choice` (the dispatcher
-SDPA itself runs) on the exact tensors lingua would pass (`lingua.kernels.attention.sdpa_inputs`), and torch's own predicates in
-debug mode for the reasons a faster backend was turned down.
+lingua's SDPA kernel calls F.scaled_dot_product_attention, which dispatches to FlashAttention-2, memory-efficient
+(cutlass), cuDNN or the unfused math kernel on CUDA, and to a fused flash-style kernel or math on CPU, depending on
+device, dtype, head dim, mask and GQA. Rather than restating torch's rules, this asks torch: `torch._fused_sdp_choice`
+(the dispatcher SDPA itself runs) on the exact tensors lingua would pass (`lingua.kernels.attention.sdpa.sdpa_inputs`),
+and torch's own predicates in debug mode for the reasons a faster backend was turned down.
 
     python -m lingua.attention_report config=apps/main/configs/debug.yaml [model.dim=...] [device=cpu] [dtype=bf16]
 """
@@ -19,7 +19,7 @@ from dataclasses import fields
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lingua.distributed.precision import DTYPES
+from lingua.distributed.precision import DTYPES, cpu_name
 from lingua.errors import ConfigError, LinguaError, print_error
 from lingua.kernels.attention.measure import AttentionShape
 from lingua.kernels.attention.sdpa import sdpa_inputs
@@ -142,7 +142,7 @@ def report_attention(args: TransformerArgs, device="cpu", dtype=torch.float32, s
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     seq_len = seq_len or args.max_seqlen
     shape = AttentionShape(1, seq_len, n_heads, n_kv_heads, head_dim, args.mask)
-    placement = Placement(device.type, dtype, compiled=True)
+    placement = Placement(device.type, dtype, compiled=True, machine=cpu_name())
     backward, why = resolve_backward(args.attn_backward, args.attn_impl, args.mask, placement, shape, run=False)
     kernel = select_kernel(args.attn_impl, args.mask, device.type, "matmul" if backward == "matmul" else "aten")
     on = device if _can_ask(device) else torch.device("meta")  # the shapes still tell the story without a GPU

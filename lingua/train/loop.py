@@ -38,7 +38,7 @@ from lingua.data.loader import DataArgs, DataLoader
 from lingua.data.tokenizer import build_tokenizer
 from lingua.distributed.mesh import DistributedArgs, DistState, init_distributed
 from lingua.distributed.parallelize import resolve_compile
-from lingua.distributed.precision import autocast_context, resolve_model_dtype
+from lingua.distributed.precision import autocast_context, cpu_name, resolve_model_dtype
 from lingua.errors import LinguaError
 from lingua.eval.bpb import EvalArgs, evaluate
 from lingua.kernels.attention import Placement, place_attention
@@ -135,8 +135,9 @@ def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_d
     with torch.device("meta"):
         model = spec.build(args.model)
     compiled = resolve_compile(args.distributed.compile, dist_state.device, dist_state.tp_size)[0]
-    place_attention(model, args.model, Placement(dist_state.device.type, param_dtype, compiled),
-                    args.data.batch_size, args.data.seq_len)  # before compiling: the kernel is part of the graph
+    placement = Placement(dist_state.device.type, param_dtype, compiled, machine=cpu_name())
+    # before compiling: the kernel is part of the graph
+    place_attention(model, args.model, placement, args.data.batch_size, args.data.seq_len)
     model = spec.parallelize(model, dist_state.mesh, args.distributed, param_dtype, dist_state.device)
     return materialize(model, dist_state.device, seed=args.seed)
 

@@ -15,7 +15,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lingua.distributed.precision import cpu_name
 from lingua.files import read_json, write_json_atomic
 
 CACHE_FILE = "attention_backward.json"
@@ -41,10 +40,11 @@ def cache_path() -> Path:
     return Path(os.environ.get("LINGUA_CACHE_DIR") or Path.home() / ".cache" / "lingua") / CACHE_FILE
 
 
-def cache_key(shape: AttentionShape, dtype: torch.dtype, compiled: bool) -> str:
+def cache_key(machine: str, shape: AttentionShape, dtype: torch.dtype, compiled: bool) -> str:
+    """machine: the CPU's model name (lingua.distributed.precision.cpu_name, which the caller passes in)."""
     # no batch: which backward wins follows the per-sample shape, so the attention report (which knows no batch
     # size) finds the entry, and a run at another batch size reuses it
-    return (f"{cpu_name()} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')} | "
+    return (f"{machine} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')} | "
             f"{'compiled' if compiled else 'eager'} | seq {shape.seqlen}, heads {shape.n_heads}/{shape.n_kv_heads}, "
             f"head_dim {shape.head_dim}, {shape.mask}")
 
@@ -56,11 +56,16 @@ def cached(key: str) -> Optional[dict]:
 
 
 def store(key: str, timings: dict, shape: AttentionShape) -> None:
+    """Add an entry; a cache that cannot be written (read-only home, another rank renaming the same file at once)
+    only means the next run measures again."""
     path = cache_path()
     data = read_json(path, {}) or {}
     data[key] = {**timings, "batch": shape.batch}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+    except OSError:
+        pass
 
 
 def _median_s(step: Callable[[], None], reps: int, warmup: int = 2) -> float:

@@ -12,7 +12,7 @@ package and one line in KERNELS.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ class Placement:
     dtype: torch.dtype = torch.float32  # the dtype attention computes in (the autocast dtype)
     compiled: bool = False
     training: bool = True
+    machine: str = ""  # the CPU's model name: the timing cache is per machine (lingua.distributed.precision.cpu_name)
 
 
 def select_kernel(impl: str, mask: str, device_type: str, backward: str = "aten") -> str:
@@ -80,7 +81,7 @@ def resolve_backward(choice: str, impl: str, mask: str, placement: Placement, sh
         return choice, f"model.attn_backward={choice}"
     if not backwards_can_differ(impl, mask, placement):
         return "aten", OWN_BACKWARD
-    key = cache_key(shape, placement.dtype, placement.compiled)
+    key = cache_key(placement.machine, shape, placement.dtype, placement.compiled)
     timings, source = cached(key), "cached"
     if timings is None and not run:
         return "auto", "measured when a compiled bf16 CPU run starts (model.attn_backward=auto)"
@@ -90,8 +91,9 @@ def resolve_backward(choice: str, impl: str, mask: str, placement: Placement, sh
         store(key, timings, shape)
     best = min(BACKWARD_KERNELS, key=lambda b: timings[b])
     other = next(b for b in BACKWARD_KERNELS if b != best)
+    measured_at = replace(shape, batch=timings.get("batch", shape.batch))  # a cached entry keeps its own batch
     return best, (f"{best} backward, {timings[best]:.1f} ms vs {other} {timings[other]:.1f} ms "
-                  f"({source} at {shape.describe()}, model.attn_backward=auto)")
+                  f"({source} at {measured_at.describe()}, model.attn_backward=auto)")
 
 
 def place_attention(model: nn.Module, args, placement: Placement, batch: int, seqlen: int) -> str:

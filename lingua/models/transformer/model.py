@@ -4,8 +4,8 @@
     model: lingua.models.decoder.Decoder (embeddings -> blocks -> norm -> output -> loss) with these blocks
 
 Attention calls the kernel it holds (lingua/kernels/attention/: SDPA, flex, ..., chosen once when the model is built
-and placed), lingua/models/kv_cache.py is the inference cache. Plain PyTorch: no ranks, no meshes; the tensor-parallel plan for these blocks is
-lingua/models/transformer/parallelize.py, and the ModelSpec that ties model, FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
+and placed); lingua/models/kv_cache.py is the inference cache. Plain PyTorch: no ranks, no meshes; the
+tensor-parallel plan for these blocks is lingua/models/transformer/parallelize.py, and the ModelSpec that ties model, FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
 """
 
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ class TransformerArgs(DecoderArgs):
     multiple_of: int = 256
     rope_theta: float = 10000.0
     attn_impl: str = "auto"  # auto | sdpa | flex_attention | xformers (auto: flex for block_causal on CUDA, else sdpa)
-    attn_backward: str = "auto"  # auto | aten | matmul (lingua/kernels/attention/; auto: the faster, timed where they differ)
+    attn_backward: str = "auto"  # auto | aten | matmul (lingua/kernels/attention/; auto: times both where they differ)
     mask: str = "causal"  # causal | block_causal (packed documents attend only within themselves)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Qwen3, the speedruns)
     mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1 x)^2), 4 * dim wide)
