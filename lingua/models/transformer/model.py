@@ -5,7 +5,8 @@
 
 Attention calls the kernel it holds (lingua/kernels/attention/: SDPA, flex, ..., chosen once when the model is built
 and placed); lingua/models/kv_cache.py is the inference cache. Plain PyTorch: no ranks, no meshes; the
-tensor-parallel plan for these blocks is lingua/models/transformer/parallelize.py, and the ModelSpec that ties model, FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
+tensor-parallel plan for these blocks is lingua/models/transformer/parallelize.py, and the ModelSpec that ties model,
+FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
 """
 
 from dataclasses import dataclass
