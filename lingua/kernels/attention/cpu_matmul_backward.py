@@ -19,7 +19,7 @@ class MatmulBackwardSDPA(SDPA):
     """SDPA's masks and inference path; when training, aten's CPU flash forward with the matmul backward below."""
 
     name = "cpu_matmul_backward"
-    about = "aten flash forward, lingua's matmul backward (compiled bf16 CPU training)"
+    about = "aten flash forward, lingua's matmul backward"
 
     def forward(self, xq, xk, xv, mask):
         if not (torch.is_grad_enabled() and xq.requires_grad):  # nothing to differentiate: plain SDPA
