@@ -8,7 +8,8 @@
 # It prints (and writes under $OUT) the attention report and benchmarks/train_throughput.py at the shapes of
 # apps/main/configs/llama_1B.yaml (dim 2048, 25 layers, 16 heads, seq 4096, batch 4, Llama's SwiGLU and untied
 # output) on the shakespeare corpus with its 4k vocabulary: lingua's default against the plain loop's bf16 +
-# compile, tok/s, MFU against the GPU's table peak, where the step time goes. STEPS=n changes the step count;
+# compile, both causal, tok/s, MFU against the GPU's table peak, where the step time goes; then lingua with the
+# shipped block-causal mask (flex_attention) against the same plain loop, labelled as what document masking costs. STEPS=n changes the step count;
 # SMOKE=1 shrinks the model to 2 layers of 256 (a CPU dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +29,14 @@ MODEL=(model.dim=$DIM model.n_layers=$LAYERS model.n_heads=$HEADS model.rope_the
        model.mlp=swiglu model.weight_tying=false model.qk_norm=false model.zero_init_proj=false)
 DATA=(data.seq_len=$SEQ data.batch_size=$BATCH)
 
-$PY -m lingua.attention_report config=apps/main/configs/debug.yaml "${MODEL[@]}" dtype=bf16 seq_len=$SEQ \
-  2>&1 | tee "$OUT/attention_report.txt"
+# the kernels lingua runs for the shipped block-causal configs: flex for training, SDPA through the KV cache
+$PY -m lingua.attention_report config=apps/main/configs/debug.yaml "${MODEL[@]}" model.mask=block_causal \
+  model.attn_impl=auto dtype=bf16 seq_len=$SEQ 2>&1 | tee "$OUT/attention_report.txt"
+# like with like: the plain loop is causal, so lingua is too here (SDPA's is_causal flash path)
 $PY benchmarks/train_throughput.py --shapes config --steps "${STEPS:-20}" --repeats 1 \
-  --lingua-modes default,bf16-eager --plain-modes bf16-compile,bf16-eager "${MODEL[@]}" "${DATA[@]}" \
-  2>&1 | grep -v " INFO step " | tee "$OUT/train_throughput.txt"
+  --lingua-modes default,bf16-eager --plain-modes bf16-compile,bf16-eager "${MODEL[@]}" model.mask=causal \
+  "${DATA[@]}" 2>&1 | grep -v " INFO step " | tee "$OUT/train_throughput.txt"
+# what packed documents cost: lingua block_causal (flex, masked blocks skipped) against the same causal plain loop
+$PY benchmarks/train_throughput.py --shapes config --steps "${STEPS:-20}" --repeats 1 --no-breakdown \
+  --lingua-modes default --plain-modes bf16-compile "${MODEL[@]}" model.mask=block_causal "${DATA[@]}" \
+  2>&1 | grep -v " INFO step " | tee "$OUT/train_throughput_block_causal.txt"

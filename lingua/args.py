@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +30,8 @@ DEPRECATED_KEYS = {
     "model.seed": "the model is initialised from the top-level `seed`",
     "optim.annealing_step": "no schedule ever read it",
 }
+# Keys that moved: accepted under the old name with a warning (the new name wins where a layer gives both).
+RENAMED_KEYS = {"model.cpu_attn_backward": "model.attn_backward"}
 
 
 def _unwrap_optional(tp):
@@ -121,20 +123,35 @@ def _parse_dotlist(items: list[str]) -> dict:
         raise ConfigError(f"cannot parse command line overrides: {str(e).splitlines()[0]}") from None
 
 
+def _stale_parent(cls, layer: dict, dotted: str) -> Optional[dict]:
+    """The mapping in `layer` that holds the old key `dotted`, if it does and the schema no longer has that key."""
+    *parents, key = dotted.split(".")
+    node = layer
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None else None
+
+
 def _drop_deprecated(cls, layer: dict, origin: str) -> None:
     for dotted, why in DEPRECATED_KEYS.items():
-        *parents, key = dotted.split(".")
-        node = layer
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None:
-            node.pop(key)
+        node = _stale_parent(cls, layer, dotted)
+        if node is not None:
+            node.pop(dotted.rsplit(".", 1)[-1])
             logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
+
+
+def _rename_moved(cls, layer: dict, origin: str) -> None:
+    for old, new in RENAMED_KEYS.items():
+        node = _stale_parent(cls, layer, old)
+        if node is not None:  # old and new share their parent
+            node.setdefault(new.rsplit(".", 1)[-1], node.pop(old.rsplit(".", 1)[-1]))
+            logger.warning(f"'{old}' in {origin} is now '{new}': read as such")
 
 
 def _merge(cls, layers: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(cls)
     for origin, layer in layers:
+        _rename_moved(cls, layer, origin)
         _drop_deprecated(cls, layer, origin)
         _check_keys(cls, layer, "", cls)
         try:

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from lingua.checkpoint.manager import consolidate, list_checkpoints  # noqa: E40
 
 # Tests run many tiny models: one thread each keeps them fast and deterministic on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# attention timings (lingua/kernels/attention/measure.py) go to a fresh folder, never to the user's ~/.cache/lingua
+os.environ.setdefault("LINGUA_CACHE_DIR", tempfile.mkdtemp(prefix="lingua_cache_"))
 
 WORDS = ("the king queen lord lady sword crown night day love death ROMEO JULIET speak hath thou thee art "
          "doth shall not is and of to a my your his her").split()

@@ -1,6 +1,7 @@
 """The attention report tells the truth: the backend it names is the aten op the profiler sees run."""
 
 import contextlib
+import json
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from lingua.distributed.precision import cpu_bf16_features
-from lingua.kernels.attention import sdpa_inputs
+from lingua.distributed.precision import cpu_name
+from lingua.kernels.attention.measure import AttentionShape, cache_key, cache_path
+from lingua.kernels.attention.sdpa import sdpa_inputs
 from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.tools.attention_report import (
     _why_not,
@@ -80,8 +82,32 @@ def test_rejection_reasons_come_from_torch():
 
 def test_non_sdpa_impls_are_reported_as_such():
     rows = report_attention(tiny(attn_impl="flex_attention"), "cpu", torch.float32)
-    assert [r["backend"] for r in rows] == ["flex_attention"] * 3
-    assert "training raises" in rows[0]["kernel"]
+    assert [r["lingua"] for r in rows] == ["flex", "sdpa", "sdpa"]  # the KV cache always calls SDPA
+    assert rows[0]["backend"] == "flex" and "training raises" in rows[0]["kernel"]
+
+
+@pytest.mark.parametrize("mask, train_kernel", [("block_causal", "flex"), ("causal", "sdpa")])
+def test_cuda_rows_name_what_would_run_there(mask, train_kernel, capsys):
+    """On a machine without a GPU the report still names lingua's kernel for CUDA: flex for the block-causal mask."""
+    rows = report_attention(tiny(mask=mask), "cuda", "bf16")
+    assert [(r["phase"], r["lingua"], r["device"]) for r in rows] == [
+        ("train", train_kernel, "cuda"), ("prefill", "sdpa", "cuda"), ("decode", "sdpa", "cuda")]
+    assert rows[0]["q_shape"] == (1, 4, 32, 8) and "backward" not in rows[0]
+    if not torch.cuda.is_available():
+        assert main([f"model.mask={mask}", "n_heads=4", "device=cuda", "dtype=bf16"]) == 0
+        out = capsys.readouterr().out
+        assert "cuda (no GPU here: what would run)" in out and out.splitlines()[2].split()[5] == train_kernel
+
+
+def test_the_train_row_follows_the_measured_backward(tmp_path, monkeypatch):
+    """The report reads the timing cache place_attention writes: the kernel it names is the one training gets."""
+    monkeypatch.setenv("LINGUA_CACHE_DIR", str(tmp_path))
+    args = tiny(mask="block_causal")
+    key = cache_key(cpu_name(), AttentionShape(8, 32, 4, 2, 8, "block_causal"), torch.bfloat16, compiled=True)
+    cache_path().write_text(json.dumps({key: {"aten": 4.0, "matmul": 2.0, "batch": 8}}))
+    row = report_attention(args, "cpu", "bf16")[0]
+    assert row["lingua"] == "cpu_matmul_backward" and row["op"] == "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert row["backward"].startswith("under torch.compile: matmul backward, 2.0 ms vs aten 4.0 ms (cached")
 
 
 def test_format_report_is_a_table():
@@ -92,14 +118,12 @@ def test_format_report_is_a_table():
     assert lines[0].split()[:3] == ["phase", "dtype", "mask"]
     assert lines[1].split()[:4] == ["train", "bfloat16", "causal", "(1,4,16,8)"]
     assert lines[2].strip().startswith("FLASH_ATTENTION rejected: disabled")
-    # bf16 at seq 16 on an AMX CPU: compiled training runs lingua's matmul backward, which the train row says
-    amx = "AMX-BF16" in cpu_bf16_features()
-    if amx:
-        assert lines[3].strip() == ("backward: under torch.compile: matmul backward (lingua/kernels/cpu_attention.py, "
-                                    "model.cpu_attn_backward=auto)")
-    assert len(lines) == 1 + 3 * 2 + amx
-    fp32 = format_report(report_attention(tiny(cpu_attn_backward="matmul"), "cpu", "fp32", seq_len=16))
-    assert "backward: matmul backward" in fp32
+    # bf16 on CPU: compiled training times the two backwards (nothing measured yet in this test's cache)
+    assert lines[3].strip() == ("backward: under torch.compile: measured when a compiled bf16 CPU run starts "
+                                "(model.attn_backward=auto)")
+    assert len(lines) == 1 + 3 * 2 + 1
+    fp32 = format_report(report_attention(tiny(attn_backward="matmul"), "cpu", "fp32", seq_len=16))
+    assert "backward: model.attn_backward=matmul" in fp32 and "cpu_matmul_backward" in fp32
     assert "backward:" not in format_report(report_attention(tiny(), "cpu", "fp32", seq_len=16))
 
 
@@ -135,8 +159,7 @@ def test_module_entry_point():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("lingua attention report: torch") and "head_dim=16" in lines[0]
     rows = [line.split()[0] for line in lines[2:]]
-    bf16_train = ["train", "backward:"] if "AMX-BF16" in cpu_bf16_features() else ["train"]  # AMX: matmul backward
-    assert rows == ["train", "prefill", "decode", *bf16_train, "prefill", "decode"]
+    assert rows == ["train", "prefill", "decode", "train", "backward:", "prefill", "decode"]
 
 
 def test_module_entry_point_without_arguments_reports_the_default_model():

@@ -1,4 +1,5 @@
-"""lingua/kernels/cpu_attention.py: the matmul backward of CPU attention against float64 autograd, and when auto takes it."""
+"""lingua/kernels/attention/cpu_matmul_backward.py: the matmul backward of CPU attention against float64 autograd,
+compiled in place of aten's, and a compiled bf16 model training the same with either."""
 
 import math
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from lingua.distributed.precision import cpu_bf16_features
-from lingua.kernels.attention import attend, attention_mask
-from lingua.kernels.cpu_attention import CausalAttention, use_matmul_backward
+from lingua.kernels.attention import KERNELS
+from lingua.kernels.attention.cpu_matmul_backward import CausalAttention
+from lingua.kernels.attention.sdpa import dense_mask
 from lingua.models.transformer.model import Transformer, TransformerArgs
 
 
@@ -36,7 +37,7 @@ def test_gradients_match_float64_autograd(dtype, mask, seqlen):
     grad_out = torch.randn(bs, heads, seqlen, head_dim, generator=g)
     docs = [[5, seqlen - 13, 8], [seqlen - 14, 14]] if mask == "block_causal" else None
     tok_idx = None if docs is None else torch.stack([doc_positions(d) for d in docs])
-    bool_mask = attention_mask("sdpa", tok_idx, bs, seqlen, "cpu")  # None for causal
+    bool_mask = dense_mask(tok_idx, seqlen, "cpu")  # None for causal
     causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril().expand(bs, 1, seqlen, seqlen)
     allowed = causal if bool_mask is None else bool_mask
 
@@ -55,46 +56,27 @@ def test_gradients_match_float64_autograd(dtype, mask, seqlen):
         assert (plain[0] - ref_grads[0]).abs().max() > 0.1
 
 
-def _q(dtype=torch.bfloat16, seqlen=256, requires_grad=True):
-    return torch.zeros(1, 1, seqlen, 8, dtype=dtype, requires_grad=requires_grad)
-
-
-def test_auto_takes_the_matmul_backward_only_where_it_was_measured_faster():
-    assert use_matmul_backward("matmul", _q(torch.float32), torch.float32)  # asked for: everywhere on CPU
-    assert not use_matmul_backward("aten", _q(), torch.bfloat16)
-    assert not use_matmul_backward("auto", _q(), torch.bfloat16)  # eager: not compiling
-    assert not use_matmul_backward("matmul", _q(requires_grad=False), torch.bfloat16)  # nothing to differentiate
-    with torch.no_grad():
-        assert not use_matmul_backward("matmul", _q(), torch.bfloat16)
-
-
-def _attention_backward_ops(choice: str, dtype: torch.dtype, seqlen: int = 32) -> tuple[set, torch.Tensor]:
-    """Compile one attention call with model.cpu_attn_backward=choice, run forward+backward under the profiler,
+def _attention_backward_ops(kernel_name: str, dtype: torch.dtype, seqlen: int = 32) -> tuple[set, torch.Tensor]:
+    """Compile one attention call through lingua's kernel `kernel_name`, run forward+backward under the profiler,
     and return the aten attention ops that ran and dq."""
     g = torch.Generator().manual_seed(0)
     xq, xk, xv = (torch.randn(2, seqlen, 2, 16, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
-    fn = torch.compile(lambda q, k, v: attend(q, k, v, None, "sdpa", choice), fullgraph=True, dynamic=False)
-    fn(xq, xk, xv).sum().backward()  # compile outside the profile
+    fn = torch.compile(KERNELS[kernel_name](), fullgraph=True, dynamic=False)
+    fn(xq, xk, xv, None).sum().backward()  # compile outside the profile
     xq.grad = None
     with profile() as prof:
-        fn(xq, xk, xv).square().sum().backward()
+        fn(xq, xk, xv, None).square().sum().backward()
     ops = {e.key for e in prof.key_averages() if "flash_attention" in e.key}
     return ops, xq.grad
 
 
-AMX = "AMX-BF16" in cpu_bf16_features()  # where auto was measured faster
-
-
-def test_compiled_auto_runs_the_matmul_backward_in_bf16_on_amx_and_aten_in_fp32():
+def test_compiled_matmul_kernel_replaces_atens_backward_with_the_same_gradient():
     aten_bwd = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
-    auto_ops, auto_dq = _attention_backward_ops("auto", torch.bfloat16)
-    aten_ops, aten_dq = _attention_backward_ops("aten", torch.bfloat16)
-    matmul_ops, _ = _attention_backward_ops("matmul", torch.bfloat16)
+    aten_ops, aten_dq = _attention_backward_ops("sdpa", torch.bfloat16)
+    matmul_ops, matmul_dq = _attention_backward_ops("cpu_matmul_backward", torch.bfloat16)
     assert aten_bwd in aten_ops and aten_bwd not in matmul_ops
-    assert (aten_bwd not in auto_ops) == AMX
-    torch.testing.assert_close(auto_dq.float(), aten_dq.float(), atol=6e-2, rtol=3e-2)  # one gradient, to bf16
-    assert aten_bwd in _attention_backward_ops("auto", torch.float32)[0]  # no faster in fp32: aten's
-    assert aten_bwd in _attention_backward_ops("auto", torch.bfloat16, seqlen=1100)[0]  # beyond MAX_AUTO_SEQLEN
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in matmul_ops  # aten's fused forward stays
+    torch.testing.assert_close(matmul_dq.float(), aten_dq.float(), atol=6e-2, rtol=3e-2)  # one gradient, to bf16
 
 
 def test_a_compiled_bf16_model_trains_the_same_with_either_backward():
@@ -106,7 +88,7 @@ def test_a_compiled_bf16_model_trains_the_same_with_either_backward():
     curves = {}
     for choice in ("matmul", "aten"):
         torch.manual_seed(0)
-        model = Transformer.build(TransformerArgs(**{**args.__dict__, "cpu_attn_backward": choice}))
+        model = Transformer.build(TransformerArgs(**{**args.__dict__, "attn_backward": choice}))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         step = torch.compile(lambda: model(tokens[:, :-1], tokens[:, 1:], tok_idx=tok_idx), dynamic=False)
         curves[choice] = []

@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.kernels.attention import attend, attention_mask
+from lingua.kernels.attention import KERNELS as LINGUA_KERNELS
 from lingua.models.decoder import num_params
 from lingua.models.layers import ffn_hidden_dim, linear_group
 from lingua.models.transformer.model import (
@@ -50,22 +50,22 @@ def naive_attention(q, k, v, mask):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
-# (name, attn_impl, SDPA backends allowed or None) for every attention kernel this CPU can run
+# (name, lingua kernel, SDPA backends allowed or None) for every attention kernel this CPU can run forward
 KERNELS = [
     ("sdpa-math", "sdpa", [SDPBackend.MATH]),
     ("sdpa-flash-cpu", "sdpa", [SDPBackend.FLASH_ATTENTION]),
-    ("flex_attention", "flex_attention", None),
+    ("flex", "flex", None),
 ]
 # max |error| against the float64 reference on the same (rounded) inputs: fp32 kernels measure ~4e-7; bf16 rounds
 # the output to 8 bits of mantissa (half a step is 4e-3 at |out| ~ 1-2), measured ~1e-2 at most
 TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.parametrize("name, attn_impl, backends", KERNELS, ids=[k[0] for k in KERNELS])
+@pytest.mark.parametrize("name, kernel_name, backends", KERNELS, ids=[k[0] for k in KERNELS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mask", ["causal", "block_causal"])
 @pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
-def test_attention_matches_naive_reference(name, attn_impl, backends, dtype, mask, n_heads, n_kv_heads):
+def test_attention_matches_naive_reference(name, kernel_name, backends, dtype, mask, n_heads, n_kv_heads):
     g = torch.Generator().manual_seed(0)
     bs, seqlen, head_dim = 2, 24, 16
     docs = [[5, 11, 8], [10, 14]] if mask == "block_causal" else [[seqlen], [seqlen]]
@@ -74,10 +74,10 @@ def test_attention_matches_naive_reference(name, attn_impl, backends, dtype, mas
     tok_idx = torch.stack([positions(d) for d in docs]) if mask == "block_causal" else None
     ref_mask = torch.stack([allowed(d) for d in docs])
 
-    kernel_mask = attention_mask(attn_impl, tok_idx, bs, seqlen, "cpu")
+    kernel = LINGUA_KERNELS[kernel_name]()
     forced = sdpa_kernel(backends) if backends else contextlib.nullcontext()  # a forced SDPA backend must run
     with torch.no_grad(), forced:
-        out = attend(xq, xk, xv, kernel_mask, attn_impl)
+        out = kernel(xq, xk, xv, kernel.mask(tok_idx, bs, seqlen, "cpu"))
 
     assert out.dtype == dtype and out.shape == (bs, seqlen, n_heads, head_dim)
     expected = naive_attention(xq, xk, xv, ref_mask)
@@ -115,7 +115,7 @@ def test_flex_attention_inference_matches_sdpa_and_training_on_cpu_fails_clearly
     flex = Transformer.build(tiny(mask="block_causal", attn_impl="flex_attention"))
     with torch.no_grad():
         torch.testing.assert_close(flex(tokens, tok_idx=tok_idx), sdpa(tokens, tok_idx=tok_idx), atol=1e-5, rtol=1e-5)
-    with pytest.raises(LinguaError, match="flex_attention has no backward on CPU.*attn_impl=sdpa"):
+    with pytest.raises(LinguaError, match="flex_attention has no backward on CPU.*attn_impl=auto or sdpa"):
         flex(tokens, tokens, tok_idx=tok_idx)
 
 
@@ -237,7 +237,7 @@ def test_weight_tying_ties_after_meta_init_and_training():
     [
         (dict(n_heads=3), "model.n_heads=3 does not divide model.dim=32"),
         (dict(n_heads=4, n_kv_heads=3), "model.n_kv_heads=3 does not divide model.n_heads=4"),
-        (dict(attn_impl="flash"), "model.attn_impl='flash' is not one of sdpa, flex_attention, xformers"),
+        (dict(attn_impl="flash"), "model.attn_impl='flash' is not one of auto, sdpa, flex_attention, xformers"),
         (dict(mask="document"), "model.mask='document' is not one of causal, block_causal"),
         (dict(init_std_factor="depth"), "model.init_std_factor='depth' is not one of"),
         (dict(vocab_size=-1), "model.vocab_size must be > 0"),

@@ -71,7 +71,7 @@ def spec_for_params(params: dict, where) -> ModelSpec:
     `model.*` key they saved (the transformer first)."""
     if params.get("model_spec"):
         return get_spec(params["model_spec"])
-    keys = set(params.get("model") or {}) - set(DEPRECATED_MODEL_KEYS)
+    keys = {RENAMED_MODEL_KEYS.get(k, k) for k in params.get("model") or {}} - set(DEPRECATED_MODEL_KEYS)
     for path in builtin_specs():
         spec = get_spec(path)
         if keys <= {f.name for f in dataclasses.fields(spec.args_cls)}:
@@ -91,12 +91,14 @@ def spec_for_hf(model_type: str, where) -> ModelSpec:
 
 # Keys older checkpoints saved under `model:` that no args dataclass has any more (they never did anything).
 DEPRECATED_MODEL_KEYS = ("seed",)
+# Keys older checkpoints saved under `model:` by a name that changed: old -> new.
+RENAMED_MODEL_KEYS = {"cpu_attn_backward": "attn_backward"}
 
 
 def model_args_from_params(params: dict, spec: ModelSpec, where):
-    """The spec's args dataclass from params.json's `model` section (deprecated keys dropped)."""
+    """The spec's args dataclass from params.json's `model` section (deprecated keys dropped, renamed ones renamed)."""
     known = {f.name for f in dataclasses.fields(spec.args_cls)}
-    model = {k: v for k, v in params["model"].items() if k not in DEPRECATED_MODEL_KEYS}
+    model = {RENAMED_MODEL_KEYS.get(k, k): v for k, v in params["model"].items() if k not in DEPRECATED_MODEL_KEYS}
     unknown = sorted(set(model) - known)
     if unknown:
         raise LinguaError(f"{where}: model.{unknown[0]} is not a {spec.args_cls.__name__} field "

@@ -36,9 +36,11 @@ from lingua.checkpoint.manager import (
 from lingua.data.loader import DataArgs, DataLoader
 from lingua.data.tokenizer import build_tokenizer
 from lingua.distributed.mesh import DistributedArgs, DistState, init_distributed
-from lingua.distributed.precision import autocast_context, resolve_model_dtype
+from lingua.distributed.parallelize import resolve_compile
+from lingua.distributed.precision import autocast_context, cpu_name, resolve_model_dtype
 from lingua.errors import LinguaError
 from lingua.eval.bpb import EvalArgs, evaluate
+from lingua.kernels.attention import Placement, place_attention
 from lingua.log import setup_logging
 from lingua.models.decoder import materialize, num_params
 from lingua.models.spec import ModelSpec
@@ -110,6 +112,10 @@ def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_d
     """Meta-device construction, parallelization, then materialization and init: no rank holds the full model."""
     with torch.device("meta"):
         model = spec.build(args.model)
+    compiled = resolve_compile(args.distributed.compile, dist_state.device, dist_state.tp_size)[0]
+    placement = Placement(dist_state.device.type, param_dtype, compiled, machine=cpu_name())
+    # before compiling: the kernel is part of the graph
+    place_attention(model, args.model, placement, args.data.batch_size, args.data.seq_len)
     model = spec.parallelize(model, dist_state.mesh, args.distributed, param_dtype, dist_state.device)
     return materialize(model, dist_state.device, seed=args.seed)
 

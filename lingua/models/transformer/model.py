@@ -3,9 +3,10 @@
     block: h = x + attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h))
     model: lingua.models.decoder.Decoder (embeddings -> blocks -> norm -> output -> loss) with these blocks
 
-Attention calls F.scaled_dot_product_attention (lingua/kernels/attention.py holds the kernels and masks, lingua/models/kv_cache.py the
-inference cache). Plain PyTorch: no ranks, no meshes; the tensor-parallel plan for these blocks is
-lingua/models/transformer/parallelize.py, and the ModelSpec that ties model, FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
+Attention calls the kernel it holds (lingua/kernels/attention/: SDPA, flex, ..., chosen once when the model is built
+and placed); lingua/models/kv_cache.py is the inference cache. Plain PyTorch: no ranks, no meshes; the
+tensor-parallel plan for these blocks is lingua/models/transformer/parallelize.py, and the ModelSpec that ties model,
+FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
 """
 
 from dataclasses import dataclass
@@ -15,8 +16,7 @@ import torch
 from torch import nn
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.kernels.attention import attend, attention_mask
-from lingua.kernels.cpu_attention import CPU_ATTN_BACKWARDS
+from lingua.kernels.attention import ATTN_BACKWARDS, ATTN_IMPLS, AttentionKernel, unplaced_kernel
 from lingua.models.decoder import Decoder, DecoderArgs
 from lingua.models.init import trunc_normal_
 from lingua.models.kv_cache import KVCache, LayerKVCache
@@ -29,7 +29,6 @@ from lingua.models.layers import (
     linear_group,
 )
 
-ATTN_IMPLS = ("sdpa", "flex_attention", "xformers")
 MASKS = ("causal", "block_causal")
 DEFAULT_HEAD_DIM = 64  # when neither n_heads nor head_dim is set
 
@@ -42,9 +41,8 @@ class TransformerArgs(DecoderArgs):
     ffn_dim_multiplier: Optional[float] = None
     multiple_of: int = 256
     rope_theta: float = 10000.0
-    attn_impl: str = "sdpa"  # sdpa | flex_attention | xformers
-    # CPU training with sdpa: auto | aten | matmul (lingua/kernels/cpu_attention.py; auto: matmul where it was measured faster)
-    cpu_attn_backward: str = "auto"
+    attn_impl: str = "auto"  # auto | sdpa | flex_attention | xformers (auto: flex for block_causal on CUDA, else sdpa)
+    attn_backward: str = "auto"  # auto | aten | matmul (lingua/kernels/attention/; auto: times both where they differ)
     mask: str = "causal"  # causal | block_causal (packed documents attend only within themselves)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Qwen3, the speedruns)
     mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1 x)^2), 4 * dim wide)
@@ -73,7 +71,7 @@ def check_args(args: TransformerArgs) -> tuple[int, int, int]:
         raise ConfigError(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}")
     if head_dim % 2:
         raise ConfigError(f"model.head_dim={head_dim} must be even for RoPE")
-    for key, allowed in (("attn_impl", ATTN_IMPLS), ("cpu_attn_backward", CPU_ATTN_BACKWARDS), ("mask", MASKS),
+    for key, allowed in (("attn_impl", ATTN_IMPLS), ("attn_backward", ATTN_BACKWARDS), ("mask", MASKS),
                          ("mlp", MLPS)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"model.{key}={getattr(args, key)!r} is not one of {', '.join(allowed)}")
@@ -106,10 +104,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, head_dim: int, n_heads: int, n_kv_heads: int, attn_impl: str,
-                 qk_norm: bool = False, norm_eps: float = 1e-5, cpu_backward: str = "auto"):
+    def __init__(self, dim: int, head_dim: int, n_heads: int, n_kv_heads: int, kernel: AttentionKernel,
+                 qk_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
-        self.dim, self.head_dim, self.attn_impl, self.cpu_backward = dim, head_dim, attn_impl, cpu_backward
+        self.dim, self.head_dim, self.n_heads, self.n_kv_heads = dim, head_dim, n_heads, n_kv_heads
+        self.kernel = kernel  # replaced once by lingua.kernels.attention.place_attention when the model is placed
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
@@ -119,7 +118,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, norm_eps)
 
     def forward(self, x, freq_cos, freq_sin, mask, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
-        """x: (bs, seqlen, dim); freq_cos/sin: each token's RoPE angles; mask: from `attention_mask`, or from
+        """x: (bs, seqlen, dim); freq_cos/sin: each token's RoPE angles; mask: from `self.kernel.mask`, or from
         `KVCache.positions_and_mask` when decoding with a cache."""
         bs, seqlen, _ = x.shape
         # -1 heads, not n_heads: tensor parallelism shards wq/wk/wv by columns, leaving fewer heads on each rank
@@ -129,7 +128,7 @@ class Attention(nn.Module):
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rope(xq, freq_cos, freq_sin), apply_rope(xk, freq_cos, freq_sin)
         if cache is None:
-            out = attend(xq, xk, xv, mask, self.attn_impl, self.cpu_backward)  # (bs, seqlen, n_local_heads, head_dim)
+            out = self.kernel(xq, xk, xv, mask)  # (bs, seqlen, n_local_heads, head_dim)
         else:
             out = cache.attend(xq, xk, xv, mask)  # over every cached position
         return self.wo(out.reshape(bs, seqlen, -1))  # (bs, seqlen, dim)
@@ -149,8 +148,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         n_heads, n_kv_heads, head_dim = check_args(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args.dim, head_dim, n_heads, n_kv_heads, args.attn_impl, args.qk_norm,
-                                   args.norm_eps, args.cpu_attn_backward)
+        kernel = unplaced_kernel(args.attn_impl, args.mask, args.attn_backward)
+        self.attention = Attention(args.dim, head_dim, n_heads, n_kv_heads, kernel, args.qk_norm, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
         self.feed_forward = build_mlp(args.mlp, args.dim, hidden)
@@ -176,6 +175,7 @@ class Transformer(Decoder):
         # not persistent: derived from args, recomputed by init_buffers (a meta-device build leaves them empty)
         self.register_buffer("freq_cos", freq_cos, persistent=False)
         self.register_buffer("freq_sin", freq_sin, persistent=False)
+        self.kernel = unplaced_kernel(args.attn_impl, args.mask, args.attn_backward)  # builds the mask (per forward)
 
     def block_inputs(self, tokens, tok_idx, cache) -> tuple:
         """(freq_cos, freq_sin, mask): each token's RoPE angles and the attention mask, shared by every block."""
@@ -188,7 +188,7 @@ class Transformer(Decoder):
         else:  # packed documents restart their positions
             freq_cos, freq_sin = self.freq_cos[tok_idx], self.freq_sin[tok_idx]  # (bs, seqlen, head_dim // 2)
         doc_idx = tok_idx if self.args.mask == "block_causal" else None
-        return freq_cos, freq_sin, attention_mask(self.args.attn_impl, doc_idx, bs, seqlen, tokens.device)
+        return freq_cos, freq_sin, self.kernel.mask(doc_idx, bs, seqlen, tokens.device)
 
     def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> KVCache:
         _, n_kv_heads, head_dim = check_args(self.args)

@@ -3,45 +3,31 @@
 aten's CPU flash-attention backward is ~5x its own forward and runs at a few percent of the bf16 matmul peak. The
 backward here recomputes the attention probabilities from the forward's log-sum-exp in two query halves (the first
 half sees only the first half of the keys, so a quarter of the score matrix is never computed) and leaves the
-elementwise work around the batched matmuls to inductor. `model.cpu_attn_backward: auto` takes it where it was
-measured faster (README "Training throughput"): bf16 on an AMX CPU, under torch.compile, sequences up to
-MAX_AUTO_SEQLEN.
+elementwise work around the batched matmuls to inductor. Whether it beats aten's depends on the CPU (it did on AMX):
+`model.attn_backward: auto` times both where they can differ, once per machine and shape
+(lingua/kernels/attention/measure.py); `matmul` forces it.
 """
 
 from typing import Optional
 
 import torch
 
-from lingua.distributed.precision import cpu_bf16_features
-
-MAX_AUTO_SEQLEN = 1024  # measured faster at 256, 512 and 1024; beyond, [bs, heads, seqlen/2, seqlen] gets large
-CPU_ATTN_BACKWARDS = ("auto", "aten", "matmul")
-AMX = "AMX-BF16" in cpu_bf16_features()  # read once here: torch.compile cannot trace the CPU feature query
+from lingua.kernels.attention.sdpa import SDPA, sdpa_inputs
 
 
-def use_matmul_backward(choice: str, q: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether `attend` should run CausalAttention: choice is model.cpu_attn_backward, q the (bs, heads, seqlen,
-    head_dim) queries, dtype the one attention computes in (the autocast dtype where autocast is on)."""
-    if choice == "aten" or q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad):
-        return False
-    if choice == "matmul":
-        return True
-    # eager, its ~20 small ops a layer lose to aten's one kernel
-    return torch.compiler.is_compiling() and _auto_takes_matmul(dtype, q.shape[-2])
+class MatmulBackwardSDPA(SDPA):
+    """SDPA's masks and inference path; when training, aten's CPU flash forward with the matmul backward below."""
 
+    name = "cpu_matmul_backward"
+    about = "aten flash forward, lingua's matmul backward"
 
-def _auto_takes_matmul(dtype: torch.dtype, seqlen: int) -> bool:
-    # measured on an AMX CPU only; in fp32 it was no faster
-    return dtype == torch.bfloat16 and seqlen <= MAX_AUTO_SEQLEN and AMX
-
-
-def backward_plan(choice: str, dtype: torch.dtype, seqlen: int) -> str:
-    """In words, which backward CPU training runs with model.cpu_attn_backward=choice ('' for aten's own kernel)."""
-    if choice == "matmul":
-        return "matmul backward (lingua/kernels/cpu_attention.py, model.cpu_attn_backward=matmul)"
-    if choice == "auto" and _auto_takes_matmul(dtype, seqlen):
-        return "under torch.compile: matmul backward (lingua/kernels/cpu_attention.py, model.cpu_attn_backward=auto)"
-    return ""
+    def forward(self, xq, xk, xv, mask):
+        if not (torch.is_grad_enabled() and xq.requires_grad):  # nothing to differentiate: plain SDPA
+            return super().forward(xq, xk, xv, mask)
+        q, k, v, attn_mask, _ = sdpa_inputs(xq, xk, xv, mask)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        # SDPA casts its inputs under autocast; the aten op underneath does not
+        return CausalAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask).transpose(1, 2)
 
 
 def _block_grads(q, k, v, o, lse, do, allowed, scale):
@@ -60,7 +46,7 @@ class CausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(head_dim)) v over the allowed positions.
 
     q, k, v: (bs, n_heads, seqlen, head_dim), one dtype; mask None (causal) or bool (bs, 1, seqlen, seqlen),
-    True = may attend, already causal (lingua.kernels.attention.attention_mask)."""
+    True = may attend, already causal (lingua.kernels.attention.sdpa.dense_mask)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask: Optional[torch.Tensor]):
