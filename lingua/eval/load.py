@@ -28,10 +28,11 @@ from lingua.checkpoint.integrity import file_sha256
 from lingua.checkpoint.manager import CONSOLIDATED, list_checkpoints, load_model_weights
 from lingua.data.tokenizer import build_tokenizer, check_vocab_size
 from lingua.distributed.mesh import pick_device as _pick_device
-from lingua.distributed.precision import inference_dtype, parse_dtype
+from lingua.distributed.precision import cpu_name, inference_dtype, parse_dtype
 from lingua.errors import LinguaError
 from lingua.files import read_json
 from lingua.hf.io import args_from_hf, hf_model_type, hf_tokenizer
+from lingua.kernels.attention import Placement, place_attention
 from lingua.models.decoder import materialize
 from lingua.models.spec import (
     ModelSpec,
@@ -169,6 +170,9 @@ def load_model(ckpt_dir, device="cpu", dtype=None, tokenizer: Optional[Tokenizer
     if dtype != torch.float32:
         for p in model.parameters():  # parameters only: buffers (RoPE angles) need fp32
             p.data = p.data.to(dtype)
+    # the attention kernel for this device, as training chooses it (flex for block_causal on CUDA), no compile
+    place_attention(model, ckpt.model_args, Placement(torch.device(device).type, dtype, False, machine=cpu_name()),
+                    batch=1, seqlen=ckpt.model_args.max_seqlen)
     logger.info(f"loaded {ckpt.kind} {ckpt.spec.name} checkpoint {ckpt.path} on {device}")
     return model, ckpt.model_args, tok
 
