@@ -1,11 +1,12 @@
-"""Export a checkpoint as a Hugging Face directory (the transformer as LlamaForCausalLM; any architecture whose
-ModelSpec has an HF mapping):
+"""Export a checkpoint as a Hugging Face directory, for any architecture whose ModelSpec has HF mappings: the first
+native transformers class that computes the model exactly (the transformer: Llama, Qwen3, Arcee), else lingua's own
+class as remote code (`trust_remote_code=True`); the log says which and why.
 
     python -m apps.main.export_hf ckpt_dir=<dump_dir>/checkpoints/0000001000 out=<dir> [dtype=bf16]
 
 `ckpt_dir` is a DCP checkpoint, a consolidated one (`python -m lingua.checkpoint consolidate`) or a run directory
 (its latest checkpoint); the checkpoint's params.json gives the model args and the tokenizer. The result loads with
-`transformers.AutoModelForCausalLM.from_pretrained(out)`, and with `AutoTokenizer` for sentencepiece and bytes
+`transformers.AutoModelForCausalLM.from_pretrained(out)` (plus `trust_remote_code=True` for lingua's class), and with `AutoTokenizer` for sentencepiece and bytes
 tokenizers (tiktoken ones are left out). Needs the `hf` extra.
 """
 
@@ -37,7 +38,7 @@ def main(args: ExportArgs) -> Path:
     ckpt = inspect_checkpoint(args.ckpt_dir)
     if ckpt.kind == "hf":
         raise LinguaError(f"'{ckpt.path}' is already a Hugging Face directory")
-    if ckpt.spec.hf is None:
+    if not ckpt.spec.hf:
         raise LinguaError(f"'{ckpt.path}' holds a {ckpt.spec.name} model, which has no Hugging Face equivalent")
     tokenizer = (ckpt.params.get("data") or {}).get("tokenizer") or {}
     tok_name = args.tokenizer_name or tokenizer.get("name")
