@@ -2,7 +2,6 @@
 their tokenizer, and a Hugging Face directory starts a training run. Offline: no hub access anywhere."""
 
 import atexit
-import io
 import json
 import os
 import random
@@ -231,27 +230,6 @@ def test_loading_into_another_shape_names_the_field(tmp_path):
 
 STRINGS = ["ROMEO: the king hath thou.", "hello world", " leading space", "two  spaces   three",
            "tabs\tand\nnewlines\n\n", "Numbers 12345 and 3.14", "café naïve — 日本語 🙂", "", "x", "a<s>b</s>"]
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> Path:
-    """A 400-piece BPE trained like setup/train_tokenizer.py (identity normalisation, no dummy prefix, bytes)."""
-    import sentencepiece as spm
-
-    from tests.conftest import _doc
-
-    rng = random.Random(0)
-    text = [_doc(rng, 6) for _ in range(150)]
-    text += ["Numbers 12345 and 3.14, café naïve — 日本語 🙂", "  two  spaces\tand"]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
-        character_coverage=0.9995, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, num_threads=1, minloglevel=2)
-    path = tmp_path_factory.mktemp("sp") / "tok.model"
-    path.write_bytes(model.getvalue())
-    return path
 
 
 def test_sentencepiece_tokenizer_export_matches_sentencepiece_ids(sp_model, tmp_path):

@@ -6,8 +6,8 @@ class as remote code (`trust_remote_code=True`); the log says which and why.
 
 `ckpt_dir` is a DCP checkpoint, a consolidated one (`python -m lingua.checkpoint consolidate`) or a run directory
 (its latest checkpoint); the checkpoint's params.json gives the model args and the tokenizer. The result loads with
-`transformers.AutoModelForCausalLM.from_pretrained(out)` (plus `trust_remote_code=True` for lingua's class), and with `AutoTokenizer` for sentencepiece and bytes
-tokenizers (tiktoken ones are left out). Needs the `hf` extra.
+`transformers.AutoModelForCausalLM.from_pretrained(out)` (plus `trust_remote_code=True` for lingua's class), and
+with `AutoTokenizer` for sentencepiece and bytes tokenizers (tiktoken ones are left out). Needs the `hf` extra.
 """
 
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from lingua.distributed.precision import parse_dtype
 from lingua.errors import ConfigError, LinguaError
 from lingua.eval.load import build_for_checkpoint, inspect_checkpoint
 from lingua.hf.io import export_hf
+from lingua.log import setup_logging
 from lingua.models.decoder import num_params
 
 
@@ -55,4 +56,5 @@ def main(args: ExportArgs) -> Path:
 
 
 if __name__ == "__main__":
+    setup_logging(0)  # the log says which Hugging Face class was taken, and why the ones before it were not
     run_cli(main, ExportArgs)

@@ -1,0 +1,147 @@
+"""Hugging Face export, end to end, for each kind the exporter writes: a trained checkpoint goes through
+`apps.main.export_hf`, and transformers (remote code where needed), its tokenizer, `generate` and `lm_eval --model hf`
+give what lingua gives; the export comes back into lingua for eval, generation and training. Offline: tiny models
+trained here, a sentencepiece model trained here (conftest.py's sp_model). tests/test_hf.py has the unit tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow  # a training run and an export command line: ~25 s in all
+pytest.importorskip("safetensors")
+transformers = pytest.importorskip("transformers")
+
+from lingua.args import load_config  # noqa: E402
+from lingua.checkpoint.manager import list_checkpoints  # noqa: E402
+from lingua.eval.generate import Generator, GeneratorArgs  # noqa: E402
+from lingua.eval.load import load_model  # noqa: E402
+from lingua.hf import io as hf  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_HF, TRANSFORMER_SPEC  # noqa: E402
+from lingua.train.loop import TrainArgs, train  # noqa: E402
+from tests.conftest import ROOT, tiny_overrides  # noqa: E402
+
+# apps/main/configs/debug.yaml's switches: ReLU² MLP, QK-norm, tied embeddings (no native class has all three)
+DEBUG_SWITCHES = dict(model__mlp="relu2", model__qk_norm=True, model__weight_tying=True)
+PROMPTS = ["ROMEO: the king", "JULIET:"]
+
+
+def sp_overrides(corpus, dump, sp_model, **extra) -> list[str]:
+    return tiny_overrides(corpus, dump, model__vocab_size=400, data__tokenizer__name="sp",
+                          data__tokenizer__path=str(sp_model), eval__at_end=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def debug_ckpt(tiny_corpus, sp_model, tmp_path_factory):
+    dump = tmp_path_factory.mktemp("debug_run")
+    train(load_config(TrainArgs, sp_overrides(tiny_corpus, dump, sp_model, steps=4, **DEBUG_SWITCHES)),
+          TRANSFORMER_SPEC)
+    return list_checkpoints(dump / "checkpoints")[-1]
+
+
+@pytest.fixture(scope="module")
+def debug_export(debug_ckpt, tmp_path_factory):
+    """The debug recipe's checkpoint through the export command line; (out dir, its output)."""
+    out = tmp_path_factory.mktemp("debug_hf") / "hf"
+    proc = subprocess.run([sys.executable, "-m", "apps.main.export_hf", f"ckpt_dir={debug_ckpt}", f"out={out}"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout + proc.stderr
+
+
+def hf_greedy(model, tok, prompts: list[str], n: int) -> list[list[int]]:
+    """The new tokens of transformers' batched greedy `generate` (left padding), cut at EOS as lingua's Generator."""
+    tok.pad_token, tok.padding_side = tok.unk_token, "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    return [row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in out.tolist()]
+
+
+def lingua_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
+    """Greedy decoding by re-running the whole sequence (no cache): the reference."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            if seq[-1] == eos:
+                return seq[len(ids):-1]
+    return seq[len(ids):]
+
+
+def test_debug_recipe_exports_as_remote_code_and_matches_lingua(debug_ckpt, debug_export):
+    out, log = debug_export
+    assert "LinguaForCausalLM" in log and "trust_remote_code" in log  # the path taken, and why
+    assert "ArceeForCausalLM: model.qk_norm=true" in log
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_lingua.LinguaForCausalLM"
+    assert (cfg["mlp"], cfg["qk_norm"], cfg["tie_word_embeddings"]) == ("relu2", True, True)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(theirs).__name__ == "LinguaForCausalLM"
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours, _, our_tok = load_model(str(debug_ckpt))
+    for s in PROMPTS + ["thou art the night, and  I", "café 123"]:
+        assert tok(s)["input_ids"] == our_tok.encode(s, add_bos=True, add_eos=False), s
+    tokens = torch.randint(0, 400, (3, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits).abs().max() < 1e-4
+    # greedy decoding, batched with left padding: token for token, and the text lingua's Generator (KV cache) gives
+    their_ids = hf_greedy(theirs, tok, PROMPTS, 20)
+    for prompt, ids in zip(PROMPTS, their_ids):
+        assert ids == lingua_greedy(ours, our_tok.encode(prompt, add_eos=False), 20, our_tok.eos_id), prompt
+    expected, _ = Generator(ours, our_tok, GeneratorArgs(max_gen_len=20)).generate(PROMPTS)
+    assert [our_tok.decode(ids) for ids in their_ids] == expected
+
+
+def test_debug_recipe_export_comes_back_for_eval_generate_and_training(debug_ckpt, debug_export, tiny_corpus,
+                                                                        sp_model, tmp_path):
+    out, _ = debug_export
+    ours, _, our_tok = load_model(str(debug_ckpt))
+    back, back_args, back_tok = load_model(str(out))  # the HF directory, its tokenizer.model
+    assert (back_args.mlp, back_args.qk_norm, back_args.weight_tying) == ("relu2", True, True)
+    for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    args = GeneratorArgs(max_gen_len=12)
+    assert Generator(back, back_tok, args).generate(PROMPTS)[0] == Generator(ours, our_tok, args).generate(PROMPTS)[0]
+    # export -> import -> export: the same bytes
+    again = hf.export_hf(TRANSFORMER_HF, back.state_dict(), back_args, tmp_path / "again", "sp",
+                         str(out / "tokenizer.model"))
+    for name in ("model.safetensors", "config.json", "modeling_lingua.py", "tokenizer.model"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    # checkpoint.init_ckpt_path=<the export>: with lr 0 the run's weights are the export's
+    train(load_config(TrainArgs, sp_overrides(tiny_corpus, tmp_path / "run", sp_model, steps=1, optim__lr=0.0,
+                                              checkpoint__init_ckpt_path=str(out), **DEBUG_SWITCHES)),
+          TRANSFORMER_SPEC)
+    trained = load_model(str(tmp_path / "run"))[0]
+    for (k, a), b in zip(ours.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_on_the_export_equals_lingua_harness(debug_ckpt, debug_export, offline, tmp_path):
+    """`lm_eval --model hf` (remote code) on the export scores a local task as lingua's own harness path does."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from lingua.eval.harness import LinguaLM
+    from tests.harness_helpers import write_task
+
+    out, _ = debug_export
+    include = write_task(tmp_path, n_docs=8)
+    kwargs = dict(tasks=["lingua_local_mc"], log_samples=True, bootstrap_iters=0,
+                  task_manager=TaskManager(include_path=include, include_defaults=False))
+    model, _, tok = load_model(str(debug_ckpt))
+    ours = lm_eval.simple_evaluate(model=LinguaLM(model, tok, batch_size=4), **kwargs)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=dict(pretrained=str(out), trust_remote_code=True,
+                                                                 dtype="float32", add_bos_token=True, device="cpu"),
+                                     batch_size=4, **kwargs)
+    for key in ("acc,none", "acc_norm,none"):
+        assert theirs["results"]["lingua_local_mc"][key] == ours["results"]["lingua_local_mc"][key], key
+    lls = [[r[0][0] for r in s["resps"]] for s in ours["samples"]["lingua_local_mc"]]
+    their_lls = [[r[0][0] for r in s["resps"]] for s in theirs["samples"]["lingua_local_mc"]]
+    assert torch.allclose(torch.tensor(lls, dtype=torch.float64), torch.tensor(their_lls, dtype=torch.float64),
+                          atol=1e-4)
