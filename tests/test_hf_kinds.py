@@ -3,6 +3,7 @@
 give what lingua gives; the export comes back into lingua for eval, generation and training. Offline: tiny models
 trained here, a sentencepiece model trained here (conftest.py's sp_model). tests/test_hf.py has the unit tests."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,16 +12,17 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # a training run and an export command line: ~25 s in all
 pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 
+from apps.mtp.model import MTP_SPEC, MTPArgs, MTPTransformer  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.checkpoint.manager import list_checkpoints  # noqa: E402
 from lingua.eval.generate import Generator, GeneratorArgs  # noqa: E402
 from lingua.eval.load import load_model  # noqa: E402
 from lingua.hf import io as hf  # noqa: E402
 from lingua.models.transformer.spec import TRANSFORMER_HF, TRANSFORMER_SPEC  # noqa: E402
+from lingua.errors import LinguaError  # noqa: E402
 from lingua.train.loop import TrainArgs, train  # noqa: E402
 from tests.conftest import ROOT, tiny_overrides  # noqa: E402
 
@@ -73,6 +75,7 @@ def lingua_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
     return seq[len(ids):]
 
 
+@pytest.mark.slow  # its fixtures train and export through the command line (~20 s)
 def test_debug_recipe_exports_as_remote_code_and_matches_lingua(debug_ckpt, debug_export):
     out, log = debug_export
     assert "LinguaForCausalLM" in log and "trust_remote_code" in log  # the path taken, and why
@@ -97,6 +100,7 @@ def test_debug_recipe_exports_as_remote_code_and_matches_lingua(debug_ckpt, debu
     assert [our_tok.decode(ids) for ids in their_ids] == expected
 
 
+@pytest.mark.slow
 def test_debug_recipe_export_comes_back_for_eval_generate_and_training(debug_ckpt, debug_export, tiny_corpus,
                                                                         sp_model, tmp_path):
     out, _ = debug_export
@@ -145,3 +149,33 @@ def test_lm_eval_hf_on_the_export_equals_lingua_harness(debug_ckpt, debug_export
     their_lls = [[r[0][0] for r in s["resps"]] for s in theirs["samples"]["lingua_local_mc"]]
     assert torch.allclose(torch.tensor(lls, dtype=torch.float64), torch.tensor(their_lls, dtype=torch.float64),
                           atol=1e-4)
+
+
+# ---------------------------------------------------------------- multi-token prediction: the next-token head
+
+
+@pytest.mark.parametrize("switches, architecture", [(dict(mlp="relu2", qk_norm=True, weight_tying=True),
+                                                     "LinguaForCausalLM"), ({}, "LlamaForCausalLM")])
+def test_mtp_exports_its_next_token_head_as_a_causal_lm(switches, architecture, tmp_path, caplog):
+    args = MTPArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=64, n_future_head=3, **switches)
+    model = MTPTransformer.build(args, seed=2).eval()
+    with caplog.at_level("WARNING"):
+        out = hf.export_hf(MTP_SPEC.hf, model.state_dict(), args, tmp_path / "hf")
+    assert "the 2 extra head(s) (layers 3..4) are dropped" in caplog.text
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(theirs).__name__ == architecture and theirs.config.num_hidden_layers == 3
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - theirs(tokens).logits).abs().max() < 1e-4  # head 0's logits
+    prompt = tokens[:1, :6]
+    ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    assert ids == lingua_greedy(model, prompt[0].tolist(), 12, eos=-1)
+    # back: the directory is a plain transformer for eval and generate; it starts an MTP run only with one head
+    assert hf.args_from_hf(out, TRANSFORMER_HF).n_layers == 3
+    one_head = MTPTransformer.build(dataclasses.replace(args, n_future_head=1))
+    hf.load_hf_weights(out, one_head, MTP_SPEC.hf)
+    with torch.no_grad():
+        assert torch.equal(one_head.eval()(tokens), model(tokens))
+    with pytest.raises(LinguaError, match="only with model.n_future_head=1 \\(got 3\\)"):
+        hf.load_hf_weights(out, MTPTransformer.build(args), MTP_SPEC.hf)
