@@ -15,12 +15,17 @@ import torch
 pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 
+from apps.fastRNN.model import FASTRNN_SPEC, FastRNNArgs  # noqa: E402
+from apps.mamba.model import MAMBA_SPEC, Mamba, MambaArgs  # noqa: E402
+from apps.moe.model import MOE_SPEC, MoEArgs  # noqa: E402
 from apps.mtp.model import MTP_SPEC, MTPArgs, MTPTransformer  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.checkpoint.manager import list_checkpoints  # noqa: E402
 from lingua.eval.generate import Generator, GeneratorArgs  # noqa: E402
 from lingua.eval.load import load_model  # noqa: E402
 from lingua.hf import io as hf  # noqa: E402
+from lingua.hf.mapping import choose  # noqa: E402
+from lingua.models.transformer.model import TransformerArgs  # noqa: E402
 from lingua.models.transformer.spec import TRANSFORMER_HF, TRANSFORMER_SPEC  # noqa: E402
 from lingua.errors import LinguaError  # noqa: E402
 from lingua.train.loop import TrainArgs, train  # noqa: E402
@@ -179,3 +184,77 @@ def test_mtp_exports_its_next_token_head_as_a_causal_lm(switches, architecture, 
         assert torch.equal(one_head.eval()(tokens), model(tokens))
     with pytest.raises(LinguaError, match="only with model.n_future_head=1 \\(got 3\\)"):
         hf.load_hf_weights(out, MTPTransformer.build(args), MTP_SPEC.hf)
+
+
+# ---------------------------------------------------------------- README's table: what the exporter chooses
+
+# (model, switches as the README names them, args); every row also holds with tied embeddings, GQA and any RoPE theta
+TABLE_ROWS = [
+    ("transformer", "SwiGLU", TransformerArgs()),
+    ("transformer", "SwiGLU + QK-norm", TransformerArgs(qk_norm=True)),
+    ("transformer", "ReLU²", TransformerArgs(mlp="relu2")),
+    ("transformer", "ReLU² + QK-norm (apps/main/configs/debug.yaml)", TransformerArgs(mlp="relu2", qk_norm=True)),
+    ("transformer", "any of the above + logit soft-cap", TransformerArgs(logit_softcap=30.0)),
+    ("mtp", "the next-token head, as the transformer's rows (extra heads dropped)", MTPArgs(n_future_head=2)),
+    ("moe", "softmax top-k gates, renormalised", MoEArgs()),
+    ("moe", "sigmoid gates, shared experts, selection bias, QK-norm or soft-cap", MoEArgs(gate="sigmoid")),
+    ("mamba", "Mamba-2 mixers only", MambaArgs()),
+    ("mamba", "with a SwiGLU MLP per block (model.mlp)", MambaArgs(mlp=True)),
+    ("fastRNN", "mingru, minlstm, hawk", FastRNNArgs()),
+]
+SPECS = {"transformer": TRANSFORMER_SPEC, "mtp": MTP_SPEC, "moe": MOE_SPEC, "mamba": MAMBA_SPEC,
+         "fastRNN": FASTRNN_SPEC}
+
+
+def export_table() -> str:
+    lines = ["| model | switches | Hugging Face class | loads in |", "|---|---|---|---|"]
+    for model, switches, args in TABLE_ROWS:
+        try:
+            m = choose(SPECS[model].hf, args)
+            cls, where = f"`{m.architecture}`", "transformers with `trust_remote_code=True`" if m.remote_code else \
+                "transformers, vLLM, llama.cpp (native)"
+        except LinguaError:
+            cls, where = "refused (one line)", "-"
+        lines.append(f"| {model} | {switches} | {cls} | {where} |")
+    return "\n".join(lines)
+
+
+def test_readme_table_is_what_the_exporter_chooses():
+    table = export_table()
+    assert table in (ROOT / "README.md").read_text(), f"README's export table should read:\n{table}"
+
+
+# ---------------------------------------------------------------- Mamba as Mamba2ForCausalLM
+
+
+@pytest.mark.slow  # transformers' Mamba2 reference scan on CPU: ~6 s
+def test_mamba_exports_as_mamba2_and_comes_back(tmp_path):
+    args = MambaArgs(dim=32, n_layers=2, vocab_size=258, d_state=16, head_dim=16, chunk_size=8, max_seqlen=64,
+                     weight_tying=True)
+    model = Mamba.build(args, seed=1).eval()
+    with torch.no_grad():  # norms start at 1 and D at 1: move them so a swapped name cannot go unnoticed
+        gen = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if n.endswith(("norm.weight", ".D")):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+    out = hf.export_hf(MAMBA_SPEC.hf, model.state_dict(), args, tmp_path / "hf", "bytes")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "Mamba2ForCausalLM"
+    tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - theirs(tokens).logits).abs().max() < 1e-4
+    prompt = tokens[:1, :6]
+    ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    assert ids == lingua_greedy(model, prompt[0].tolist(), 12, eos=-1)
+    # back into lingua (eval / generate take the directory), and out again byte for byte
+    back, back_args, tok = load_model(str(out))
+    assert type(back).__name__ == "Mamba" and tok.n_words == 258
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    again = hf.export_hf(MAMBA_SPEC.hf, back.state_dict(), back_args, tmp_path / "again", "bytes")
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    mlp = dataclasses.replace(args, mlp=True)
+    with pytest.raises(LinguaError, match=r"\(Mamba2ForCausalLM: model.mlp=true \(its blocks are mixers only\)\)"):
+        hf.export_hf(MAMBA_SPEC.hf, Mamba.build(mlp).state_dict(), mlp, tmp_path / "mlp")
