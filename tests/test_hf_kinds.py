@@ -195,7 +195,7 @@ TABLE_ROWS = [
     ("transformer", "ReLU²", TransformerArgs(mlp="relu2")),
     ("transformer", "ReLU² + QK-norm (apps/main/configs/debug.yaml)", TransformerArgs(mlp="relu2", qk_norm=True)),
     ("transformer", "any of the above + logit soft-cap", TransformerArgs(logit_softcap=30.0)),
-    ("mtp", "the next-token head, as the transformer's rows (extra heads dropped)", MTPArgs(n_future_head=2)),
+    ("mtp", "SwiGLU; other switches as the transformer's rows (next-token head only)", MTPArgs(n_future_head=2)),
     ("moe", "softmax top-k gates, renormalised", MoEArgs()),
     ("moe", "sigmoid gates, shared experts, selection bias, QK-norm or soft-cap", MoEArgs(gate="sigmoid")),
     ("mamba", "Mamba-2 mixers only", MambaArgs()),
@@ -211,8 +211,8 @@ def export_table() -> str:
     for model, switches, args in TABLE_ROWS:
         try:
             m = choose(SPECS[model].hf, args)
-            cls, where = f"`{m.architecture}`", "transformers with `trust_remote_code=True`" if m.remote_code else \
-                "transformers, vLLM, llama.cpp (native)"
+            cls = f"`{m.architecture}`"
+            where = "transformers, `trust_remote_code=True`" if m.remote_code else "transformers (native class)"
         except LinguaError:
             cls, where = "refused (one line)", "-"
         lines.append(f"| {model} | {switches} | {cls} | {where} |")
