@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from apps.fastRNN.model import FASTRNN_SPEC, FastRNNArgs  # noqa: E402
 from apps.mamba.model import MAMBA_SPEC, Mamba, MambaArgs  # noqa: E402
-from apps.moe.model import MOE_SPEC, MoEArgs  # noqa: E402
+from apps.moe.model import MOE_SPEC, MoEArgs, MoETransformer  # noqa: E402
 from apps.mtp.model import MTP_SPEC, MTPArgs, MTPTransformer  # noqa: E402
 from lingua.args import load_config  # noqa: E402
 from lingua.checkpoint.manager import list_checkpoints  # noqa: E402
@@ -25,7 +26,7 @@ from lingua.eval.generate import Generator, GeneratorArgs  # noqa: E402
 from lingua.eval.load import load_model  # noqa: E402
 from lingua.hf import io as hf  # noqa: E402
 from lingua.hf.mapping import choose  # noqa: E402
-from lingua.models.transformer.model import TransformerArgs  # noqa: E402
+from lingua.models.transformer.model import Transformer, TransformerArgs  # noqa: E402
 from lingua.models.transformer.spec import TRANSFORMER_HF, TRANSFORMER_SPEC  # noqa: E402
 from lingua.errors import LinguaError  # noqa: E402
 from lingua.train.loop import TrainArgs, train  # noqa: E402
@@ -258,3 +259,50 @@ def test_mamba_exports_as_mamba2_and_comes_back(tmp_path):
     mlp = dataclasses.replace(args, mlp=True)
     with pytest.raises(LinguaError, match=r"\(Mamba2ForCausalLM: model.mlp=true \(its blocks are mixers only\)\)"):
         hf.export_hf(MAMBA_SPEC.hf, Mamba.build(mlp).state_dict(), mlp, tmp_path / "mlp")
+
+
+# ---------------------------------------------------------------- lm-eval on each native class
+
+
+def _kind(name: str):
+    """(model, args, mappings) of a small random model that exports as `name`, on the bytes tokenizer."""
+    small = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, max_seqlen=64)
+    if name == "Mamba2ForCausalLM":
+        args = MambaArgs(dim=32, n_layers=2, vocab_size=258, d_state=16, head_dim=16, chunk_size=8, max_seqlen=64)
+        return Mamba.build(args, seed=3).eval(), args, MAMBA_SPEC.hf
+    if name == "MixtralForCausalLM":
+        args = MoEArgs(**small, n_experts=4, top_k=2)
+        return MoETransformer.build(args, seed=3).eval(), args, MOE_SPEC.hf
+    switches = {"LlamaForCausalLM": {}, "Qwen3ForCausalLM": dict(qk_norm=True),
+                "ArceeForCausalLM": dict(mlp="relu2")}[name]
+    args = TransformerArgs(**small, **switches)
+    return Transformer.build(args, seed=3).eval(), args, TRANSFORMER_HF
+
+
+@pytest.mark.slow  # an lm-eval run a class
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen3ForCausalLM", "ArceeForCausalLM", "MixtralForCausalLM",
+                                  "Mamba2ForCausalLM"])
+def test_lm_eval_hf_on_each_native_class_equals_lingua_harness(name, offline, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from lingua.data.tokenizer import ByteTokenizer
+    from lingua.eval.harness import LinguaLM
+    from tests.harness_helpers import write_task
+
+    model, args, mappings = _kind(name)
+    out = hf.export_hf(mappings, model.state_dict(), args, tmp_path / "hf", "bytes")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [name]
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=dict(pretrained=str(out), dtype="float32",
+                                                                 add_bos_token=True, device="cpu"),
+                                     tasks=["lingua_local_mc"], log_samples=True, bootstrap_iters=0, batch_size=4,
+                                     task_manager=TaskManager(include_path=write_task(tmp_path, n_docs=4),
+                                                              include_defaults=False))
+    # lingua's harness on the very requests lm-eval made (the full comparison through lm-eval: the debug test above)
+    samples = theirs["samples"]["lingua_local_mc"]
+    requests = [SimpleNamespace(args=tuple(a)) for s in samples for a in s["arguments"]]
+    ours = [ll for ll, _ in LinguaLM(model, ByteTokenizer(), batch_size=4).loglikelihood(requests)]
+    their_lls = [r[0][0] for s in samples for r in s["resps"]]
+    assert len(ours) == len(their_lls) == 16
+    assert torch.allclose(torch.tensor(ours, dtype=torch.float64), torch.tensor(their_lls, dtype=torch.float64),
+                          atol=1e-4)
