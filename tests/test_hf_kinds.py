@@ -91,7 +91,7 @@ def test_debug_recipe_exports_as_remote_code_and_matches_lingua(debug_ckpt, debu
     assert (cfg["mlp"], cfg["qk_norm"], cfg["tie_word_embeddings"]) == ("relu2", True, True)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(theirs).__name__ == "LinguaForCausalLM"
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # it reads config.json too
     ours, _, our_tok = load_model(str(debug_ckpt))
     for s in PROMPTS + ["thou art the night, and  I", "café 123"]:
         assert tok(s)["input_ids"] == our_tok.encode(s, add_bos=True, add_eos=False), s
@@ -282,7 +282,7 @@ def _kind(name: str):
 @pytest.mark.slow  # an lm-eval run a class
 @pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen3ForCausalLM", "ArceeForCausalLM", "MixtralForCausalLM",
                                   "Mamba2ForCausalLM"])
-def test_lm_eval_hf_on_each_native_class_equals_lingua_harness(name, offline, tmp_path):
+def test_each_native_class_generates_and_scores_lm_eval_like_lingua(name, offline, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -293,6 +293,11 @@ def test_lm_eval_hf_on_each_native_class_equals_lingua_harness(name, offline, tm
     model, args, mappings = _kind(name)
     out = hf.export_hf(mappings, model.state_dict(), args, tmp_path / "hf", "bytes")
     assert json.loads((out / "config.json").read_text())["architectures"] == [name]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = torch.tensor([[256, 82, 79, 77]])  # BOS "ROM"
+    ids = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+    assert ids == lingua_greedy(model, prompt[0].tolist(), 10, eos=-1)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=dict(pretrained=str(out), dtype="float32",
                                                                  add_bos_token=True, device="cpu"),
                                      tasks=["lingua_local_mc"], log_samples=True, bootstrap_iters=0, batch_size=4,
