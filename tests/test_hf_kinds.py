@@ -198,7 +198,8 @@ TABLE_ROWS = [
     ("transformer", "any of the above + logit soft-cap", TransformerArgs(logit_softcap=30.0)),
     ("mtp", "SwiGLU; other switches as the transformer's rows (next-token head only)", MTPArgs(n_future_head=2)),
     ("moe", "softmax top-k gates, renormalised", MoEArgs()),
-    ("moe", "sigmoid gates, shared experts, selection bias, QK-norm or soft-cap", MoEArgs(gate="sigmoid")),
+    ("moe", "sigmoid gates, no renormalisation, shared experts, selection bias, QK-norm, soft-cap",
+     MoEArgs(gate="sigmoid")),
     ("mamba", "Mamba-2 mixers only", MambaArgs()),
     ("mamba", "with a SwiGLU MLP per block (model.mlp)", MambaArgs(mlp=True)),
     ("fastRNN", "mingru, minlstm, hawk", FastRNNArgs()),
@@ -261,7 +262,7 @@ def test_mamba_exports_as_mamba2_and_comes_back(tmp_path):
         hf.export_hf(MAMBA_SPEC.hf, Mamba.build(mlp).state_dict(), mlp, tmp_path / "mlp")
 
 
-# ---------------------------------------------------------------- lm-eval on each native class
+# ---------------------------------------------------------------- generate and lm-eval on each class
 
 
 def _kind(name: str):
@@ -270,19 +271,20 @@ def _kind(name: str):
     if name == "Mamba2ForCausalLM":
         args = MambaArgs(dim=32, n_layers=2, vocab_size=258, d_state=16, head_dim=16, chunk_size=8, max_seqlen=64)
         return Mamba.build(args, seed=3).eval(), args, MAMBA_SPEC.hf
-    if name == "MixtralForCausalLM":
-        args = MoEArgs(**small, n_experts=4, top_k=2)
+    if name in ("MixtralForCausalLM", "LinguaMoEForCausalLM"):
+        beyond = dict(gate="sigmoid", n_shared_experts=1) if name == "LinguaMoEForCausalLM" else {}
+        args = MoEArgs(**small, n_experts=4, top_k=2, **beyond)
         return MoETransformer.build(args, seed=3).eval(), args, MOE_SPEC.hf
-    switches = {"LlamaForCausalLM": {}, "Qwen3ForCausalLM": dict(qk_norm=True),
-                "ArceeForCausalLM": dict(mlp="relu2")}[name]
+    switches = {"LlamaForCausalLM": {}, "Qwen3ForCausalLM": dict(qk_norm=True), "ArceeForCausalLM": dict(mlp="relu2"),
+                "LinguaForCausalLM": dict(mlp="relu2", qk_norm=True, logit_softcap=5.0)}[name]
     args = TransformerArgs(**small, **switches)
     return Transformer.build(args, seed=3).eval(), args, TRANSFORMER_HF
 
 
 @pytest.mark.slow  # an lm-eval run a class
 @pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen3ForCausalLM", "ArceeForCausalLM", "MixtralForCausalLM",
-                                  "Mamba2ForCausalLM"])
-def test_each_native_class_generates_and_scores_lm_eval_like_lingua(name, offline, tmp_path):
+                                  "Mamba2ForCausalLM", "LinguaForCausalLM", "LinguaMoEForCausalLM"])
+def test_each_class_generates_and_scores_lm_eval_like_lingua(name, offline, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -293,13 +295,15 @@ def test_each_native_class_generates_and_scores_lm_eval_like_lingua(name, offlin
     model, args, mappings = _kind(name)
     out = hf.export_hf(mappings, model.state_dict(), args, tmp_path / "hf", "bytes")
     assert json.loads((out / "config.json").read_text())["architectures"] == [name]
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    remote = name.startswith("Lingua")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
     prompt = torch.tensor([[256, 82, 79, 77]])  # BOS "ROM"
     ids = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
     assert ids == lingua_greedy(model, prompt[0].tolist(), 10, eos=-1)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=dict(pretrained=str(out), dtype="float32",
-                                                                 add_bos_token=True, device="cpu"),
+                                                                 add_bos_token=True, device="cpu",
+                                                                 trust_remote_code=remote),
                                      tasks=["lingua_local_mc"], log_samples=True, bootstrap_iters=0, batch_size=4,
                                      task_manager=TaskManager(include_path=write_task(tmp_path, n_docs=4),
                                                               include_defaults=False))
@@ -311,3 +315,37 @@ def test_each_native_class_generates_and_scores_lm_eval_like_lingua(name, offlin
     assert len(ours) == len(their_lls) == 16
     assert torch.allclose(torch.tensor(ours, dtype=torch.float64), torch.tensor(their_lls, dtype=torch.float64),
                           atol=1e-4)
+
+
+# ---------------------------------------------------------------- MoE beyond Mixtral: lingua's remote code
+
+
+@pytest.mark.slow  # ~7 s
+def test_moe_beyond_mixtral_exports_as_remote_code_and_comes_back(tmp_path):
+    args = MoEArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, max_seqlen=64, n_experts=4, top_k=2,
+                   gate="sigmoid", route_norm=False, n_shared_experts=1, bias_update_rate=0.01, qk_norm=True,
+                   weight_tying=True, logit_softcap=5.0)
+    model = MoETransformer.build(args, seed=4).eval()
+    with torch.no_grad():  # a selection bias that changes which experts are chosen
+        for layer in model.layers:
+            layer.feed_forward.expert_bias.copy_(0.2 * torch.randn(4, generator=torch.Generator().manual_seed(1)))
+    out = hf.export_hf(MOE_SPEC.hf, model.state_dict(), args, tmp_path / "hf", "bytes")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(theirs).__name__ == "LinguaMoEForCausalLM"
+    tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - theirs(tokens).logits).abs().max() < 1e-4
+        theirs.model.layers[0].mlp.expert_bias.zero_()  # the bias matters: without it the logits move
+        assert (model(tokens) - theirs(tokens).logits).abs().max() > 1e-3
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    prompt = tokens[:1, :6]
+    ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    assert ids == lingua_greedy(model, prompt[0].tolist(), 12, eos=-1)
+    back, back_args, _ = load_model(str(out))
+    assert type(back).__name__ == "MoETransformer" and (back_args.gate, back_args.n_shared_experts) == ("sigmoid", 1)
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    again = hf.export_hf(MOE_SPEC.hf, back.state_dict(), back_args, tmp_path / "again", "bytes")
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name

@@ -234,6 +234,7 @@ def test_expert_parallel_continues_the_single_process_run_and_reshards_both_ways
 
 def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from apps.moe.hf_mixtral import MIXTRAL
     from lingua.hf import io as hf
 
     args = MoEArgs(**{**SMALL, "n_kv_heads": 2}, weight_tying=True)
@@ -254,4 +255,4 @@ def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(
                       (dict(bias_update_rate=0.001), "a selection bias")):
         bad_args = dataclasses.replace(args, **bad)
         with pytest.raises(LinguaError, match=rf"\(MixtralForCausalLM: {what}\): export refused$"):
-            hf.export_hf(MOE_SPEC.hf, MoETransformer.build(bad_args).state_dict(), bad_args, tmp_path / "bad")
+            hf.export_hf(MIXTRAL, MoETransformer.build(bad_args).state_dict(), bad_args, tmp_path / "bad")

@@ -102,14 +102,18 @@ def mixtral_args_from_config(cfg_path, cfg: dict):
                    moe_hidden_dim=int(cfg["intermediate_size"]))
 
 
-def mixtral_check_matches(hf_args, args, path) -> None:
+def moe_check_matches(hf_args, args, path) -> None:
+    """The transformer's checks, then the routing and the experts' shapes (this mapping's and hf_lingua_moe.py's)."""
     hf.check_matches(hf_args, args, path)
-    for key in ("n_experts", "top_k"):
+    for key in ("n_experts", "top_k", "n_shared_experts", "gate", "route_norm"):
         if getattr(hf_args, key) != getattr(args, key):
             raise LinguaError(f"Hugging Face model '{path}' has model.{key}={getattr(hf_args, key)} but this model "
                               f"has {getattr(args, key)}")
+    if expert_hidden_dim(hf_args) != expert_hidden_dim(args):
+        raise LinguaError(f"Hugging Face model '{path}' has experts {expert_hidden_dim(hf_args)} wide but this model "
+                          f"has {expert_hidden_dim(args)}")
 
 
 MIXTRAL = HFMapping(architecture="MixtralForCausalLM", model_types=("mixtral",), config=mixtral_config,
                     args_from_config=mixtral_args_from_config, to_hf=mixtral_to_hf, from_hf=mixtral_from_hf,
-                    check_matches=mixtral_check_matches, unsupported=mixtral_unsupported)
+                    check_matches=moe_check_matches, unsupported=mixtral_unsupported)

@@ -23,6 +23,7 @@ from torch import nn
 
 from apps.moe.args import MoEArgs, check_moe_args, expert_hidden_dim
 from apps.moe.dispatch import expert_parallel_compute
+from apps.moe.hf_lingua_moe import LINGUA_MOE
 from apps.moe.hf_mixtral import MIXTRAL
 from apps.moe.parallelize import parallelize_moe
 from lingua.models.init import trunc_normal_
@@ -271,6 +272,5 @@ def dense_equivalent(args: MoEArgs) -> TransformerArgs:
 
 
 MOE_SPEC = ModelSpec(name="moe", path="apps.moe.model:MOE_SPEC", args_cls=MoEArgs, build=MoETransformer,
-                     flops_per_token=flops_per_token, hf=MIXTRAL, describe=describe_attention, parallelize=parallelize_moe,
-                     step_metrics=step_metrics,
-                     after_optimizer_step=after_optimizer_step)
+                     flops_per_token=flops_per_token, hf=(MIXTRAL, LINGUA_MOE), describe=describe_attention,
+                     parallelize=parallelize_moe, step_metrics=step_metrics, after_optimizer_step=after_optimizer_step)

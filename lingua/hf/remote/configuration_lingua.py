@@ -13,9 +13,12 @@ class LinguaConfig(PretrainedConfig):
                  num_attention_heads=8, num_key_value_heads=None, head_dim=None, mlp="swiglu", qk_norm=False,
                  logit_softcap=None, attention_scale=None, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=1024, initializer_range=0.02, use_cache=True, tie_word_embeddings=False,
+                 n_experts=0, num_experts_per_tok=2, moe_intermediate_size=None, n_shared_experts=0, gate="softmax", route_norm=True,
                  **kwargs):
         if mlp not in ("swiglu", "relu2"):
             raise ValueError(f"mlp={mlp!r} is not one of swiglu, relu2")
+        if gate not in ("softmax", "sigmoid"):
+            raise ValueError(f"gate={gate!r} is not one of softmax, sigmoid")
         kwargs.pop("rope_parameters", None)  # rope_theta alone says it: lingua has no RoPE scaling
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -33,4 +36,20 @@ class LinguaConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        # mixture of experts (apps/moe) when n_experts > 0: SwiGLU experts moe_intermediate_size wide, the
+        # num_experts_per_tok (not `top_k`, which generate would read as a sampling setting) chosen by softmax or
+        # sigmoid scores plus a per-expert selection bias that never weights; n_shared_experts always-on ones as one
+        # SwiGLU n_shared_experts times as wide; route_norm: the chosen gates sum to 1
+        self.n_experts, self.num_experts_per_tok = n_experts, num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.n_shared_experts, self.gate, self.route_norm = n_shared_experts, gate, route_norm
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class LinguaMoEConfig(LinguaConfig):
+    """The same class for apps/moe's models (n_experts > 0), under its own model_type so lingua reads it back as one."""
+
+    model_type = "lingua_moe"
+
+    def __init__(self, **kwargs):  # its own __init__: transformers 5 would otherwise make the class a dataclass
+        super().__init__(**kwargs)

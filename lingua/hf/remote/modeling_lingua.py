@@ -4,7 +4,8 @@ computes what lingua/models/transformer/model.py computes, from the same weights
 
     block: h = x + attn(RMSNorm(x)); out = h + mlp(RMSNorm(h))
     attn:  q, k = RMSNorm per head (config.qk_norm), then RoPE (rotate_half); SDPA scaled by config.attention_scale
-    mlp:   swiglu: down(silu(gate x) * up x) | relu2: down(relu(up x)^2)
+    mlp:   swiglu: down(silu(gate x) * up x) | relu2: down(relu(up x)^2) | with config.n_experts, apps/moe's routed
+           SwiGLU experts (softmax or sigmoid gates, selection bias, shared experts)
     logits = lm_head(RMSNorm(h)), soft-capped c * tanh(logits / c) when config.logit_softcap is set
 
 Generation uses transformers' `DynamicCache` (past_key_values) and the 2-D attention mask of left-padded batches.
@@ -20,7 +21,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_lingua import LinguaConfig
+from .configuration_lingua import LinguaConfig, LinguaMoEConfig
 
 # what transformers calls the KV cache in model outputs: `cache` from 5.x on, `past_key_values` before
 CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
@@ -80,18 +81,53 @@ class LinguaAttention(nn.Module):
 
 
 class LinguaMLP(nn.Module):
-    def __init__(self, config: LinguaConfig):
+    def __init__(self, config: LinguaConfig, mlp: Optional[str] = None, width: Optional[int] = None):
         super().__init__()
-        self.gated = config.mlp == "swiglu"
+        self.gated = (mlp or config.mlp) == "swiglu"
+        width = width or config.intermediate_size
         if self.gated:
-            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+            self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class LinguaMoE(nn.Module):
+    """Token-choice top-k routing over SwiGLU experts held as [n_experts, ...] tensors (x @ w), as apps/moe computes
+    it: the selection bias only chooses, the gates come from the unbiased scores."""
+
+    def __init__(self, config: LinguaConfig):
+        super().__init__()
+        self.config, dim, width = config, config.hidden_size, config.moe_intermediate_size
+        self.router = nn.Linear(dim, config.n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(config.n_experts, dim, width))
+        self.w3 = nn.Parameter(torch.empty(config.n_experts, dim, width))
+        self.w2 = nn.Parameter(torch.empty(config.n_experts, width, dim))
+        self.register_buffer("expert_bias", torch.zeros(config.n_experts))
+        if config.n_shared_experts:
+            self.shared = LinguaMLP(config, "swiglu", config.n_shared_experts * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, flat = self.config, x.reshape(-1, x.shape[-1])  # (n_tok, dim)
+        logits = self.router(flat).float()
+        scores = logits.softmax(-1) if c.gate == "softmax" else logits.sigmoid()  # (n_tok, n_experts)
+        experts = torch.topk(scores + self.expert_bias.float(), c.num_experts_per_tok, dim=-1, sorted=True).indices
+        gates = scores.gather(-1, experts)  # (n_tok, top_k)
+        if c.route_norm:
+            gates = gates / gates.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in range(c.n_experts):
+            tok, slot = (experts == e).nonzero(as_tuple=True)
+            rows = flat[tok]
+            y = (F.silu(rows @ self.w1[e]) * (rows @ self.w3[e])) @ self.w2[e]
+            out.index_add_(0, tok, y * gates[tok, slot, None].to(y.dtype))
+        if c.n_shared_experts:
+            out = out + self.shared(flat)
+        return out.view_as(x)
 
 
 class LinguaDecoderLayer(nn.Module):
@@ -100,7 +136,7 @@ class LinguaDecoderLayer(nn.Module):
         self.input_layernorm = LinguaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LinguaAttention(config, layer_idx)
         self.post_attention_layernorm = LinguaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LinguaMLP(config)
+        self.mlp = LinguaMoE(config) if config.n_experts else LinguaMLP(config)
 
     def forward(self, x, positions, mask, cache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), positions, mask, cache)
@@ -118,6 +154,9 @@ class LinguaPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         elif isinstance(module, LinguaRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, LinguaMoE):
+            for w in (module.w1, module.w2, module.w3):
+                nn.init.normal_(w, std=self.config.initializer_range)
 
 
 def positions_and_mask(attention_mask, past: int, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,3 +238,9 @@ class LinguaForCausalLM(LinguaPreTrainedModel, GenerationMixin):
         if labels is not None:  # next-token cross-entropy; -100 is ignored
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+
+
+class LinguaMoEForCausalLM(LinguaForCausalLM):
+    """The same model for apps/moe's checkpoints (config.n_experts > 0), under their own config class."""
+
+    config_class = LinguaMoEConfig
