@@ -113,6 +113,7 @@ def test_exported_model_matches_in_transformers(name, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     theirs = load_hf(out)
     assert type(theirs).__name__ == EXPECTED_CLASS.get(name, "LlamaForCausalLM")
+    assert (out / "modeling_lingua.py").is_file() == name.endswith("remote")
     n_heads, n_kv_heads, head_dim = check_args(args)
     cfg = theirs.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
@@ -380,3 +381,11 @@ def test_a_native_class_never_approximates(switch, message, tmp_path):
         hf.export_hf(LLAMA, Transformer.build(args).state_dict(), args, tmp_path / "hf")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_native_export_over_a_remote_code_one_leaves_no_code_behind(tmp_path):
+    for name in ("debug-recipe-remote", "relu2-arcee"):
+        model, args = make_model(name)
+        hf.export_hf(TRANSFORMER_HF, model.state_dict(), args, tmp_path)
+    assert not list(tmp_path.glob("*_lingua.py"))
+    assert type(load_hf(tmp_path)).__name__ == "ArceeForCausalLM"

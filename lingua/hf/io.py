@@ -152,9 +152,11 @@ def export_hf(mappings: Mappings, model_state: dict, args, out_dir, tokenizer_na
     bos_id = eos_id = None
     if tokenizer_name:
         bos_id, eos_id = _tokenizer_files(out, tokenizer_name, tokenizer_path)
-    if mapping.remote_code:
-        for src in sorted(REMOTE_CODE.glob("*.py")):
+    for src in sorted(REMOTE_CODE.glob("*.py")):  # a native class: no stale code of an earlier export left beside it
+        if mapping.remote_code:
             write_atomic(out / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        else:
+            (out / src.name).unlink(missing_ok=True)
     write_atomic(out / WEIGHTS, lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp),
                                                       metadata={"format": "pt"}))
     write_json_atomic(out / "config.json", mapping.config(args, bos_id, eos_id, weights_dtype), indent=2)
