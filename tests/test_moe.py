@@ -251,6 +251,8 @@ def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(
     back = MoETransformer.build(back_args, seed=9).eval()
     hf.load_hf_weights(out, back, MOE_SPEC.hf)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+    again = hf.export_hf(MOE_SPEC.hf, back.state_dict(), back_args, tmp_path / "again")  # the same bytes out again
+    assert all((again / f).read_bytes() == (out / f).read_bytes() for f in ("model.safetensors", "config.json"))
     for bad, what in ((dict(gate="sigmoid"), "model.gate=sigmoid"), (dict(n_shared_experts=1), "a shared expert"),
                       (dict(bias_update_rate=0.001), "a selection bias")):
         bad_args = dataclasses.replace(args, **bad)
