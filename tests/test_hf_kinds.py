@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 
-from apps.fastRNN.model import FASTRNN_SPEC, FastRNNArgs  # noqa: E402
+from apps.fastRNN.model import FASTRNN_SPEC, FastRNN, FastRNNArgs  # noqa: E402
 from apps.mamba.model import MAMBA_SPEC, Mamba, MambaArgs  # noqa: E402
 from apps.moe.model import MOE_SPEC, MoEArgs, MoETransformer  # noqa: E402
 from apps.mtp.model import MTP_SPEC, MTPArgs, MTPTransformer  # noqa: E402
@@ -63,7 +63,7 @@ def debug_export(debug_ckpt, tmp_path_factory):
 
 def hf_greedy(model, tok, prompts: list[str], n: int) -> list[list[int]]:
     """The new tokens of transformers' batched greedy `generate` (left padding), cut at EOS as lingua's Generator."""
-    tok.pad_token, tok.padding_side = tok.unk_token, "left"
+    tok.pad_token, tok.padding_side = tok.unk_token or tok.eos_token, "left"  # pad ids are masked out anyway
     batch = tok(prompts, return_tensors="pt", padding=True)
     out = model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
@@ -79,6 +79,29 @@ def lingua_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
             if seq[-1] == eos:
                 return seq[len(ids):-1]
     return seq[len(ids):]
+
+
+def export_and_compare(mappings, model, args, out, architecture: str):
+    """Export `model` (bytes tokenizer), load it in transformers as `architecture`; its logits must be ours."""
+    hf.export_hf(mappings, model.state_dict(), args, out, "bytes")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(theirs).__name__ == architecture
+    tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(tokens) - theirs(tokens).logits).abs().max() < 1e-4
+    return theirs, tokens
+
+
+def assert_comes_back(mappings, model, out, again):
+    """lingua loads the export (eval and generate take it) with our exact weights, and writes the same bytes again."""
+    back, back_args, tok = load_model(str(out))
+    assert type(back) is type(model) and tok.n_words == 258
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    hf.export_hf(mappings, back.state_dict(), back_args, again, "bytes")
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    return back_args
 
 
 @pytest.mark.slow  # its fixtures train and export through the command line (~20 s)
@@ -202,7 +225,7 @@ TABLE_ROWS = [
      MoEArgs(gate="sigmoid")),
     ("mamba", "Mamba-2 mixers only", MambaArgs()),
     ("mamba", "with a SwiGLU MLP per block (model.mlp)", MambaArgs(mlp=True)),
-    ("fastRNN", "mingru, minlstm, hawk", FastRNNArgs()),
+    ("fastRNN", "mingru, minlstm, hawk (any switch)", FastRNNArgs()),
 ]
 SPECS = {"transformer": TRANSFORMER_SPEC, "mtp": MTP_SPEC, "moe": MOE_SPEC, "mamba": MAMBA_SPEC,
          "fastRNN": FASTRNN_SPEC}
@@ -239,24 +262,13 @@ def test_mamba_exports_as_mamba2_and_comes_back(tmp_path):
         for n, p in model.named_parameters():
             if n.endswith(("norm.weight", ".D")):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-    out = hf.export_hf(MAMBA_SPEC.hf, model.state_dict(), args, tmp_path / "hf", "bytes")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(theirs).__name__ == "Mamba2ForCausalLM"
-    tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (model(tokens) - theirs(tokens).logits).abs().max() < 1e-4
+    out = tmp_path / "hf"
+    theirs, tokens = export_and_compare(MAMBA_SPEC.hf, model, args, out, "Mamba2ForCausalLM")
     prompt = tokens[:1, :6]
     ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
     assert ids == lingua_greedy(model, prompt[0].tolist(), 12, eos=-1)
-    # back into lingua (eval / generate take the directory), and out again byte for byte
-    back, back_args, tok = load_model(str(out))
-    assert type(back).__name__ == "Mamba" and tok.n_words == 258
-    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(a, b), k
-    again = hf.export_hf(MAMBA_SPEC.hf, back.state_dict(), back_args, tmp_path / "again", "bytes")
-    for name in ("model.safetensors", "config.json"):
-        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    assert_comes_back(MAMBA_SPEC.hf, model, out, tmp_path / "again")
     mlp = dataclasses.replace(args, mlp=True)
     with pytest.raises(LinguaError, match=r"\(Mamba2ForCausalLM: model.mlp=true \(its blocks are mixers only\)\)"):
         hf.export_hf(MAMBA_SPEC.hf, Mamba.build(mlp).state_dict(), mlp, tmp_path / "mlp")
@@ -271,6 +283,9 @@ def _kind(name: str):
     if name == "Mamba2ForCausalLM":
         args = MambaArgs(dim=32, n_layers=2, vocab_size=258, d_state=16, head_dim=16, chunk_size=8, max_seqlen=64)
         return Mamba.build(args, seed=3).eval(), args, MAMBA_SPEC.hf
+    if name == "LinguaRNNForCausalLM":
+        args = FastRNNArgs(dim=32, n_layers=2, vocab_size=258, max_seqlen=64, cell="hawk", n_heads=2)
+        return FastRNN.build(args, seed=3).eval(), args, FASTRNN_SPEC.hf
     if name in ("MixtralForCausalLM", "LinguaMoEForCausalLM"):
         beyond = dict(gate="sigmoid", n_shared_experts=1) if name == "LinguaMoEForCausalLM" else {}
         args = MoEArgs(**small, n_experts=4, top_k=2, **beyond)
@@ -283,7 +298,8 @@ def _kind(name: str):
 
 @pytest.mark.slow  # an lm-eval run a class
 @pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen3ForCausalLM", "ArceeForCausalLM", "MixtralForCausalLM",
-                                  "Mamba2ForCausalLM", "LinguaForCausalLM", "LinguaMoEForCausalLM"])
+                                  "Mamba2ForCausalLM", "LinguaForCausalLM", "LinguaMoEForCausalLM",
+                                  "LinguaRNNForCausalLM"])
 def test_each_class_generates_and_scores_lm_eval_like_lingua(name, offline, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
@@ -329,12 +345,9 @@ def test_moe_beyond_mixtral_exports_as_remote_code_and_comes_back(tmp_path):
     with torch.no_grad():  # a selection bias that changes which experts are chosen
         for layer in model.layers:
             layer.feed_forward.expert_bias.copy_(0.2 * torch.randn(4, generator=torch.Generator().manual_seed(1)))
-    out = hf.export_hf(MOE_SPEC.hf, model.state_dict(), args, tmp_path / "hf", "bytes")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert type(theirs).__name__ == "LinguaMoEForCausalLM"
-    tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "hf"
+    theirs, tokens = export_and_compare(MOE_SPEC.hf, model, args, out, "LinguaMoEForCausalLM")
     with torch.no_grad():
-        assert (model(tokens) - theirs(tokens).logits).abs().max() < 1e-4
         theirs.model.layers[0].mlp.expert_bias.zero_()  # the bias matters: without it the logits move
         assert (model(tokens) - theirs(tokens).logits).abs().max() > 1e-3
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -342,10 +355,26 @@ def test_moe_beyond_mixtral_exports_as_remote_code_and_comes_back(tmp_path):
     ids = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
     assert ids == lingua_greedy(model, prompt[0].tolist(), 12, eos=-1)
-    back, back_args, _ = load_model(str(out))
-    assert type(back).__name__ == "MoETransformer" and (back_args.gate, back_args.n_shared_experts) == ("sigmoid", 1)
-    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(a, b), k
-    again = hf.export_hf(MOE_SPEC.hf, back.state_dict(), back_args, tmp_path / "again", "bytes")
-    for name in ("model.safetensors", "config.json"):
-        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    back_args = assert_comes_back(MOE_SPEC.hf, model, out, tmp_path / "again")
+    assert (back_args.gate, back_args.n_shared_experts, back_args.route_norm) == ("sigmoid", 1, False)
+
+
+# ---------------------------------------------------------------- fastRNN: lingua's remote code
+
+
+@pytest.mark.slow  # three cells, a batched generate each: ~6 s
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "hawk"])
+def test_fastrnn_exports_as_remote_code_and_comes_back(cell, tmp_path):
+    from lingua.data.tokenizer import ByteTokenizer
+
+    args = FastRNNArgs(dim=32, n_layers=2, vocab_size=258, max_seqlen=64, cell=cell, n_heads=2,
+                       lru_dim_multiplier=1.5, weight_tying=cell == "minlstm")
+    model = FastRNN.build(args, seed=1).eval()
+    out = tmp_path / "hf"
+    theirs, _ = export_and_compare(FASTRNN_SPEC.hf, model, args, out, "LinguaRNNForCausalLM")
+    # batched greedy generation with left padding: the recurrent state starts at each row's first real token
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    their_ids = hf_greedy(theirs, tok, PROMPTS, 12)
+    expected, _ = Generator(model, ByteTokenizer(), GeneratorArgs(max_gen_len=12)).generate(PROMPTS)
+    assert [ByteTokenizer().decode(ids) for ids in their_ids] == expected
+    assert_comes_back(FASTRNN_SPEC.hf, model, out, tmp_path / "again")

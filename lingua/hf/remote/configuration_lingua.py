@@ -53,3 +53,23 @@ class LinguaMoEConfig(LinguaConfig):
 
     def __init__(self, **kwargs):  # its own __init__: transformers 5 would otherwise make the class a dataclass
         super().__init__(**kwargs)
+
+
+class LinguaRNNConfig(PretrainedConfig):
+    """apps/fastRNN's recurrent models (minGRU, minLSTM, Hawk): pre-norm blocks of a recurrent mixer and a SwiGLU."""
+
+    model_type = "lingua_rnn"
+
+    def __init__(self, vocab_size=32000, hidden_size=512, num_hidden_layers=8, intermediate_size=1536, cell="mingru",
+                 lru_dim=512, num_heads=1, conv_size=4, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                 initializer_range=0.02, tie_word_embeddings=False, use_cache=False, logit_softcap=None, **kwargs):
+        if cell not in ("mingru", "minlstm", "hawk"):
+            raise ValueError(f"cell={cell!r} is not one of mingru, minlstm, hawk")
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        self.intermediate_size, self.cell, self.lru_dim = intermediate_size, cell, lru_dim
+        self.num_heads, self.conv_size, self.rms_norm_eps = num_heads, conv_size, rms_norm_eps
+        self.max_position_embeddings, self.initializer_range = max_position_embeddings, initializer_range
+        self.logit_softcap = logit_softcap  # logits = c * tanh(logits / c); None: off
+        # no inference state in transformers' cache: generate re-runs the sequence (exact, quadratic)
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
