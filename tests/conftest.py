@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny two-source corpus in lingua's layout and a helper to build a tiny training config."""
 
+import atexit
 import io
 import json
 import os
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,14 @@ def offline(tmp_path_factory):
             mp.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True)
             mp.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True, raising=False)
         yield home
+
+
+def hf_offline_env() -> None:
+    """transformers reads these when it is imported: never touch the network or the user's cache (remote-code
+    modules included) from a test."""
+    if os.environ.get("LINGUA_TEST_HF_HOME") is None:
+        os.environ["LINGUA_TEST_HF_HOME"] = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lingua-test-hf-home-")
+        atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

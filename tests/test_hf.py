@@ -1,25 +1,19 @@
 """Hugging Face interoperability: exported models compute our logits in transformers, round-trip exactly, carry
 their tokenizer, and a Hugging Face directory starts a training run. Offline: no hub access anywhere."""
 
-import atexit
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-# transformers reads these when it is imported: never touch the network or the user's cache
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lingua-test-hf-home-")
-atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tests.conftest import hf_offline_env
+
+hf_offline_env()  # before transformers is imported
 
 try:
     import safetensors  # noqa: F401

@@ -13,6 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import hf_offline_env
+
+hf_offline_env()  # before transformers is imported
 pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 
