@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny two-source corpus in lingua's layout and a helper to build a tiny training config."""
 
+import atexit
+import io
 import json
 import os
 import random
@@ -121,3 +123,46 @@ def assert_same_weights(a: dict, b: dict):
     assert a.keys() == b.keys(), set(a) ^ set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    """A 400-piece BPE trained like setup/train_tokenizer.py (identity normalisation, no dummy prefix, bytes)."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    text = [_doc(rng, 6) for _ in range(150)]
+    text += ["Numbers 12345 and 3.14, café naïve — 日本語 🙂", "  two  spaces\tand"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
+        character_coverage=0.9995, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, num_threads=1, minloglevel=2)
+    path = tmp_path_factory.mktemp("sp") / "tok.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """No network and a private cache for datasets / the hub, whether or not they were imported already."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(home))):
+            mp.setenv(key, value)
+        if "datasets" in sys.modules:
+            mp.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True)
+            mp.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True, raising=False)
+        yield home
+
+
+def hf_offline_env() -> None:
+    """transformers reads these when it is imported: never touch the network or the user's cache (remote-code
+    modules included) from a test."""
+    if os.environ.get("LINGUA_TEST_HF_HOME") is None:
+        os.environ["LINGUA_TEST_HF_HOME"] = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lingua-test-hf-home-")
+        atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

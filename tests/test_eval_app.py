@@ -154,7 +154,7 @@ def test_hugging_face_directory_loads_evaluates_and_needs_a_tokenizer(trained, t
     pytest.importorskip("safetensors")
     pytest.importorskip("tokenizers")
     from lingua.hf.io import export_hf
-    from lingua.models.transformer.hf import LLAMA
+    from lingua.models.transformer.hf_llama import LLAMA
 
     corpus, ckpt = trained
     model, args, _ = load_model(str(ckpt))

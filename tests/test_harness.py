@@ -1,7 +1,6 @@
 """lm-evaluation-harness over our model, offline: a local multiple-choice task against our own log-likelihoods."""
 
 import json
-import random
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -19,41 +18,8 @@ from lingua.eval.load import load_model  # noqa: E402
 from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
 from lingua.models.transformer.model import Transformer, TransformerArgs  # noqa: E402
 from lingua.train.loop import TrainArgs, train  # noqa: E402
-from tests.conftest import ROOT, WORDS, tiny_overrides, write_corpus  # noqa: E402
-
-TASK_YAML = """task: lingua_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-@pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """No network and a private cache for datasets / the hub, whether or not they were imported already."""
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(home))):
-            mp.setenv(key, value)
-        if "datasets" in sys.modules:
-            mp.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True)
-            mp.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True, raising=False)
-        yield home
-
+from tests.conftest import ROOT, tiny_overrides, write_corpus  # noqa: E402
+from tests.harness_helpers import write_task  # noqa: E402
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -62,20 +28,6 @@ def trained(tmp_path_factory):
     train(load_config(TrainArgs, tiny_overrides(corpus, root / "run", steps=4, eval__at_end=False)), TRANSFORMER_SPEC)
     model, _, tokenizer = load_model(str(root / "run"))
     return model, tokenizer, root / "run"
-
-
-def write_task(folder, n_docs=12, seed=0) -> str:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        question = f"{rng.choice(['ROMEO', 'JULIET'])}: " + " ".join(rng.choice(WORDS) for _ in range(5))
-        choices = rng.sample(WORDS, 4)
-        docs.append({"question": question, "choices": choices, "answer": rng.randrange(4)})
-    data = folder / "mc.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / "tasks").mkdir()
-    (folder / "tasks" / "lingua_local_mc.yaml").write_text(TASK_YAML.format(data=data, cache=folder / "cache"))
-    return str(folder / "tasks")
 
 
 def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

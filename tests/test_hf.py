@@ -1,26 +1,19 @@
 """Hugging Face interoperability: exported models compute our logits in transformers, round-trip exactly, carry
 their tokenizer, and a Hugging Face directory starts a training run. Offline: no hub access anywhere."""
 
-import atexit
-import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-# transformers reads these when it is imported: never touch the network or the user's cache
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lingua-test-hf-home-")
-atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tests.conftest import hf_offline_env
+
+hf_offline_env()  # before transformers is imported
 
 try:
     import safetensors  # noqa: F401
@@ -37,9 +30,9 @@ from lingua.data.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa:
 from lingua.errors import LinguaError  # noqa: E402
 from lingua.hf import io as hf
 from lingua.models.layers import ffn_hidden_dim  # noqa: E402
-from lingua.models.transformer.spec import TRANSFORMER_SPEC  # noqa: E402
-from lingua.models.transformer import hf as hf_llama  # noqa: E402
-from lingua.models.transformer.hf import LLAMA  # noqa: E402
+from lingua.models.transformer import hf as hf_tf  # noqa: E402
+from lingua.models.transformer.hf_llama import LLAMA  # noqa: E402
+from lingua.models.transformer.spec import TRANSFORMER_HF, TRANSFORMER_SPEC  # noqa: E402
 from lingua.models.transformer.model import Transformer, TransformerArgs, check_args  # noqa: E402
 from lingua.train.loop import TrainArgs, train  # noqa: E402
 from tests.conftest import ROOT, tiny_overrides  # noqa: E402
@@ -58,7 +51,18 @@ CONFIGS = {
                           ffn_dim_multiplier=0.5),
     # model.qk_norm exports as Qwen3ForCausalLM: its q/k RMSNorm weights go through the RoPE permutation too
     "qk-norm-qwen3": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, qk_norm=True),
+    # model.mlp=relu2 without QK-norm is Arcee's computation
+    "relu2-arcee": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, mlp="relu2", rope_theta=500.0),
+    # what no native class computes: lingua's own class, remote code. The debug recipe (ReLU², QK-norm, tied) ...
+    "debug-recipe-remote": dict(dim=64, n_layers=2, n_heads=4, vocab_size=96, mlp="relu2", qk_norm=True,
+                                weight_tying=True),
+    # ... and the other switches: SwiGLU + soft-cap + GQA + theta, untied
+    "softcap-gqa-remote": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, logit_softcap=2.0,
+                               rope_theta=500.0, norm_eps=1e-6),
 }
+# the class each config exports as, and whether it comes as remote code
+EXPECTED_CLASS = {"qk-norm-qwen3": "Qwen3ForCausalLM", "relu2-arcee": "ArceeForCausalLM",
+                  "debug-recipe-remote": "LinguaForCausalLM", "softcap-gqa-remote": "LinguaForCausalLM"}
 
 
 def make_model(name: str, seed: int = 0):
@@ -73,8 +77,14 @@ def make_model(name: str, seed: int = 0):
 
 
 def load_hf(path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    assert type(model).__name__ == ("Qwen3ForCausalLM" if model.config.model_type == "qwen3" else "LlamaForCausalLM")
+    """transformers' model of an export: native classes without remote code, lingua's own only with it."""
+    architecture = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    remote = architecture == "LinguaForCausalLM"
+    if remote:
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote)
+    assert type(model).__name__ == architecture
     return model.eval()
 
 
@@ -93,15 +103,18 @@ def greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_exported_model_matches_in_transformers(name, tmp_path):
     model, args = make_model(name)
-    out = hf.export_hf(LLAMA, model.state_dict(), args, tmp_path / "hf")
+    out = hf.export_hf(TRANSFORMER_HF, model.state_dict(), args, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     theirs = load_hf(out)
+    assert type(theirs).__name__ == EXPECTED_CLASS.get(name, "LlamaForCausalLM")
+    assert (out / "modeling_lingua.py").is_file() == name.endswith("remote")
     n_heads, n_kv_heads, head_dim = check_args(args)
     cfg = theirs.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
         args.dim, n_heads, n_kv_heads, head_dim)
-    assert cfg.intermediate_size == ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-    assert cfg.rope_parameters["rope_theta"] == args.rope_theta and cfg.rms_norm_eps == args.norm_eps
+    assert cfg.intermediate_size == ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
+    assert (cfg.rope_theta if name.endswith("remote") else cfg.rope_parameters["rope_theta"]) == args.rope_theta
+    assert cfg.rms_norm_eps == args.norm_eps
     assert cfg.tie_word_embeddings == args.weight_tying
     from safetensors import safe_open
 
@@ -125,7 +138,7 @@ def test_exported_model_matches_in_transformers(name, tmp_path):
 def test_logits_differ_without_the_rope_permutation(tmp_path, monkeypatch):
     """The layouts really differ: exporting q/k rows as they are gives another model (so the test above can fail)."""
     model, args = make_model("gqa-tied-theta")
-    monkeypatch.setattr(hf_llama, "interleaved_to_halves", lambda w, n_heads: w.clone())
+    monkeypatch.setattr(hf_tf, "interleaved_to_halves", lambda w, n_heads: w.clone())
     theirs = load_hf(hf.export_hf(LLAMA, model.state_dict(), args, tmp_path))
     tokens = torch.randint(0, args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -134,24 +147,25 @@ def test_logits_differ_without_the_rope_permutation(tmp_path, monkeypatch):
 
 def test_rope_permutation_is_a_per_head_inverse_pair():
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of head_dim 8
-    halves = hf_llama.interleaved_to_halves(w, 2)
+    halves = hf_tf.interleaved_to_halves(w, 2)
     # each head's rows 0, 2, 4, 6 (the first of each pair) then 1, 3, 5, 7
     assert halves[:, 0].tolist() == [0, 6, 12, 18, 3, 9, 15, 21] + [24, 30, 36, 42, 27, 33, 39, 45]
-    assert torch.equal(hf_llama.halves_to_interleaved(halves, 2), w)
+    assert torch.equal(hf_tf.halves_to_interleaved(halves, 2), w)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_export_then_import_round_trips_exactly(name, tmp_path):
     model, args = make_model(name, seed=3)
-    out = hf.export_hf(LLAMA, model.state_dict(), args, tmp_path)
-    back_args = hf.args_from_hf(out, LLAMA)
+    out = hf.export_hf(TRANSFORMER_HF, model.state_dict(), args, tmp_path)
+    back_args = hf.args_from_hf(out, TRANSFORMER_HF)
     assert check_args(back_args) == check_args(args)
-    for key in ("dim", "n_layers", "norm_eps", "rope_theta", "max_seqlen", "vocab_size", "weight_tying"):
+    for key in ("dim", "n_layers", "norm_eps", "rope_theta", "max_seqlen", "vocab_size", "weight_tying", "mlp",
+                "qk_norm", "logit_softcap"):
         assert getattr(back_args, key) == getattr(args, key), key
-    assert ffn_hidden_dim(back_args.dim, back_args.multiple_of, back_args.ffn_dim_multiplier) == ffn_hidden_dim(
-        args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    assert ffn_hidden_dim(back_args.dim, back_args.multiple_of, back_args.ffn_dim_multiplier, back_args.mlp) == \
+        ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
     back = Transformer.build(back_args)
-    hf.load_hf_weights(out, back, LLAMA)
+    hf.load_hf_weights(out, back, TRANSFORMER_HF)
     ours, theirs = dict(model.named_parameters()), dict(back.named_parameters())
     assert ours.keys() == theirs.keys()
     for k in ours:
@@ -159,8 +173,12 @@ def test_export_then_import_round_trips_exactly(name, tmp_path):
     assert (back.output.weight is back.tok_embeddings.weight) == args.weight_tying
     # and the pure mapping, both ways, tensor for tensor
     sd = model.state_dict()
-    again = hf_llama.llama_from_hf(hf_llama.llama_to_hf(sd, args), args)
+    again = hf_tf.transformer_from_hf(hf_tf.transformer_to_hf(sd, args), args)
     assert all(torch.equal(sd[k], again[k]) for k in sd)
+    # export -> import -> export writes the same bytes
+    hf.export_hf(TRANSFORMER_HF, back.state_dict(), back_args, tmp_path / "again")
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "again" / f).read_bytes() == (out / f).read_bytes(), f
 
 
 def test_bf16_export_keeps_dtype_in_config(tmp_path):
@@ -207,27 +225,6 @@ def test_loading_into_another_shape_names_the_field(tmp_path):
 
 STRINGS = ["ROMEO: the king hath thou.", "hello world", " leading space", "two  spaces   three",
            "tabs\tand\nnewlines\n\n", "Numbers 12345 and 3.14", "café naïve — 日本語 🙂", "", "x", "a<s>b</s>"]
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> Path:
-    """A 400-piece BPE trained like setup/train_tokenizer.py (identity normalisation, no dummy prefix, bytes)."""
-    import sentencepiece as spm
-
-    from tests.conftest import _doc
-
-    rng = random.Random(0)
-    text = [_doc(rng, 6) for _ in range(150)]
-    text += ["Numbers 12345 and 3.14, café naïve — 日本語 🙂", "  two  spaces\tand"]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
-        character_coverage=0.9995, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, num_threads=1, minloglevel=2)
-    path = tmp_path_factory.mktemp("sp") / "tok.model"
-    path.write_bytes(model.getvalue())
-    return path
 
 
 def test_sentencepiece_tokenizer_export_matches_sentencepiece_ids(sp_model, tmp_path):
@@ -367,10 +364,22 @@ def test_init_ckpt_path_from_hf_under_fsdp(tiny_corpus, tmp_path):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("switch, message", [(dict(mlp="relu2"), "model.mlp=relu2 has no Hugging Face"),
-                                             (dict(logit_softcap=15.0), "model.logit_softcap has no Hugging Face")])
-def test_export_refuses_what_llama_and_qwen3_cannot_express(switch, message, tmp_path):
+@pytest.mark.parametrize("switch, message", [
+    (dict(mlp="relu2"), r"\(LlamaForCausalLM: model.mlp=relu2 \(its MLP is swiglu\)\): export refused"),
+    (dict(logit_softcap=15.0), r"\(LlamaForCausalLM: model.logit_softcap \(it has no logit soft-cap\)\)"),
+    (dict(qk_norm=True), r"\(LlamaForCausalLM: model.qk_norm=true \(it has no QK-norm\)\)")])
+def test_a_native_class_never_approximates(switch, message, tmp_path):
+    """Llama alone cannot express these switches: one line naming the switch, and nothing written."""
     args = TransformerArgs(**{**CONFIGS["mha-untied"], **switch})
-    with pytest.raises(LinguaError, match=message):
+    with pytest.raises(LinguaError, match=message) as e:
         hf.export_hf(LLAMA, Transformer.build(args).state_dict(), args, tmp_path / "hf")
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_native_export_over_a_remote_code_one_leaves_no_code_behind(tmp_path):
+    for name in ("debug-recipe-remote", "relu2-arcee"):
+        model, args = make_model(name)
+        hf.export_hf(TRANSFORMER_HF, model.state_dict(), args, tmp_path)
+    assert not list(tmp_path.glob("*_lingua.py"))
+    assert type(load_hf(tmp_path)).__name__ == "ArceeForCausalLM"

@@ -234,6 +234,7 @@ def test_expert_parallel_continues_the_single_process_run_and_reshards_both_ways
 
 def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from apps.moe.hf_mixtral import MIXTRAL
     from lingua.hf import io as hf
 
     args = MoEArgs(**{**SMALL, "n_kv_heads": 2}, weight_tying=True)
@@ -250,11 +251,13 @@ def test_mixtral_export_matches_transformers_and_refuses_what_it_cannot_express(
     back = MoETransformer.build(back_args, seed=9).eval()
     hf.load_hf_weights(out, back, MOE_SPEC.hf)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+    again = hf.export_hf(MOE_SPEC.hf, back.state_dict(), back_args, tmp_path / "again")  # the same bytes out again
+    assert all((again / f).read_bytes() == (out / f).read_bytes() for f in ("model.safetensors", "config.json"))
     for bad, what in ((dict(gate="sigmoid"), "model.gate=sigmoid"), (dict(n_shared_experts=1), "a shared expert"),
                       (dict(bias_update_rate=0.001), "a selection bias")):
         bad_args = dataclasses.replace(args, **bad)
-        with pytest.raises(LinguaError, match=f"^{what} has no MixtralForCausalLM equivalent"):
-            hf.export_hf(MOE_SPEC.hf, MoETransformer.build(bad_args).state_dict(), bad_args, tmp_path / "bad")
+        with pytest.raises(LinguaError, match=rf"\(MixtralForCausalLM: {what}\): export refused$"):
+            hf.export_hf(MIXTRAL, MoETransformer.build(bad_args).state_dict(), bad_args, tmp_path / "bad")
 
 
 def test_expert_counts_equal_bincount_without_its_host_sync():

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.fastRNN.hf_lingua_rnn import lingua_rnn_mapping
 from apps.fastRNN.scan import SCANS, conv_step, g, linear_scan, log_g, log_scan, step
 from lingua.errors import ConfigError
 from lingua.models.decoder import Decoder, DecoderArgs
@@ -320,4 +321,4 @@ def flops_per_token(args: FastRNNArgs, seq_len: int) -> int:
 
 
 FASTRNN_SPEC = ModelSpec(name="fastrnn", path="apps.fastRNN.model:FASTRNN_SPEC", args_cls=FastRNNArgs, build=FastRNN,
-                         flops_per_token=flops_per_token)
+                         flops_per_token=flops_per_token, hf=lingua_rnn_mapping(FastRNNArgs))

@@ -1,12 +1,13 @@
-"""Export a checkpoint as a Hugging Face directory (the transformer as LlamaForCausalLM; any architecture whose
-ModelSpec has an HF mapping):
+"""Export a checkpoint as a Hugging Face directory, for any architecture whose ModelSpec has HF mappings: the first
+native transformers class that computes the model exactly (the transformer: Llama, Qwen3, Arcee), else lingua's own
+class as remote code (`trust_remote_code=True`); the log says which and why.
 
     python -m apps.main.export_hf ckpt_dir=<dump_dir>/checkpoints/0000001000 out=<dir> [dtype=bf16]
 
 `ckpt_dir` is a DCP checkpoint, a consolidated one (`python -m lingua.checkpoint consolidate`) or a run directory
 (its latest checkpoint); the checkpoint's params.json gives the model args and the tokenizer. The result loads with
-`transformers.AutoModelForCausalLM.from_pretrained(out)`, and with `AutoTokenizer` for sentencepiece and bytes
-tokenizers (tiktoken ones are left out). Needs the `hf` extra.
+`transformers.AutoModelForCausalLM.from_pretrained(out)` (plus `trust_remote_code=True` for lingua's class), and
+with `AutoTokenizer` for sentencepiece and bytes tokenizers (tiktoken ones are left out). Needs the `hf` extra.
 """
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from lingua.distributed.precision import parse_dtype
 from lingua.errors import ConfigError, LinguaError
 from lingua.eval.load import build_for_checkpoint, inspect_checkpoint
 from lingua.hf.io import export_hf
+from lingua.log import setup_logging
 from lingua.models.decoder import num_params
 
 
@@ -37,7 +39,7 @@ def main(args: ExportArgs) -> Path:
     ckpt = inspect_checkpoint(args.ckpt_dir)
     if ckpt.kind == "hf":
         raise LinguaError(f"'{ckpt.path}' is already a Hugging Face directory")
-    if ckpt.spec.hf is None:
+    if not ckpt.spec.hf:
         raise LinguaError(f"'{ckpt.path}' holds a {ckpt.spec.name} model, which has no Hugging Face equivalent")
     tokenizer = (ckpt.params.get("data") or {}).get("tokenizer") or {}
     tok_name = args.tokenizer_name or tokenizer.get("name")
@@ -54,4 +56,5 @@ def main(args: ExportArgs) -> Path:
 
 
 if __name__ == "__main__":
+    setup_logging(0)  # the log says which Hugging Face class was taken, and why the ones before it were not
     run_cli(main, ExportArgs)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.mamba.hf_mamba2 import mamba2_mapping
 from apps.mamba.ssd import ssd_chunked, ssd_step
 from lingua.errors import ConfigError, LinguaError, require
 from lingua.models.decoder import Decoder, DecoderArgs
@@ -336,4 +337,4 @@ def flops_per_token(args: MambaArgs, seq_len: int) -> float:
 
 
 MAMBA_SPEC = ModelSpec(name="mamba", path="apps.mamba.model:MAMBA_SPEC", args_cls=MambaArgs, build=Mamba,
-                       flops_per_token=flops_per_token)
+                       flops_per_token=flops_per_token, hf=mamba2_mapping(MambaArgs))

@@ -14,25 +14,21 @@ from typing import Optional
 
 import torch
 
+from apps.moe.args import MoEArgs, expert_hidden_dim
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping, full_tensor
-from lingua.models.transformer.hf import (
-    HF_LAYER_NAMES,
-    _relayout,
-    hf_name,
-    llama_args_from_config,
-    llama_check_matches,
-    llama_config,
-)
+from lingua.models.transformer import hf
+from lingua.models.transformer.hf import HF_LAYER_NAMES, _relayout, hf_name
 
 
-def mixtral_check_exportable(args) -> None:
+def mixtral_unsupported(args) -> Optional[str]:
+    """What Mixtral (softmax top-k gates renormalised, no shared expert, no selection bias) cannot express."""
     for bad, why in ((args.gate != "softmax", f"model.gate={args.gate}"), (not args.route_norm, "route_norm=false"),
                      (args.n_shared_experts > 0, "a shared expert"), (args.bias_update_rate > 0, "a selection bias"),
                      (args.logit_softcap is not None, "model.logit_softcap"), (args.qk_norm, "model.qk_norm")):
         if bad:
-            raise LinguaError(f"{why} has no MixtralForCausalLM equivalent (softmax top-k gates, no shared expert, "
-                              "no bias): export refused")
+            return why
+    return None
 
 
 def _moe_name(layer: str, ours: str) -> Optional[str]:
@@ -40,7 +36,8 @@ def _moe_name(layer: str, ours: str) -> Optional[str]:
 
 
 def mixtral_to_hf(state: dict, args) -> dict:
-    mixtral_check_exportable(args)
+    if mixtral_unsupported(args):
+        raise LinguaError(f"{mixtral_unsupported(args)} has no MixtralForCausalLM equivalent: export refused")
     out = {}
     for name, t in state.items():
         if name == "output.weight" and args.weight_tying:
@@ -89,9 +86,7 @@ def mixtral_from_hf(hf_state: dict, args) -> dict:
 
 
 def mixtral_config(args, bos_id=None, eos_id=None, dtype=torch.float32) -> dict:
-    from apps.moe.model import expert_hidden_dim
-
-    cfg = llama_config(args, bos_id, eos_id, dtype)
+    cfg = hf.base_config(args, bos_id, eos_id, dtype)
     cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=expert_hidden_dim(args),
                num_local_experts=args.n_experts, num_experts_per_tok=args.top_k, router_jitter_noise=0.0,
                output_router_logits=False, router_aux_loss_coef=args.aux_loss_coef, sliding_window=None)
@@ -100,23 +95,25 @@ def mixtral_config(args, bos_id=None, eos_id=None, dtype=torch.float32) -> dict:
 
 def mixtral_args_from_config(cfg_path, cfg: dict):
     """MoEArgs for a Mixtral config.json (its Llama part read by lingua/models/transformer/hf.py)."""
-    from apps.moe.model import MoEArgs
-
     # the dense width whose 1 / top_k is the experts' (what model.moe_hidden_dim=null would take)
     dense = int(cfg["intermediate_size"]) * int(cfg.get("num_experts_per_tok", 2))
-    base = llama_args_from_config(cfg_path, {**cfg, "intermediate_size": dense})
+    base = hf.args_from_config(cfg_path, {**cfg, "intermediate_size": dense}, mlp="swiglu", qk_norm=False)
     return MoEArgs(**base.__dict__, n_experts=int(cfg["num_local_experts"]), top_k=int(cfg["num_experts_per_tok"]),
                    moe_hidden_dim=int(cfg["intermediate_size"]))
 
 
-def mixtral_check_matches(hf_args, args, path) -> None:
-    llama_check_matches(hf_args, args, path)
-    for key in ("n_experts", "top_k"):
+def moe_check_matches(hf_args, args, path) -> None:
+    """The transformer's checks, then the routing and the experts' shapes (this mapping's and hf_lingua_moe.py's)."""
+    hf.check_matches(hf_args, args, path)
+    for key in ("n_experts", "top_k", "n_shared_experts", "gate", "route_norm"):
         if getattr(hf_args, key) != getattr(args, key):
             raise LinguaError(f"Hugging Face model '{path}' has model.{key}={getattr(hf_args, key)} but this model "
                               f"has {getattr(args, key)}")
+    if expert_hidden_dim(hf_args) != expert_hidden_dim(args):
+        raise LinguaError(f"Hugging Face model '{path}' has experts {expert_hidden_dim(hf_args)} wide but this model "
+                          f"has {expert_hidden_dim(args)}")
 
 
-MIXTRAL = HFMapping(model_types=("mixtral",), config=mixtral_config, args_from_config=mixtral_args_from_config,
-                    to_hf=mixtral_to_hf, from_hf=mixtral_from_hf, check_matches=mixtral_check_matches,
-                    check_exportable=mixtral_check_exportable)
+MIXTRAL = HFMapping(architecture="MixtralForCausalLM", model_types=("mixtral",), config=mixtral_config,
+                    args_from_config=mixtral_args_from_config, to_hf=mixtral_to_hf, from_hf=mixtral_from_hf,
+                    check_matches=moe_check_matches, unsupported=mixtral_unsupported)

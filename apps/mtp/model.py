@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from apps.mtp.hf import MTP_HF
 from lingua.errors import ConfigError, LinguaError
 from lingua.models.kv_cache import KVCache
 from lingua.models.spec import ModelSpec
@@ -164,4 +165,4 @@ def head_metrics(model: MTPTransformer) -> dict:
 
 MTP_SPEC = ModelSpec(name="mtp", path="apps.mtp.model:MTP_SPEC", args_cls=MTPArgs, build=MTPTransformer,
                      flops_per_token=flops_per_token, parallelize=parallelize_transformer, describe=describe_attention,
-                     check_train_args=check_train_args, step_metrics=head_metrics)
+                     check_train_args=check_train_args, step_metrics=head_metrics, hf=MTP_HF)

@@ -1,7 +1,8 @@
 """Hugging Face interoperability, whatever the architecture: write a model as a transformers directory
 (model.safetensors, config.json, tokenizer files) and read one back. What is architecture-specific, the parameter
-names, layouts and config.json fields, is an `HFMapping` in the model's ModelSpec (lingua/models/transformer/hf.py for the
-transformer as `LlamaForCausalLM`).
+names, layouts and config.json fields, is an `HFMapping` in the model's ModelSpec (`spec.hf`, in order of preference:
+the transformer's are lingua/models/transformer/hf_*.py). Export takes the first mapping that computes the model
+exactly (lingua.hf.mapping.choose); lingua's own class comes with its code (lingua/hf/remote/, `auto_map`).
 
     export_hf(spec.hf, model.state_dict(), args, out_dir, "sp", "tok.model")
     load_hf_weights(hf_dir, model, spec.hf)
@@ -20,11 +21,12 @@ from torch import nn
 
 from lingua.errors import LinguaError, require
 from lingua.files import write_atomic, write_json_atomic
-from lingua.hf.mapping import HFMapping
+from lingua.hf.mapping import Mappings, choose, for_model_type
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+REMOTE_CODE = Path(__file__).parent / "remote"  # package data: lingua's transformers classes, copied into exports
 
 
 def read_config(path) -> tuple[Path, dict]:
@@ -134,14 +136,12 @@ def hf_tokenizer(path) -> Optional[tuple[str, Optional[str]]]:
     return None
 
 
-def export_hf(mapping: Optional[HFMapping], model_state: dict, args, out_dir, tokenizer_name: Optional[str] = None,
+def export_hf(mappings: Mappings, model_state: dict, args, out_dir, tokenizer_name: Optional[str] = None,
               tokenizer_path: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write `out_dir/` as a Hugging Face model: model.safetensors, config.json and, where the tokenizer has a
-    Hugging Face form (sentencepiece, bytes), its files. `dtype` None keeps the weights' own dtype."""
-    if mapping is None:
-        raise LinguaError(f"{type(args).__name__} models have no Hugging Face equivalent: nothing to export to")
-    if mapping.check_exportable is not None:
-        mapping.check_exportable(args)
+    """Write `out_dir/` as a Hugging Face model: model.safetensors, config.json, the class's code when it is lingua's
+    own and, where the tokenizer has a Hugging Face form (sentencepiece, bytes), its files. `mappings`: the
+    ModelSpec's `hf`; the first that computes the model exactly is taken. `dtype` None keeps the weights' own."""
+    mapping = choose(mappings, args)
     save_file = require("safetensors.torch", "hf").save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +152,11 @@ def export_hf(mapping: Optional[HFMapping], model_state: dict, args, out_dir, to
     bos_id = eos_id = None
     if tokenizer_name:
         bos_id, eos_id = _tokenizer_files(out, tokenizer_name, tokenizer_path)
+    for src in sorted(REMOTE_CODE.glob("*.py")):  # a native class: no stale code of an earlier export left beside it
+        if mapping.remote_code:
+            write_atomic(out / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        else:
+            (out / src.name).unlink(missing_ok=True)
     write_atomic(out / WEIGHTS, lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp),
                                                       metadata={"format": "pt"}))
     write_json_atomic(out / "config.json", mapping.config(args, bos_id, eos_id, weights_dtype), indent=2)
@@ -181,17 +186,16 @@ def hf_model_type(path) -> str:
     return model_type
 
 
-def args_from_hf(path, mapping: HFMapping):
-    """The model args of the Hugging Face model in `path` under `mapping`, or one line saying why they don't fit."""
+def args_from_hf(path, mappings: Mappings):
+    """The model args of the Hugging Face model in `path` under the mapping for its model_type, or one line saying
+    why they don't fit."""
     cfg_path, cfg = read_config(path)
-    if cfg.get("model_type") not in mapping.model_types:
-        archs = ", ".join(cfg.get("architectures") or []) or "no architectures"
-        raise LinguaError(f"{cfg_path}: model_type '{cfg.get('model_type')}' ({archs}) is not supported here, only "
-                          f"{', '.join(mapping.model_types)}")
+    archs = ", ".join(cfg.get("architectures") or []) or "no architectures"
+    mapping = for_model_type(mappings, cfg.get("model_type"), f"{cfg_path} ({archs})")
     return mapping.args_from_config(cfg_path, cfg)
 
 
-def load_hf_weights(path, model: nn.Module, mapping: Optional[HFMapping]) -> None:
+def load_hf_weights(path, model: nn.Module, mappings: Mappings) -> None:
     """Load a Hugging Face directory's weights into our model, plain or FSDP/TP-sharded (each rank reads the files
     and keeps its own shards)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -200,10 +204,11 @@ def load_hf_weights(path, model: nn.Module, mapping: Optional[HFMapping]) -> Non
     )
 
     args = getattr(model, "args", None)
-    if mapping is None or args is None:
+    if not mappings or args is None:
         raise LinguaError(f"cannot load Hugging Face weights '{path}' into {type(model).__name__}: it has no Hugging "
                           "Face mapping")
-    mapping.check_matches(args_from_hf(path, mapping), args, path)
+    mapping = for_model_type(mappings, hf_model_type(path), f"{path}/config.json")
+    mapping.check_matches(mapping.args_from_config(*read_config(path)), args, path)
     sd = mapping.from_hf(read_hf_tensors(path), args)
     current = model.state_dict()
     sd = {k: v.to(current[k].dtype) for k, v in sd.items() if k in current}

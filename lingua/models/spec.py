@@ -21,7 +21,7 @@ from torch import nn
 
 from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import LinguaError
-from lingua.hf.mapping import HFMapping
+from lingua.hf.mapping import HFMapping, as_tuple
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,18 @@ class ModelSpec:
     # (model, mesh, DistributedArgs, param_dtype, device) -> model: how this model is parallelized, on the meta device
     # (TP -> AC -> compile -> FSDP; EP for MoE). The default has no TP plan: tp_size > 1 is refused with one line.
     parallelize: Callable[..., nn.Module] = parallelize_decoder
-    hf: Optional[HFMapping] = None  # Hugging Face export/import; None: export is refused with one line
+    # Hugging Face export/import, in order of preference (export takes the first that computes the model exactly,
+    # import the one for config.json's model_type); (): export is refused with one line. One mapping is accepted too.
+    hf: tuple[HFMapping, ...] = ()
     describe: Optional[Callable] = None  # (model args, device, dtype, seq_len) -> text logged at start
     check_train_args: Optional[Callable[[Any], None]] = None  # (TrainArgs) -> None, or a ConfigError
     # (model) -> {name: float or scalar tensor} merged into the metrics row at log steps, called on every rank with
     # the unwrapped model (it may run collectives); e.g. the MTP app's per-head losses
     step_metrics: Optional[Callable[[nn.Module], dict]] = None
     after_optimizer_step: Optional[Callable[[nn.Module], None]] = None  # called after every optimizer step (MoE: bias update)
+
+    def __post_init__(self):
+        object.__setattr__(self, "hf", as_tuple(self.hf))
 
 
 def get_spec(path: str) -> ModelSpec:
@@ -83,10 +88,11 @@ def spec_for_hf(model_type: str, where) -> ModelSpec:
     """The built-in spec whose Hugging Face mapping reads config.json's `model_type`."""
     for path in builtin_specs():
         spec = get_spec(path)
-        if spec.hf is not None and model_type in spec.hf.model_types:
+        if any(model_type in m.model_types for m in spec.hf):
             return spec
+    known = [t for p in builtin_specs() for m in get_spec(p).hf for t in m.model_types]
     raise LinguaError(f"{where}: Hugging Face model_type '{model_type}' is not supported (lingua reads "
-                      f"{', '.join(t for p in builtin_specs() if get_spec(p).hf for t in get_spec(p).hf.model_types)})")
+                      f"{', '.join(known)})")
 
 
 # Keys older checkpoints saved under `model:` that no args dataclass has any more (they never did anything).

@@ -1,19 +1,24 @@
-"""The Hugging Face mapping of lingua's Transformer (`LlamaForCausalLM`, or `Qwen3ForCausalLM` with model.qk_norm):
-parameter names, the RoPE layout and config.json, in both directions. lingua/hf/io.py does the file handling; lingua/models/spec.py hands this mapping to it.
+"""What every Hugging Face class of lingua's Transformer shares: parameter names, the RoPE layout, the common
+config.json fields and reading them back. Each class is one mapping in its own file: hf_llama.py (LlamaForCausalLM),
+hf_qwen3.py (Qwen3ForCausalLM, QK-norm), hf_arcee.py (ArceeForCausalLM, ReLU²) and hf_lingua.py (lingua's own
+LinguaForCausalLM, remote code, every switch); lingua/models/transformer/spec.py lists them in that order.
 
-The two models compute the same function; only names and one layout differ:
+The models compute the same function; only names and one layout differ:
 
-- Names: `layers.{i}.attention.wq.weight` <-> `model.layers.{i}.self_attn.q_proj.weight`, and so on (`HF_LAYER_NAMES`).
+- Names: `layers.{i}.attention.wq.weight` <-> `model.layers.{i}.self_attn.q_proj.weight`, and so on (`HF_LAYER_NAMES`;
+  the MLP's by model.mlp: `MLP_NAMES`).
 - RoPE: we rotate interleaved pairs (dims 2i, 2i+1 of each head share angle i, as Meta's Llama code does);
   transformers' `rotate_half` rotates the halves (dims i and i + head_dim/2 share angle i). Attention scores are
   q.k summed over a head's dims, so permuting the output rows of wq and wk the same way inside every head changes
   nothing but the layout: row 2i+j of a head (ours) becomes row j*head_dim/2 + i (theirs). wv, wo are untouched.
+  lingua's remote-code class rotates halves too, so every class shares one file layout.
 - Tied embeddings: `lm_head.weight` is omitted from the file and `tie_word_embeddings` is set, as transformers saves it.
 """
 
 import logging
 import re
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 
@@ -30,22 +35,23 @@ HF_LAYER_NAMES = {
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# the gated MLP's gate is gate_proj; a two-matrix MLP's input is up_proj (as Arcee and Nemotron name it)
+MLP_NAMES = {"swiglu": {"feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+                        "feed_forward.w2.weight": "mlp.down_proj.weight"},
+             "relu2": {"feed_forward.w1.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight"}}
 QK_NORM_NAMES = {"attention.q_norm.weight": "self_attn.q_norm.weight",  # model.qk_norm: Qwen3's
                  "attention.k_norm.weight": "self_attn.k_norm.weight"}
 HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face Llama one."""
+def hf_name(name: str, mlp: str = "swiglu") -> str:
+    """Our parameter name -> the Hugging Face one (Llama's, and the others' where they have it)."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    layer_names = {**HF_LAYER_NAMES, **QK_NORM_NAMES}
+    layer_names = {**HF_LAYER_NAMES, **MLP_NAMES[mlp], **QK_NORM_NAMES}
     if m and m.group(2) in layer_names:
         return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}"
     if name in HF_NAMES:
@@ -55,7 +61,7 @@ def hf_name(name: str) -> str:
 
 def _expected_names(args: TransformerArgs) -> list[str]:
     names = ["tok_embeddings.weight", "norm.weight", "output.weight"]
-    per_layer = list(HF_LAYER_NAMES) + (list(QK_NORM_NAMES) if args.qk_norm else [])
+    per_layer = list(HF_LAYER_NAMES) + list(MLP_NAMES[args.mlp]) + (list(QK_NORM_NAMES) if args.qk_norm else [])
     return names + [f"layers.{i}.{k}" for i in range(args.n_layers) for k in per_layer]
 
 
@@ -91,8 +97,8 @@ def _relayout(name: str, w: torch.Tensor, args: TransformerArgs, to_hf: bool) ->
 # ---------------------------------------------------------------- state dicts
 
 
-def llama_to_hf(model_state: dict, args: TransformerArgs) -> dict:
-    """Our state dict (full tensors or DTensors) -> Hugging Face Llama names and RoPE layout. Tied embeddings: no
+def transformer_to_hf(model_state: dict, args: TransformerArgs) -> dict:
+    """Our state dict (full tensors or DTensors) -> Hugging Face names and RoPE layout. Tied embeddings: no
     `lm_head.weight` (safetensors refuses two names for one storage). Tensors other than wq/wk may share memory
     with `model_state`."""
     expected = _expected_names(args)
@@ -101,15 +107,15 @@ def llama_to_hf(model_state: dict, args: TransformerArgs) -> dict:
     for name in expected:
         if name not in model_state:
             raise LinguaError(f"model state has no '{name}': it is not a {args.n_layers}-layer lingua Transformer")
-    return {hf_name(name): _relayout(name, full_tensor(model_state[name]).detach(), args, to_hf=True).contiguous()
-            for name in expected}
+    return {hf_name(name, args.mlp): _relayout(name, full_tensor(model_state[name]).detach(), args, to_hf=True)
+            .contiguous() for name in expected}
 
 
-def llama_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
-    """Hugging Face Llama tensors -> our names and RoPE layout (the exact inverse of `llama_to_hf`).
+def transformer_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
+    """Hugging Face tensors -> our names and RoPE layout (the exact inverse of `transformer_to_hf`).
 
     A checkpoint without `lm_head.weight` has tied embeddings: `output.weight` is then the embedding table."""
-    theirs_to_ours = {hf_name(n): n for n in _expected_names(args)}
+    theirs_to_ours = {hf_name(n, args.mlp): n for n in _expected_names(args)}
     ours = {}
     for key, w in hf_state.items():
         if key.endswith("rotary_emb.inv_freq"):
@@ -121,33 +127,27 @@ def llama_from_hf(hf_state: dict, args: TransformerArgs) -> dict:
         ours["output.weight"] = ours["tok_embeddings.weight"]
     for name in _expected_names(args):
         if name not in ours:
-            raise LinguaError(f"Hugging Face checkpoint has no '{hf_name(name)}'")
+            raise LinguaError(f"Hugging Face checkpoint has no '{hf_name(name, args.mlp)}'")
     return ours
 
 
 # ---------------------------------------------------------------- config.json
 
 
-def llama_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
-              dtype: torch.dtype = torch.float32) -> dict:
-    """The `LlamaConfig` fields of a model built from `args`, as transformers writes them to config.json; with
-    model.qk_norm a `Qwen3Config` (Llama plus a per-head RMSNorm of queries and keys).
-
-    RoPE theta is written both ways: `rope_parameters` (transformers >= 5) and `rope_theta` (4.x)."""
+def base_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json fields every class shares (Llama's names), as transformers writes them; each mapping adds
+    `architectures`, `model_type` and its own. RoPE theta is written both ways: `rope_parameters` (transformers >= 5)
+    and `rope_theta` (4.x)."""
     n_heads, n_kv_heads, head_dim = check_args(args)
-    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.n_layers,
-             "layer_types": ["full_attention"] * args.n_layers} if args.qk_norm else {}
     return {
-        "architectures": ["Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM"],
-        "model_type": "qwen3" if args.qk_norm else "llama",
-        **qwen3,
         "hidden_size": args.dim,
-        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp),
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "silu" if args.mlp == "swiglu" else "relu2",
         "rms_norm_eps": args.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(args.rope_theta)},
         "rope_theta": float(args.rope_theta),
@@ -167,23 +167,23 @@ def llama_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Op
     }
 
 
-def _ffn_args(dim: int, intermediate_size: int) -> tuple[Optional[float], int]:
-    """(ffn_dim_multiplier, multiple_of) that make our FeedForward exactly `intermediate_size` wide."""
+def _ffn_args(dim: int, intermediate_size: int, mlp: str) -> tuple[Optional[float], int]:
+    """(ffn_dim_multiplier, multiple_of) that make our `mlp` exactly `intermediate_size` wide."""
     for multiple_of in (256, 1024, 128, 64, 32, 16, 8):  # the defaults Llama configs use, when they fit
-        if ffn_hidden_dim(dim, multiple_of, None) == intermediate_size:
+        if ffn_hidden_dim(dim, multiple_of, None, mlp) == intermediate_size:
             return None, multiple_of
     # Otherwise round up to intermediate_size itself, scaling down first if the default is wider: int(multiplier *
     # base) lands on intermediate_size or one below it, which rounds up to exactly intermediate_size.
-    base = int(2 * 4 * dim / 3)
+    base = ffn_hidden_dim(dim, 1, None, mlp)
     multiplier = None if base <= intermediate_size else intermediate_size / base
-    if ffn_hidden_dim(dim, intermediate_size, multiplier) != intermediate_size:
+    if ffn_hidden_dim(dim, intermediate_size, multiplier, mlp) != intermediate_size:
         raise LinguaError(f"cannot express intermediate_size={intermediate_size} for hidden_size={dim}")
     return multiplier, intermediate_size
 
 
-def llama_args_from_config(cfg_path, cfg: dict) -> TransformerArgs:
-    """TransformerArgs for a Hugging Face Llama (or Qwen3) config.json, or one line saying why it cannot be
-    represented."""
+def _check_plain(cfg_path, cfg: dict) -> dict:
+    """Refuse what no lingua Transformer computes (sliding windows, RoPE scaling, partial rotary, biases); return
+    the RoPE parameters."""
     if cfg.get("use_sliding_window"):
         raise LinguaError(f"{cfg_path}: use_sliding_window=true is not supported (lingua attends to every position)")
     rope = cfg.get("rope_parameters") or {}
@@ -195,12 +195,22 @@ def llama_args_from_config(cfg_path, cfg: dict) -> TransformerArgs:
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise LinguaError(f"{cfg_path}: {key}=true is not supported (lingua's linear layers have no bias)")
-    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise LinguaError(f"{cfg_path}: hidden_act '{cfg['hidden_act']}' is not supported (lingua uses SwiGLU: silu)")
+    return rope
+
+
+def args_from_config(cfg_path, cfg: dict, mlp: str, qk_norm: bool, logit_softcap: Optional[float] = None,
+                     args_cls: type = TransformerArgs) -> TransformerArgs:
+    """Model args for a config.json of one of the transformer's classes (its MLP and switches given by the
+    mapping), or one line saying why it cannot be represented."""
+    rope = _check_plain(cfg_path, cfg)
+    acts = {"swiglu": ("silu", "swish"), "relu2": ("relu2",)}[mlp]
+    if cfg.get("hidden_act", acts[0]) not in acts:
+        raise LinguaError(f"{cfg_path}: hidden_act '{cfg['hidden_act']}' is not supported (lingua's model.mlp={mlp} "
+                          f"is {acts[0]})")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        multiplier, multiple_of = _ffn_args(dim, int(cfg["intermediate_size"]))
-        return TransformerArgs(
+        multiplier, multiple_of = _ffn_args(dim, int(cfg["intermediate_size"]), mlp)
+        return args_cls(
             dim=dim,
             n_layers=int(cfg["num_hidden_layers"]),
             n_heads=n_heads,
@@ -213,42 +223,62 @@ def llama_args_from_config(cfg_path, cfg: dict) -> TransformerArgs:
             max_seqlen=int(cfg.get("max_position_embeddings", 2048)),
             vocab_size=int(cfg["vocab_size"]),
             weight_tying=bool(cfg.get("tie_word_embeddings", False)),
-            qk_norm=cfg.get("model_type") == "qwen3",
+            qk_norm=qk_norm,
+            mlp=mlp,
+            logit_softcap=logit_softcap,
         )
     except KeyError as e:
         raise LinguaError(f"{cfg_path}: missing {e.args[0]}") from None
 
 
-def llama_check_matches(hf_args: TransformerArgs, args: TransformerArgs, path) -> None:
+def check_matches(hf_args: TransformerArgs, args: TransformerArgs, path) -> None:
     """Fail on a different shape or head layout (the RoPE permutation depends on it); warn on what only changes
-    numerics (rope_theta, norm_eps, max_seqlen), which a fine-tuning run may change on purpose."""
+    numerics (rope_theta, norm_eps, max_seqlen, the soft-cap), which a fine-tuning run may change on purpose."""
     theirs, ours = check_args(hf_args), check_args(args)
     shape_keys = {"model.dim": (hf_args.dim, args.dim), "model.n_layers": (hf_args.n_layers, args.n_layers),
-                  "model.qk_norm": (hf_args.qk_norm, args.qk_norm), "model.mlp": ("swiglu", args.mlp),
+                  "model.qk_norm": (hf_args.qk_norm, args.qk_norm), "model.mlp": (hf_args.mlp, args.mlp),
                   "model.vocab_size": (hf_args.vocab_size, args.vocab_size),
                   "model.n_heads": (theirs[0], ours[0]), "model.n_kv_heads": (theirs[1], ours[1]),
                   "model.head_dim": (theirs[2], ours[2]),
-                  "FFN width": (ffn_hidden_dim(hf_args.dim, hf_args.multiple_of, hf_args.ffn_dim_multiplier),
-                                ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))}
+                  "FFN width": (ffn_hidden_dim(hf_args.dim, hf_args.multiple_of, hf_args.ffn_dim_multiplier, hf_args.mlp),
+                                ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp))}
     for key, (h, o) in shape_keys.items():
         if h != o:
             raise LinguaError(f"Hugging Face model '{path}' has {key}={h} but this model has {o}")
-    for key in ("rope_theta", "norm_eps", "max_seqlen"):
+    for key in ("rope_theta", "norm_eps", "max_seqlen", "logit_softcap"):
         if getattr(hf_args, key) != getattr(args, key):
             logger.warning(f"Hugging Face model '{path}' has {key}={getattr(hf_args, key)}, this model "
                            f"model.{key}={getattr(args, key)}: its outputs will differ from the original's")
 
 
-
-def llama_check_exportable(args: TransformerArgs) -> None:
-    """Llama and Qwen3 have a gated SiLU MLP and plain logits: a model with neither cannot be written as them."""
-    if args.mlp != "swiglu":
-        raise LinguaError(f"model.mlp={args.mlp} has no Hugging Face Llama/Qwen3 equivalent (their MLP is SwiGLU): "
-                          "export refused")
+def differs(args: TransformerArgs, mlp: str, qk_norm: bool) -> Optional[str]:
+    """What a native class with this MLP and QK-norm (and no logit soft-cap) cannot express of `args`, or None."""
+    if args.mlp != mlp:
+        return f"model.mlp={args.mlp} (its MLP is {mlp})"
+    if args.qk_norm != qk_norm:
+        return "model.qk_norm=true (it has no QK-norm)" if args.qk_norm else "model.qk_norm=false (it always has one)"
     if args.logit_softcap is not None:
-        raise LinguaError("model.logit_softcap has no Hugging Face Llama/Qwen3 equivalent: export refused")
+        return "model.logit_softcap (it has no logit soft-cap)"
+    return None
 
 
-LLAMA = HFMapping(model_types=("llama", "qwen3"), config=llama_config, args_from_config=llama_args_from_config,
-                  to_hf=llama_to_hf, from_hf=llama_from_hf, check_matches=llama_check_matches,
-                  check_exportable=llama_check_exportable)
+# ---------------------------------------------------------------- a native class
+
+
+def native_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None, *, architecture: str, model_type: str,
+                  extra: Optional[Callable[[TransformerArgs], dict]] = None) -> dict:
+    return {"architectures": [architecture], "model_type": model_type, **(extra(args) if extra else {}),
+            **base_config(args, bos_id, eos_id, dtype)}
+
+
+def native_mapping(architecture: str, model_type: str, mlp: str, qk_norm: bool,
+                   extra_config: Optional[Callable[[TransformerArgs], dict]] = None) -> HFMapping:
+    """The mapping onto a native transformers class that computes the Transformer with this MLP and QK-norm and no
+    logit soft-cap, under Llama's names; `extra_config(args)` adds the class's own config.json fields."""
+    return HFMapping(architecture=architecture, model_types=(model_type,),
+                     config=partial(native_config, architecture=architecture, model_type=model_type,
+                                    extra=extra_config),
+                     args_from_config=partial(args_from_config, mlp=mlp, qk_norm=qk_norm), to_hf=transformer_to_hf,
+                     from_hf=transformer_from_hf, check_matches=check_matches,
+                     unsupported=partial(differs, mlp=mlp, qk_norm=qk_norm))
