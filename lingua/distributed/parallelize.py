@@ -89,7 +89,7 @@ def apply_ac(model: nn.Module, selective: bool) -> None:
         model.layers[i] = checkpoint_wrapper(block, **kwargs)
 
 
-def resolve_compile(setting, device: torch.device, tp: int) -> tuple[bool, str]:
+def resolve_compile(setting, device: torch.device, tp: int, cp: int = 1) -> tuple[bool, str]:
     """distributed.compile -> (compile or not, why). auto compiles wherever inductor can generate code for the device
     (a CUDA GPU with triton; a CPU with a C++ compiler), except under tensor parallelism, whose backward fails
     compiled in this torch. Measured on 2 CPU cores (benchmarks/train_throughput.py): fused elementwise work, the
@@ -97,6 +97,8 @@ def resolve_compile(setting, device: torch.device, tp: int) -> tuple[bool, str]:
     if setting is not True and setting is not False:  # auto
         if tp > 1:
             return False, "off (auto): tensor parallelism"
+        if cp > 1:  # the ring's point-to-point messages run eager (graph breaks); not measured compiled
+            return False, "off (auto): context parallelism"
         if device.type == "cuda":
             missing = cuda_toolchain_missing(importlib.util.find_spec("triton") is not None, _c_compiler(),
                                              os.path.join(sysconfig.get_paths()["include"], "Python.h"))
@@ -139,30 +141,39 @@ def apply_compile(model: nn.Module, whole: bool) -> None:
 InnerShard = Callable[..., None]
 
 
+def data_parallel_mesh(mesh, fsdp_type: str):
+    """The mesh gradients are averaged over: the data-parallel dims, and cp, whose ranks hold the same weights
+    (torchtitan's dp_shard_cp). full_shard: HSDP (replicate x shard) when both dims > 1; with dp_shard=1 it shards
+    over the replicas' dim (lingua's semantics: full_shard means "shard over every data-parallel rank" then)."""
+    rep, shard, cp = mesh["dp_replicate"].size(), mesh["dp_shard"].size(), mesh["cp"].size()
+    if fsdp_type == "no_shard":
+        return mesh["dp_replicate", "cp"]._flatten("dp_replicate_cp") if cp > 1 else mesh["dp_replicate"]
+    if shard * cp == 1:
+        return mesh["dp_replicate"]
+    inner = mesh["dp_shard", "cp"]._flatten("dp_shard_cp") if cp > 1 else mesh["dp_shard"]
+    if rep == 1:
+        return inner
+    return mesh["dp_replicate", "dp_shard_cp" if cp > 1 else "dp_shard"]
+
+
 def apply_data_parallel(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
                         shard_inner: Optional[InnerShard] = None) -> None:
     """FSDP2 per block then on the root (full_shard; HSDP when both dp dims > 1), or replicate (no_shard).
     `shard_inner(block, **kwargs)` runs before each block is sharded, with the block's own kwargs."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
     # cast_forward_inputs=False: FSDP would cast every float input of a block to param_dtype, the fp32 RoPE cos/sin
     # included (bf16 angles lose ~3 digits); the hidden state is already in param_dtype (a bf16 embedding's output)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    dp_mesh = data_parallel_mesh(mesh, args.fsdp_type)
     if args.fsdp_type == "no_shard":
         # DDP built on FSDP2's machinery: parameters are replicated DTensors, gradients all-reduced per block.
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         for block in model.layers:
-            replicate(block, mesh=mesh["dp_replicate"], mp_policy=mp)
-        replicate(model, mesh=mesh["dp_replicate"], mp_policy=mp)
+            replicate(block, mesh=dp_mesh, mp_policy=mp)
+        replicate(model, mesh=dp_mesh, mp_policy=mp)
         return
-    # HSDP when both dims > 1: shard over dp_shard, replicate over dp_replicate. With dp_shard=1, full_shard shards
-    # over the replicas' dim (lingua's semantics: full_shard means "shard over every data-parallel rank" then).
-    if rep > 1 and shard > 1:
-        dp_mesh = mesh["dp_replicate", "dp_shard"]
-    else:
-        dp_mesh = mesh["dp_shard" if shard > 1 else "dp_replicate"]
     for i, block in enumerate(model.layers):
         # The root reshards the last block right away anyway; keeping it unsharded saves one all-gather.
         reshard = args.fsdp_reshard_after_forward and i < len(model.layers) - 1
@@ -203,11 +214,13 @@ def float8_filter(module: nn.Module, fqn: str) -> bool:
 
 def parallelize_decoder(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype = torch.float32,
                         device: torch.device = torch.device("cpu"), *, name: Optional[str] = None,
-                        tp_plan: Optional[Callable] = None, shard_inner: Optional[InnerShard] = None) -> nn.Module:
-    """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> activation checkpointing -> compile (whole model, or
-    per block under data parallelism) -> FSDP2/replicate. `mesh` is None on one process. Called on the meta-device
-    model, before `lingua.models.decoder.materialize` (see lingua.train.loop.build_model)."""
-    tp = mesh["tp"].size() if mesh is not None else 1
+                        tp_plan: Optional[Callable] = None, shard_inner: Optional[InnerShard] = None,
+                        cp_plan: Optional[Callable] = None) -> nn.Module:
+    """float8 -> TP (`tp_plan(model, tp_mesh, loss_parallel)`) -> CP (`cp_plan(model, cp_mesh)`) -> activation
+    checkpointing -> compile (whole model, or per block under data parallelism) -> FSDP2/replicate. `mesh` is None on
+    one process. Called on the meta-device model, before `lingua.models.decoder.materialize` (see
+    lingua.train.loop.build_model)."""
+    tp, cp = (mesh["tp"].size(), mesh["cp"].size()) if mesh is not None else (1, 1)
     name = name or type(model).__name__
     if args.ep_size > 1 and shard_inner is None:
         raise ConfigError(f"distributed.ep_size={args.ep_size} needs a model with experts (apps/moe); {name} has none")
@@ -220,20 +233,27 @@ def parallelize_decoder(model: nn.Module, mesh, args: DistributedArgs, param_dty
             raise ConfigError(f"{name} has no tensor-parallel plan: set distributed.tp_size=1 (FSDP/DDP work)")
         tp_plan(model, mesh["tp"], args.loss_parallel)
         applied.append(f"tensor parallel x{tp} (sequence parallel{', loss parallel' if args.loss_parallel else ''})")
+    if cp > 1:
+        if cp_plan is None:
+            raise ConfigError(f"{name} has no context-parallel plan (no attention to ring): set distributed.cp_size=1")
+        cp_plan(model, mesh["cp"])
+        applied.append(f"context parallel x{cp} (ring attention, load-balanced chunks)")
     if args.activation_checkpointing or args.selective_activation_checkpointing:
         apply_ac(model, selective=args.selective_activation_checkpointing)
         applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
     rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
-    compile, why = resolve_compile(args.compile, torch.device(device), tp)
+    dp = rep * shard * cp  # cp ranks hold the same weights: their gradients are averaged like data parallel ones
+    compile, why = resolve_compile(args.compile, torch.device(device), tp, cp)
     if compile:
-        apply_compile(model, whole=rep * shard == 1)
-    applied.append(f"compile {'of the whole model ' if compile and rep * shard == 1 else 'per block ' if compile else ''}"
+        apply_compile(model, whole=dp == 1)
+    applied.append(f"compile {'of the whole model ' if compile and dp == 1 else 'per block ' if compile else ''}"
                    f"{why}")
-    if rep * shard > 1:
+    if dp > 1:
         apply_data_parallel(model, mesh, args, param_dtype, shard_inner)
         if args.fsdp_type == "no_shard":
-            applied.append(f"replicate (DDP) x{rep}")
+            applied.append(f"replicate (DDP) x{rep * cp}")
         else:
-            applied.append(f"FSDP2 {'HSDP ' + str(rep) + ' x ' if rep > 1 and shard > 1 else ''}full_shard x{rep * shard}")
+            applied.append(f"FSDP2 {'HSDP ' + str(rep) + ' x ' if rep > 1 and shard * cp > 1 else ''}full_shard x{dp}"
+                           f"{' (dp_shard x cp)' if cp > 1 else ''}")
     logger.info(f"parallelism ({name}): " + " | ".join(applied))
     return model

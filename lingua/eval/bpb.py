@@ -64,8 +64,8 @@ def evaluate_source(model, root_dir, source, tokenizer, args: EvalArgs, data_arg
         if i < len(batches):
             totals += torch.stack([nll.double(), n.double(), torch.tensor(float(n_bytes), dtype=torch.float64, device=device)])
     bar.close()
-    if dist_state.tp_size > 1:
-        totals /= dist_state.tp_size  # every tp rank of a dp group scored the same batch
+    if dist_state.tp_size * dist_state.cp_size > 1:
+        totals /= dist_state.tp_size * dist_state.cp_size  # every tp and cp rank of a dp group scored the same batch
     dist_state.all_reduce(totals)
     nll, tokens, n_bytes = totals.tolist()
     if tokens == 0:

@@ -198,6 +198,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
+@torch.compiler.disable  # point-to-point messages and data-dependent block skipping
 def ring_attention(xq, xk, xv, doc_start: Optional[torch.Tensor], group) -> torch.Tensor:
     """Causal attention of this rank's queries over the whole sequence of the context-parallel `group`.
 

@@ -4,6 +4,7 @@ that is legal but almost surely not meant (lr=0, a warmup longer than the run) i
 import logging
 import os
 
+from lingua.distributed.context_parallel import check_context_parallel
 from lingua.errors import ConfigError, LinguaError
 
 logger = logging.getLogger("lingua")
@@ -50,6 +51,7 @@ def validate_args(args, spec, tokenizer) -> None:
                           f"{tokenizer.n_words} tokens, more than model.vocab_size={args.model.vocab_size}")
     if args.data.seq_len > args.model.max_seqlen:
         raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={args.model.max_seqlen}")
+    check_context_parallel(args)
     if spec.check_train_args is not None:
         spec.check_train_args(args)
     warn_unlikely(args)

@@ -7,9 +7,11 @@ blocks are lingua.models.transformer.model.TransformerBlock (the main app, MTP) 
 import torch
 from torch import nn
 
+from lingua.distributed.context_parallel import shard_sequence
 from lingua.distributed.mesh import DistributedArgs
 from lingua.distributed.parallelize import gather_sequence, parallelize_decoder
 from lingua.errors import ConfigError
+from lingua.kernels.ring_attention import RingAttention
 
 
 def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
@@ -54,8 +56,22 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
         })
 
 
+def apply_transformer_cp(model: nn.Module, cp_mesh) -> None:
+    """Context parallel: every attention layer rings over the cp group (one shared kernel, which also builds the
+    mask), and the model runs on this rank's two chunks of every sequence."""
+    if model.args.attn_impl != "sdpa":
+        raise ConfigError(f"model.attn_impl={model.args.attn_impl} cannot ring over distributed.cp_size="
+                          f"{cp_mesh.size()} ranks: context parallelism runs ring attention on SDPA's kernels "
+                          "(set model.attn_impl=sdpa)")
+    kernel = RingAttention(cp_mesh.get_group())
+    model.kernel = kernel
+    for block in model.layers:
+        block.attention.kernel = kernel
+    shard_sequence(model, cp_mesh)
+
+
 def parallelize_transformer(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
                             device: torch.device) -> nn.Module:
-    """float8 -> tensor parallel (the plan above) -> AC -> compile -> FSDP2/HSDP/DDP."""
+    """float8 -> tensor parallel -> context parallel (the plans above) -> AC -> compile -> FSDP2/HSDP/DDP."""
     return parallelize_decoder(model, mesh, args, param_dtype, device, name="transformer",
-                               tp_plan=apply_transformer_tp)
+                               tp_plan=apply_transformer_tp, cp_plan=apply_transformer_cp)
