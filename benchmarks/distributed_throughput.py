@@ -1,6 +1,7 @@
-"""Data-parallel scaling on CPU (1 vs 2 processes, gloo) and memory per rank of full_shard vs no_shard.
+"""Data-parallel scaling on CPU (1 vs 2 processes, gloo), memory per rank of full_shard vs no_shard, and context
+parallelism's step time against one process at the same global sequence length.
 
-    python benchmarks/distributed_throughput.py [--steps 6] [--skip-memory] [--skip-throughput]
+    python benchmarks/distributed_throughput.py [--steps 6] [--skip-memory] [--skip-throughput] [--skip-cp]
 
 Throughput: the debug model shape (dim 256, 4 layers, vocab 4096, seq 256) trained on random tokens with the same
 build_model / parallelize_model / AdamW / clipping as lingua.train.loop, one OMP thread per process, batch 8 per process:
@@ -9,6 +10,10 @@ tok/s and the scaling efficiency = total tok/s of 2 processes / (2 x tok/s of 1 
 
 Memory: a ~100M-parameter model (dim 768, 8 layers, vocab 32000) on 2 processes, full_shard vs no_shard: the bytes of
 parameters, gradients and AdamW state that each rank holds between steps, and its peak RSS.
+
+Context parallel: the throughput shape at CONTEXT's longer sequences, one sequence per step, 1 process against
+distributed.cp_size=2 (each rank holds half of every sequence, attention rings over the two): the step time, and
+CP's speedup = 1-process step time / CP step time.
 
 Each configuration is a torchrun job running this file with --worker; rank 0 prints one JSON line the driver reads.
 """
@@ -27,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 THROUGHPUT = dict(dim=256, n_layers=4, n_heads=4, vocab_size=4096, max_seqlen=256, batch=8, seq=256)
+CONTEXT = dict(dim=256, n_layers=4, n_heads=4, vocab_size=4096, batch=1)
+CONTEXT_SEQS = (1024, 4096)
 MEMORY = dict(dim=768, n_layers=8, n_heads=12, vocab_size=32000, max_seqlen=128, batch=1, seq=128)
 
 
@@ -45,6 +52,7 @@ def worker(opts) -> None:
         f"model.dim={shape['dim']}", f"model.n_layers={shape['n_layers']}", f"model.n_heads={shape['n_heads']}",
         f"model.vocab_size={shape['vocab_size']}", f"model.max_seqlen={shape['max_seqlen']}", "optim.warmup=0",
         "distributed.model_dtype=fp32", f"distributed.fsdp_type={opts.fsdp_type}", "dump_dir=/tmp/unused",
+        f"distributed.cp_size={opts.cp}",
     ])
     state = init_distributed(args.distributed)
     try:
@@ -99,12 +107,12 @@ def worker(opts) -> None:
         state.close()
 
 
-def launch(nproc: int, shape: dict, fsdp_type: str, steps: int) -> list[dict]:
+def launch(nproc: int, shape: dict, fsdp_type: str, steps: int, cp: int = 1) -> list[dict]:
     sys.path.insert(0, str(ROOT / "tests"))
     from dist_helpers import free_port
 
     me = [str(Path(__file__).resolve()), "--worker", "--shape", json.dumps(shape), "--fsdp-type", fsdp_type,
-          "--steps", str(steps)]
+          "--steps", str(steps), "--cp", str(cp)]
     if nproc == 1:
         cmd = [sys.executable] + me
     else:
@@ -117,11 +125,26 @@ def launch(nproc: int, shape: dict, fsdp_type: str, steps: int) -> list[dict]:
     raise SystemExit(f"{' '.join(cmd[:6])} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
+def context_rows(steps: int) -> None:
+    s = CONTEXT
+    print(f"\ncontext parallel: dim {s['dim']}, {s['n_layers']} layers, vocab {s['vocab_size']}, one sequence per step, "
+          f"causal, median of {steps} steps")
+    print(f"{'global seq':>10}  {'layout':<22}{'step ms':>10}{'tok/s':>10}{'speedup':>10}")
+    for seq in CONTEXT_SEQS:
+        shape = dict(s, seq=seq, max_seqlen=seq)
+        one = launch(1, shape, "full_shard", steps)[0]["step_s"]
+        cp = statistics.mean(r["step_s"] for r in launch(2, shape, "full_shard", steps, cp=2))
+        for name, step in (("1 process", one), ("2 processes, cp_size=2", cp)):
+            print(f"{seq:>10}  {name:<22}{1000 * step:>10.0f}{seq / step:>10.0f}{one / step:>10.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-cp", action="store_true")
+    p.add_argument("--cp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--fsdp-type", default="full_shard", help=argparse.SUPPRESS)
@@ -149,6 +172,8 @@ def main() -> None:
         print(f"one fp32 all-reduce of all gradients ({ranks[0]['n_params'] / 1e6:.1f}M) takes {1000 * comm:.0f} ms "
               f"of a {1000 * step:.0f} ms step ({100 * comm / step:.0f}%): with 2 processes on 2 cores the "
               "limit is cores, not communication")
+    if not opts.skip_cp:
+        context_rows(opts.steps)
     if not opts.skip_memory:
         s = MEMORY
         print(f"\nmemory per rank: dim {s['dim']}, {s['n_layers']} layers, vocab {s['vocab_size']}, 2 processes, "
