@@ -23,7 +23,7 @@ from lingua.distributed.context_parallel import check_context_parallel
 from lingua.distributed.mesh import DistributedArgs
 from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import ConfigError
-from lingua.kernels.ring_attention import attend_shard, chunk_ids, grad_shard, local_positions
+from lingua.kernels.ring_attention import attend_shard, block_plans, chunk_ids, grad_shard, local_positions
 from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.models.transformer.parallelize import apply_transformer_cp
 from lingua.train.loop import TrainArgs
@@ -58,16 +58,16 @@ def _emulated_ring(q, k, v, do, tok_idx, cp):
     dkv = [torch.zeros_like(s) for s in kv]
     out, dq = torch.empty_like(q), torch.empty_like(q)
     for r, p in enumerate(pos):
-        starts = None if tok_idx is None else p[None] - tok_idx[:, p]
+        plans = None if tok_idx is None else block_plans(p[None] - tok_idx[:, p], r, cp)
         o = torch.zeros(q.shape[:2] + (local, q.shape[3]))
         lse = torch.full(q.shape[:2] + (local,), float("-inf"))
         sources = [(r - step) % cp for step in range(cp)]
         for s in sources:
-            attend_shard(q[:, :, p], kv[s], chunk_ids(r, cp), chunk_ids(s, cp), starts, o, lse)
+            attend_shard(q[:, :, p], kv[s], chunk_ids(r, cp), chunk_ids(s, cp), plans, o, lse)
         g = torch.zeros_like(o)
         for s in sources:
             grad_shard(do[:, :, p].contiguous(), q[:, :, p], kv[s], o, lse, chunk_ids(r, cp), chunk_ids(s, cp),
-                       starts, g, dkv[s])
+                       plans, g, dkv[s])
         out[:, :, p], dq[:, :, p] = o, g
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     for p, g in zip(pos, dkv):
@@ -99,6 +99,18 @@ def test_ring_math_matches_full_attention(cp, starts):
     for got, want in ((out, ref), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
     assert ref.abs().max() > 0.1 and kr.grad.abs().max() > 0.1  # real numbers, not zeros matching zeros
+
+
+def test_block_plans_skip_what_the_documents_hide():
+    # rank 0 of cp=2 (16 tokens, chunks of 4) holds chunks 0 and 3; its last chunk's queries (12..15) are in a
+    # document that starts at 10
+    doc_start = torch.tensor([[0, 0, 0, 0, 10, 10, 10, 10]])
+    plans = block_plans(doc_start, rank=0, cp=2)
+    assert plans[0, 0] == (True, None) and plans[0, 1] is None  # causal diagonal; the future
+    assert plans[3, 0] is None and plans[3, 1] is None  # keys 0..7: before the document, skipped
+    is_causal, allowed = plans[3, 2]  # keys 8..11: the document's first two
+    assert not is_causal and allowed[0, 0].tolist() == [[False, False, True, True]] * 4
+    assert plans[3, 3] == (True, None)  # the whole chunk is inside the document: causal, no mask
 
 
 # ---------------------------------------------------------------- bad input, one line

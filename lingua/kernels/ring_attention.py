@@ -7,7 +7,7 @@ put; the K/V shards travel around the ring (rank r sends to r+1), and at ring st
 rank r-s. For a (query chunk a, key chunk b) pair: b > a is skipped, b == a is causal, b < a is full. Block-causal
 masks need no extra messages: a key at global position p is visible to a query whose document starts at `start`
 iff start <= p <= query, so the queries' document starts (from tok_idx, once per forward) and the chunk number of
-the travelling shard say everything. Each block's (out, log-sum-exp) is merged into the running result with a
+the travelling shard say everything (`block_plans`, once per forward). Each block's (out, log-sum-exp) is merged into the running result with a
 log-sum-exp; the backward recomputes each block from the merged out and lse (as flash attention does), and the K/V
 gradients travel around the ring behind their K/V, arriving home after cp steps.
 
@@ -39,20 +39,27 @@ def local_positions(rank: int, cp: int, local_len: int, device=None) -> torch.Te
 # ---------------------------------------------------------------- one (query chunk, key chunk) block
 
 
-def _block_plan(a: int, b: int, c: int, doc_start: Optional[torch.Tensor]):
+def _block_plan(a: int, b: int, c: int, doc_start: torch.Tensor):
     """For query chunk a against key chunk b (c tokens each): None when nothing is visible, else (is_causal, allowed)
     with allowed None (no document mask needed) or bool (bs, 1, c, c). doc_start: the queries' document starts
     (bs, c), global positions."""
     if b > a:
         return None
-    if doc_start is None:
-        return b == a, None
     keys = torch.arange(b * c, (b + 1) * c, device=doc_start.device)
     if bool((doc_start > keys[-1]).all()):  # every query's document starts after this chunk
         return None
-    if b < a and bool((doc_start <= keys[0]).all()):  # every query's document covers this chunk
-        return False, None
+    if bool((doc_start <= keys[0]).all()):  # every query's document covers this chunk
+        return b == a, None
     return b == a, (doc_start[:, :, None] <= keys[None, None, :]).unsqueeze(1)
+
+
+def block_plans(doc_start: torch.Tensor, rank: int, cp: int) -> dict:
+    """{(a, b): plan} of rank `rank`'s query chunks a against every key chunk b, for the document starts doc_start
+    (bs, 2c) of its queries (global positions): built once per forward and shared by every layer, so the layers
+    neither rebuild the masks nor wait on the device to decide which blocks to skip."""
+    c = doc_start.shape[1] // 2
+    return {(a, b): _block_plan(a, b, c, doc_start[:, i * c: (i + 1) * c])
+            for i, a in enumerate(chunk_ids(rank, cp)) for b in range(2 * cp)}
 
 
 def _bias(allowed: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -91,12 +98,13 @@ def _backward_block(do, q, k, v, out, lse, allowed, is_causal):
         do, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias)
 
 
-def _pairs(q_chunks, kv_chunks, c, doc_start):
-    """(query slice, key slice, is_causal, allowed) of every visible block between local chunks and a K/V shard."""
+def _pairs(q_chunks, kv_chunks, c, plans: Optional[dict]):
+    """(query slice, key slice, is_causal, allowed) of every visible block between local chunks and a K/V shard;
+    plans from `block_plans`, None for plain causal attention."""
     for i, a in enumerate(q_chunks):
         qs = slice(i * c, (i + 1) * c)
         for j, b in enumerate(kv_chunks):
-            plan = _block_plan(a, b, c, None if doc_start is None else doc_start[:, qs])
+            plan = ((b == a, None) if b <= a else None) if plans is None else plans[a, b]
             if plan is not None:
                 yield qs, slice(j * c, (j + 1) * c), *plan
 
@@ -106,11 +114,12 @@ def _expand(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def attend_shard(q, kv, q_chunks, kv_chunks, doc_start, out, lse) -> None:
+def attend_shard(q, kv, q_chunks, kv_chunks, plans, out, lse) -> None:
     """Merge into out (fp32) and lse (fp32, -inf where nothing was seen yet) the attention of the local queries q
-    (bs, h, 2c, d) over one K/V shard kv = stack(k, v) (2, bs, h_kv, 2c, d) holding chunks kv_chunks."""
+    (bs, h, 2c, d) over one K/V shard kv = stack(k, v) (2, bs, h_kv, 2c, d) holding chunks kv_chunks; plans from
+    `block_plans` (block-causal) or None (causal)."""
     c, n_rep = q.shape[-2] // 2, q.shape[1] // kv.shape[2]
-    for qs, ks, causal, allowed in _pairs(q_chunks, kv_chunks, c, doc_start):
+    for qs, ks, causal, allowed in _pairs(q_chunks, kv_chunks, c, plans):
         o_b, lse_b = _forward_block(q[..., qs, :], _expand(kv[0][..., ks, :], n_rep), _expand(kv[1][..., ks, :], n_rep),
                                     allowed, causal)
         new = torch.logaddexp(lse[..., qs], lse_b)
@@ -120,12 +129,12 @@ def attend_shard(q, kv, q_chunks, kv_chunks, doc_start, out, lse) -> None:
         lse[..., qs] = new
 
 
-def grad_shard(do, q, kv, out, lse, q_chunks, kv_chunks, doc_start, dq, dkv) -> None:
+def grad_shard(do, q, kv, out, lse, q_chunks, kv_chunks, plans, dq, dkv) -> None:
     """Add into dq (like q, fp32) and dkv (like kv, fp32) the gradients of the blocks between the local queries and
     one K/V shard; out (q's dtype) and lse are the merged results of the forward."""
     c, n_kv = q.shape[-2] // 2, kv.shape[2]
     n_rep = q.shape[1] // n_kv
-    for qs, ks, causal, allowed in _pairs(q_chunks, kv_chunks, c, doc_start):
+    for qs, ks, causal, allowed in _pairs(q_chunks, kv_chunks, c, plans):
         gq, gk, gv = _backward_block(do[..., qs, :], q[..., qs, :], _expand(kv[0][..., ks, :], n_rep),
                                      _expand(kv[1][..., ks, :], n_rep), out[..., qs, :], lse[..., qs].contiguous(),
                                      allowed, causal)
@@ -159,7 +168,7 @@ class _Ring:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc_start, group):
+    def forward(ctx, q, k, v, plans, group):
         ring = _Ring(group)
         mine = chunk_ids(ring.rank, ring.size)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # bf16 attention accumulates in fp32
@@ -168,18 +177,18 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             if step + 1 < ring.size:  # the next shard travels while this one is computed
                 wait, incoming = ring.pass_on(kv)
-            attend_shard(q, kv, mine, ring.source_chunks(step), doc_start, out, lse)
+            attend_shard(q, kv, mine, ring.source_chunks(step), plans, out, lse)
             if step + 1 < ring.size:
                 wait()
                 kv = incoming
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, doc_start)
-        ctx.group = group
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plans, ctx.group = plans, group
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, doc_start = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         mine = chunk_ids(ring.rank, ring.size)
         kv = torch.stack([k, v])
@@ -189,7 +198,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             if step + 1 < ring.size:
                 wait_kv, next_kv = ring.pass_on(kv)
-            grad_shard(do, q, kv, out, lse, mine, ring.source_chunks(step), doc_start, dq, dkv)
+            grad_shard(do, q, kv, out, lse, mine, ring.source_chunks(step), ctx.plans, dq, dkv)
             wait_dkv, dkv = ring.pass_on(dkv)  # after cp passes, each shard's gradient is back home
             wait_dkv()
             if step + 1 < ring.size:
@@ -199,14 +208,14 @@ class _RingAttention(torch.autograd.Function):
 
 
 @torch.compiler.disable  # point-to-point messages and data-dependent block skipping
-def ring_attention(xq, xk, xv, doc_start: Optional[torch.Tensor], group) -> torch.Tensor:
+def ring_attention(xq, xk, xv, plans: Optional[dict], group) -> torch.Tensor:
     """Causal attention of this rank's queries over the whole sequence of the context-parallel `group`.
 
     xq: (bs, 2c, n_heads, head_dim), xk, xv: (bs, 2c, n_kv_heads, head_dim), this rank's two chunks (`chunk_ids`);
-    doc_start: None (causal) or (bs, 2c) the global position where each query's document starts (block-causal).
+    plans: None (causal) or `block_plans` of the queries' document starts (block-causal).
     Returns (bs, 2c, n_heads, head_dim)."""
     q, k, v = (t.transpose(1, 2).contiguous() for t in (xq, xk, xv))  # (bs, heads, 2c, head_dim)
-    return _RingAttention.apply(q, k, v, doc_start, group).transpose(1, 2)
+    return _RingAttention.apply(q, k, v, plans, group).transpose(1, 2)
 
 
 class RingAttention(nn.Module):
@@ -220,13 +229,13 @@ class RingAttention(nn.Module):
         super().__init__()
         self.group = group
 
-    def mask(self, tok_idx: Optional[torch.Tensor], bs: int, seqlen: int, device) -> Optional[torch.Tensor]:
-        """tok_idx None: causal. Else (bs, seqlen) positions inside documents -> each query's document start, as a
-        global position (bs, seqlen)."""
+    def mask(self, tok_idx: Optional[torch.Tensor], bs: int, seqlen: int, device) -> Optional[dict]:
+        """tok_idx None: causal. Else (bs, seqlen) positions inside documents -> `block_plans` of the queries'
+        document starts (global positions)."""
         if tok_idx is None:
             return None
-        pos = local_positions(dist.get_rank(self.group), dist.get_world_size(self.group), seqlen, device)
-        return pos[None, :] - tok_idx
+        rank, cp = dist.get_rank(self.group), dist.get_world_size(self.group)
+        return block_plans(local_positions(rank, cp, seqlen, device)[None, :] - tok_idx, rank, cp)
 
     def forward(self, xq, xk, xv, mask):
         return ring_attention(xq, xk, xv, mask, self.group)
