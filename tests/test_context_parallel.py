@@ -245,3 +245,11 @@ def test_cp2_x_dp_shard2_causal_matches_one_process_and_resumes(short_docs, ref,
     torchrun(4, cfg(short_docs, tmp_path / "cp2dp2", **layout), ["--global-batch"])
     assert_same_curve(curve(ref("causal")), curve(tmp_path / "cp2dp2"))
     resumes_bit_identically(short_docs, tmp_path / "cp2dp2", tmp_path, 4, **layout)
+
+
+@pytest.mark.slow  # ~35 s: 4 processes once (the one-process run is shared with the block-causal test)
+def test_cp2_x_tp2_matches_one_process(short_docs, ref, tmp_path):
+    # tensor parallel inside each cp rank's chunks: heads split over tp, the ring over the cp ranks of one tp rank
+    torchrun(4, cfg(short_docs, tmp_path / "cp2tp2", distributed__cp_size=2, distributed__tp_size=2,
+                    checkpoint__dump__every=0, eval__at_end=False), ["--global-batch"])
+    assert_same_curve(curve(ref("block_causal")), curve(tmp_path / "cp2tp2"))
