@@ -14,6 +14,7 @@ import inspect
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_gather  # differentiable
 from torch.distributed.tensor import DTensor
 
 from lingua.errors import ConfigError, LinguaError
@@ -78,8 +79,6 @@ def _gather_sequence(x: torch.Tensor, group, rank: int, cp: int) -> torch.Tensor
     """This rank's (bs, 2c, ...) part of every sequence -> the whole (bs, 2 x cp x c, ...) in sequence order."""
     if isinstance(x, DTensor):  # tensor parallel: vocab-sharded logits
         x = x.full_tensor()
-    from torch.distributed.nn.functional import all_gather  # differentiable
-
     parts = all_gather(x.contiguous(), group=group)
     order = torch.cat([local_positions(r, cp, x.shape[1], x.device) for r in range(cp)])
     out = torch.empty((x.shape[0], x.shape[1] * cp, *x.shape[2:]), dtype=x.dtype, device=x.device)
