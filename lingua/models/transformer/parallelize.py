@@ -59,7 +59,7 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
 def apply_transformer_cp(model: nn.Module, cp_mesh) -> None:
     """Context parallel: every attention layer rings over the cp group (one shared kernel, which also builds the
     mask), and the model runs on this rank's two chunks of every sequence."""
-    if model.args.attn_impl != "sdpa":
+    if model.args.attn_impl not in ("auto", "sdpa"):  # auto (the kernels' own choice): the ring replaces it
         raise ConfigError(f"model.attn_impl={model.args.attn_impl} cannot ring over distributed.cp_size="
                           f"{cp_mesh.size()} ranks: context parallelism runs ring attention on SDPA's kernels "
                           "(set model.attn_impl=sdpa)")
