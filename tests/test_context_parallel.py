@@ -239,7 +239,7 @@ def test_cp2_block_causal_across_chunks_matches_one_process_and_resumes(short_do
     resumes_bit_identically(short_docs, tmp_path / "cp2", tmp_path, 2, distributed__cp_size=2)
 
 
-@pytest.mark.slow  # ~95 s: one process, then 4 processes twice
+@pytest.mark.slow  # ~60-95 s: one process, then 4 processes twice
 def test_cp2_x_dp_shard2_causal_matches_one_process_and_resumes(short_docs, ref, tmp_path):
     layout = dict(model__mask="causal", distributed__cp_size=2, distributed__dp_shard=2, data__batch_size=BATCH // 2)
     torchrun(4, cfg(short_docs, tmp_path / "cp2dp2", **layout), ["--global-batch"])
