@@ -23,7 +23,7 @@ from lingua.distributed.context_parallel import check_context_parallel
 from lingua.distributed.mesh import DistributedArgs
 from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import ConfigError
-from lingua.kernels.ring_attention import attend_shard, block_plans, chunk_ids, grad_shard, local_positions
+from lingua.kernels.attention.ring import attend_shard, block_plans, chunk_ids, grad_shard, local_positions
 from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.models.transformer.parallelize import apply_transformer_cp
 from lingua.train.loop import TrainArgs

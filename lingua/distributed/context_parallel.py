@@ -2,7 +2,7 @@
 
 The cp ranks of one data-parallel replica read the same batch (their dp_rank is the same). A hook on the model's
 forward cuts tokens, targets and tok_idx into 2 x cp chunks and keeps this rank's two (chunks r and 2cp-1-r: causal
-load balancing, lingua/kernels/ring_attention.py), so RoPE sees global positions and the attention kernel (set by the
+load balancing, lingua/kernels/attention/ring.py), so RoPE sees global positions and the attention kernel (set by the
 model package's context-parallel plan, e.g. lingua/models/transformer/parallelize.py) rings over the group for the
 rest of the sequence. On the way out the loss becomes the mean over every token of the global sequence (the gradient
 stays this rank's: FSDP averages it over dp_shard x cp), and logits (evaluation) are gathered back into sequence
@@ -18,7 +18,7 @@ from torch.distributed.nn.functional import all_gather  # differentiable
 from torch.distributed.tensor import DTensor
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.kernels.ring_attention import local_positions
+from lingua.kernels.attention.ring import local_positions
 
 
 def check_context_parallel(args) -> None:

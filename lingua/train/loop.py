@@ -112,7 +112,8 @@ def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_d
     """Meta-device construction, parallelization, then materialization and init: no rank holds the full model."""
     with torch.device("meta"):
         model = spec.build(args.model)
-    compiled = resolve_compile(args.distributed.compile, dist_state.device, dist_state.tp_size)[0]
+    compiled = resolve_compile(args.distributed.compile, dist_state.device, dist_state.tp_size,
+                               dist_state.cp_size)[0]
     placement = Placement(dist_state.device.type, param_dtype, compiled, machine=cpu_name())
     # before compiling: the kernel is part of the graph
     place_attention(model, args.model, placement, args.data.batch_size, args.data.seq_len)

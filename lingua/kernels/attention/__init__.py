@@ -5,6 +5,7 @@
     cpu_matmul_backward.py  SDPA with lingua's matmul backward (compiled bf16 CPU training, where measured faster)
     flex.py                 compiled flex_attention with a BlockMask (CUDA block_causal: skips masked blocks)
     xformers.py             xformers memory_efficient_attention (CUDA)
+    ring.py                 ring attention over a context-parallel group; set by the cp plan, not by select.py
     select.py               the registry, the pure choice, `place_attention`
     measure.py              the timing `model.attn_backward: auto` decides by, cached per machine and shape
 

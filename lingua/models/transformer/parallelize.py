@@ -11,7 +11,7 @@ from lingua.distributed.context_parallel import shard_sequence
 from lingua.distributed.mesh import DistributedArgs
 from lingua.distributed.parallelize import gather_sequence, parallelize_decoder
 from lingua.errors import ConfigError
-from lingua.kernels.ring_attention import RingAttention
+from lingua.kernels.attention.ring import RingAttention
 
 
 def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:

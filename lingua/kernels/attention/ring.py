@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+
+from lingua.kernels.attention.base import AttentionKernel
 
 NEG_INF = float("-inf")
 
@@ -218,16 +219,16 @@ def ring_attention(xq, xk, xv, plans: Optional[dict], group) -> torch.Tensor:
     return _RingAttention.apply(q, k, v, plans, group).transpose(1, 2)
 
 
-class RingAttention(nn.Module):
-    """The attention kernel a context-parallel run's attention layers hold (set by
-    lingua.distributed.context_parallel): `mask` once per forward, `forward` per layer. No parameters."""
+class RingAttention(AttentionKernel):
+    """The kernel every attention layer of a context-parallel run holds, put there by the model package's cp plan
+    (lingua/models/transformer/parallelize.py) after `place_attention`: it needs the cp group, which no config names."""
 
     name = "ring"
-    about = "ring attention over the context-parallel group (lingua/kernels/ring_attention.py)"
+    about = "ring attention over the context-parallel group (lingua/kernels/attention/ring.py)"
 
     def __init__(self, group):
         super().__init__()
-        self.group = group
+        self.group = group  # set from outside: the model never sees ranks
 
     def mask(self, tok_idx: Optional[torch.Tensor], bs: int, seqlen: int, device) -> Optional[dict]:
         """tok_idx None: causal. Else (bs, seqlen) positions inside documents -> `block_plans` of the queries'
