@@ -8,6 +8,7 @@ changed the gradient norm at step 1 by 6e-3 relative and the loss at step 3 by 1
 """
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def assert_same_curve(ref: dict, got: dict):
 
 def one_process(overrides: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "tests.dist_helpers", "--global-batch", "--"] + overrides, cwd=ROOT,
-                   check=True, capture_output=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                   check=True, capture_output=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def resumes_bit_identically(corpus: Path, run: Path, tmp: Path, nproc: int, **layout) -> None:
