@@ -8,8 +8,8 @@ rank r-s. For a (query chunk a, key chunk b) pair: b > a is skipped, b == a is c
 masks need no extra messages: a key at global position p is visible to a query whose document starts at `start`
 iff start <= p <= query, so the queries' document starts (from tok_idx) and the chunk number of the travelling shard
 say everything (`block_plans`, once per forward). Each block's (out, log-sum-exp) is merged into the running result
-with a log-sum-exp; the backward recomputes each block from the merged out and lse (as flash attention does), and the K/V
-gradients travel around the ring behind their K/V, arriving home after cp steps.
+with a log-sum-exp; the backward recomputes each block from the merged out and lse (as flash attention does), and
+the K/V gradients travel around the ring behind their K/V, arriving home after cp steps.
 
 Block kernels: aten's CPU flash attention on CPU, the memory-efficient kernel on CUDA (it takes a mask and returns
 the log-sum-exp; that path is not exercised by the CPU tests).
