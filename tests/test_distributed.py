@@ -160,19 +160,25 @@ def test_detect_env_reads_torchrun_then_slurm_then_single():
 
 
 @pytest.mark.parametrize("world, kw, shape", [
-    (2, dict(dp_shard=2), (1, 2, 1)),
-    (2, dict(), (2, 1, 1)),  # dp_replicate inferred from the world size
-    (4, dict(dp_shard=2, tp_size=2), (1, 2, 2)),
-    (8, dict(dp_shard=2, tp_size=2), (2, 2, 2)),
-    (4, dict(dp_replicate=2, dp_shard=2), (2, 2, 1)),
+    (2, dict(dp_shard=2), (1, 1, 2, 1, 1)),
+    (2, dict(), (1, 2, 1, 1, 1)),  # dp_replicate inferred from the world size
+    (4, dict(dp_shard=2, tp_size=2), (1, 1, 2, 1, 2)),
+    (8, dict(dp_shard=2, tp_size=2), (1, 2, 2, 1, 2)),
+    (4, dict(dp_replicate=2, dp_shard=2), (1, 2, 2, 1, 1)),
+    (16, dict(pp_size=2, dp_shard=2, cp_size=2), (2, 2, 2, 2, 1)),  # pp x dp_replicate x dp_shard x cp x tp
+    (4, dict(pp_size=2, tp_size=2), (2, 1, 1, 1, 2)),
 ])
 def test_mesh_shape(world, kw, shape):
     assert resolve_mesh_shape(DistributedArgs(**kw), world) == shape
 
 
 @pytest.mark.parametrize("world, kw, message", [
-    (6, dict(dp_shard=4), "world size 6 does not factor into dp_replicate=1 x dp_shard=4 x tp_size=1"),
-    (4, dict(dp_replicate=3, tp_size=2), "world size 4 does not factor into dp_replicate=3 x dp_shard=1 x tp_size=2"),
+    (6, dict(dp_shard=4), "world size 6 does not factor into pp_size=1 x dp_replicate=1 x dp_shard=4 x cp_size=1"),
+    (4, dict(dp_replicate=3, tp_size=2), "world size 4 does not factor into pp_size=1 x dp_replicate=3 x dp_shard=1"),
+    (6, dict(pp_size=4), "world size 6 does not factor into pp_size=4 x dp_replicate=1"),
+    (4, dict(pp_size=2, cp_size=3), "x cp_size=3 x tp_size=1"),
+    (2, dict(pp_size=2, pp_schedule="zb"), "distributed.pp_schedule must be one of gpipe, 1f1b,"),
+    (1, dict(cp_size=0), "distributed.cp_size must be >= 1"),
     (2, dict(dp_shard=2, fsdp_type="no_shard"), "fsdp_type=no_shard needs dp_shard=1"),
     (1, dict(fsdp_type="zero3"), "fsdp_type must be full_shard or no_shard"),
     (1, dict(tp_size=0), "distributed.tp_size must be >= 1"),

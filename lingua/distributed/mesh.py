@@ -4,8 +4,9 @@ Launchers: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), SLURM srun (SLURM_PRO
 from the job's first host), or one plain process with no process group at all. Device and backend are picked at run
 time: CUDA -> nccl, CPU -> gloo. Nothing here touches CUDA unless a GPU is present.
 
-The mesh has three dims, outer to inner: dp_replicate x dp_shard x tp. lingua/distributed/parallelize.py applies the
-parallelisms to a model over this mesh; lingua/models/init.py makes a sharded init equal the unsharded one.
+The mesh has five dims, outer to inner: pp x dp_replicate x dp_shard x cp x tp (a dim of size 1 costs nothing).
+lingua/distributed/parallelize.py applies the parallelisms to a model over this mesh, lingua/distributed/pipeline.py
+splits it into pipeline stages; lingua/models/init.py makes a sharded init equal the unsharded one.
 """
 
 import contextlib
@@ -15,7 +16,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,11 @@ class DistributedArgs:
     dp_shard: int = 1  # FSDP shard group size
     dp_replicate: int = 1  # replicas (DDP, or HSDP's outer dim); inferred from the world size when left at 1
     tp_size: int = 1
+    cp_size: int = 1  # context parallel: the sequence split over cp ranks
+    pp_size: int = 1  # pipeline parallel: the layers split over pp ranks (outermost mesh dim)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zbv | dualpipev
+    pp_microbatches: int = 0  # microbatches per step and pipeline; 0: one per pipeline stage
+    pp_stages_per_rank: int = 0  # 0: what the schedule needs (1 for gpipe/1f1b, 2 for the others)
     ep_size: int = 1  # expert parallel (apps/moe): experts sharded over groups of ep_size data-parallel ranks
     fsdp_type: str = "full_shard"  # full_shard (FSDP2) | no_shard (DDP-style replicate)
     model_dtype: str = "auto"  # auto | bf16 | fp32: auto takes bf16 only where the hardware runs it natively
@@ -46,6 +52,16 @@ class DistributedArgs:
 
 
 FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
+
+
+class MeshShape(NamedTuple):
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
 
 
 @dataclass
@@ -124,6 +140,10 @@ class DistState:
     dp_size: int
     tp_size: int
     tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    cp_size: int = 1
+    cp_rank: int = 0
     loss_parallel: bool = False  # TP keeps the logits sharded over the vocabulary: forward + backward in loss_context
     timeout_s: int = 600
 
@@ -181,19 +201,21 @@ class DistState:
                 logger.warning(f"destroy_process_group failed: {e}")
 
 
-def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp): dp_replicate is inferred when left at 1; anything else must multiply to the world."""
-    for key in ("dp_shard", "dp_replicate", "tp_size"):
+def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> MeshShape:
+    """pp x dp_replicate x dp_shard x cp x tp: dp_replicate is inferred when left at 1; anything else must multiply
+    to the world."""
+    for key in ("dp_shard", "dp_replicate", "tp_size", "cp_size", "pp_size"):
         if getattr(args, key) < 1:
             raise ConfigError(f"distributed.{key} must be >= 1, got {getattr(args, key)}")
-    rep, shard, tp = args.dp_replicate, args.dp_shard, args.tp_size
-    if rep == 1 and world_size % (shard * tp) == 0:
-        rep = world_size // (shard * tp)
-    if rep * shard * tp != world_size:
+    pp, rep, shard, cp, tp = args.pp_size, args.dp_replicate, args.dp_shard, args.cp_size, args.tp_size
+    if rep == 1 and world_size % (pp * shard * cp * tp) == 0:
+        rep = world_size // (pp * shard * cp * tp)
+    if pp * rep * shard * cp * tp != world_size:
         raise ConfigError(
-            f"world size {world_size} does not factor into dp_replicate={args.dp_replicate} x "
-            f"dp_shard={args.dp_shard} x tp_size={args.tp_size}"
+            f"world size {world_size} does not factor into pp_size={pp} x dp_replicate={args.dp_replicate} x "
+            f"dp_shard={shard} x cp_size={cp} x tp_size={tp}"
         )
+    check_pipeline_args(args)
     if args.fsdp_type not in ("full_shard", "no_shard"):
         raise ConfigError(f"distributed.fsdp_type must be full_shard or no_shard, got '{args.fsdp_type}'")
     if args.fsdp_type == "no_shard" and shard > 1:
@@ -214,12 +236,20 @@ def resolve_mesh_shape(args: DistributedArgs, world_size: int) -> tuple[int, int
     if args.float8_recipe is not None and args.float8_recipe not in FLOAT8_RECIPES:
         raise ConfigError(f"distributed.float8_recipe must be one of {', '.join(FLOAT8_RECIPES)} or null, "
                           f"got '{args.float8_recipe}'")
-    return rep, shard, tp
+    return MeshShape(pp, rep, shard, cp, tp)
+
+
+def check_pipeline_args(args: DistributedArgs) -> None:
+    if args.pp_schedule not in PP_SCHEDULES:
+        raise ConfigError(f"distributed.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got '{args.pp_schedule}'")
+    for key in ("pp_microbatches", "pp_stages_per_rank"):
+        if getattr(args, key) < 0:
+            raise ConfigError(f"distributed.{key} must be >= 0 (0: automatic), got {getattr(args, key)}")
 
 
 def init_distributed(args: DistributedArgs, environ=None) -> DistState:
     env = detect_env(environ)
-    rep, shard, tp = resolve_mesh_shape(args, env.world_size)
+    shape = resolve_mesh_shape(args, env.world_size)
     device = pick_device(args.device, env.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.matmul_allow_tf32
@@ -238,9 +268,11 @@ def init_distributed(args: DistributedArgs, environ=None) -> DistState:
         )
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-    # The data loader's rank counts over both data-parallel dims, never over tp (lingua issue #58): the tp ranks of
-    # one data-parallel group must read the same batches.
-    dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
-    return DistState(env, device, mesh, dp_rank, rep * shard, tp, tp_rank=mesh.get_local_rank("tp"),
-                     loss_parallel=tp > 1 and args.loss_parallel, timeout_s=args.timeout_s)
+    mesh = init_device_mesh(device.type, tuple(shape), mesh_dim_names=MESH_DIMS)
+    # The data loader's rank counts over both data-parallel dims, never over pp, cp or tp (lingua issue #58): every
+    # pipeline stage, context-parallel and tensor-parallel rank of one data-parallel replica reads the same batches.
+    dp_rank = mesh.get_local_rank("dp_replicate") * shape.dp_shard + mesh.get_local_rank("dp_shard")
+    return DistState(env, device, mesh, dp_rank, shape.dp_replicate * shape.dp_shard, shape.tp,
+                     tp_rank=mesh.get_local_rank("tp"), pp_size=shape.pp, pp_rank=mesh.get_local_rank("pp"),
+                     cp_size=shape.cp, cp_rank=mesh.get_local_rank("cp"),
+                     loss_parallel=shape.tp > 1 and args.loss_parallel, timeout_s=args.timeout_s)

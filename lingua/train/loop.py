@@ -331,7 +331,8 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     dist_state.barrier()
     dtype, why = resolve_model_dtype(args.distributed.model_dtype, dist_state.device)
     logger.info(f"world: {dist_state.world_size} process(es) via {dist_state.env.launcher} on {dist_state.device}; "
-                f"dp={dist_state.dp_size} tp={dist_state.tp_size}; dtype {why}")
+                f"pp={dist_state.pp_size} dp={dist_state.dp_size} cp={dist_state.cp_size} tp={dist_state.tp_size}; "
+                f"dtype {why}")
     model = build_model(args, spec, dist_state, dtype)
     n_params = num_params(model)
     logger.info(f"model ({spec.name}): {n_params:,} parameters ({n_params / 1e6:.2f}M)")
