@@ -80,15 +80,39 @@ class PipelinedModel(nn.Module):
         blocks = {int(i): b for s in stages for i, b in s.layers._modules.items()}
         self.layers = LayerSlice(dict(sorted(blocks.items())))
         self.schedule, self.pp_group, self.has_last = schedule, pp_group, has_last
+        self.stages = stages  # a plain list: their modules are registered above, under the whole model's names
+        self.warmed_up = False
 
     def step(self, tokens: torch.Tensor, target: torch.Tensor, tok_idx: torch.Tensor) -> torch.Tensor:
-        """tokens, target, tok_idx: (bs, seqlen), the local batch. Returns the mean microbatch loss (detached) on the
-        rank that runs the last stage, 0 elsewhere."""
+        """tokens, target, tok_idx: (bs, seqlen), the local batch. Returns this rank's part of the mean microbatch
+        loss (detached): the last stage's loss, plus the extra losses (MoE aux) of the earlier stages it runs; summed
+        over the pipeline's ranks, the loss of the whole model."""
+        if not self.warmed_up:
+            self._warm_up(tokens, target, tok_idx)
         losses = []
         self.schedule.step(tokens, target=target, losses=losses, return_outputs=False, tok_idx=tok_idx, labels=target)
-        if not self.has_last:
-            return torch.zeros((), device=tokens.device)
-        return torch.stack([loss.detach() for loss in losses]).mean()
+        parts = [torch.stack([loss.detach() for loss in losses]).mean()] if self.has_last else []
+        for stage in self.stages:
+            if stage.sent_losses:
+                parts.append(torch.stack(stage.sent_losses).mean())
+                stage.sent_losses.clear()
+        return sum(parts) if parts else torch.zeros((), device=tokens.device)
+
+    def _warm_up(self, tokens: torch.Tensor, target: torch.Tensor, tok_idx: torch.Tensor) -> None:
+        """torch's first pipeline step infers the stages' shapes with extra forwards (past the first stage on
+        uninitialised inputs), whose side effects a model may keep (MoE's routing counts): run that step once and
+        undo it (buffers, gradients, the extra losses kept for logging)."""
+        buffers = [b for s in self.stages for b in s.buffers()]
+        saved = [b.clone() for b in buffers]
+        self.schedule.step(tokens, target=target, return_outputs=False, tok_idx=tok_idx, labels=target)
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+        for p in self.parameters():
+            p.grad = None
+        for stage in self.stages:
+            stage.sent_losses.clear()
+        self.warmed_up = True
 
     def forward(self, *args, **kwargs):
         raise LinguaError("a pipelined model runs through PipelinedModel.step, not as one module (evaluate its "

@@ -57,7 +57,10 @@ class DecoderStage(nn.Module):
         h = self.run_blocks(h, inputs)
         extra = self.extra_loss(inputs)
         if self.norm is None:
-            return h if extra is None else AddLossGradient.apply(h, extra)
+            if extra is None:
+                return h
+            self.sent_losses.append(extra.detach())  # for the logged loss: only the last stage returns one
+            return AddLossGradient.apply(h, extra)
         loss = self.loss(self.norm(h), labels)
         return loss if extra is None else loss + extra
 
@@ -73,6 +76,7 @@ def decoder_stage(model: nn.Module, layers: range) -> nn.Module:
     # Own containers (parameters, buffers, children, hooks): what is set on one stage must not reach the model.
     stage.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
     stage.layers = LayerSlice({i: model.layers[i] for i in layers})
+    stage.sent_losses = []  # the extra losses a stage before the last added to the objective, per microbatch
     if layers.start > 0:
         stage.tok_embeddings = None
     if layers.stop < len(model.layers):
