@@ -17,7 +17,12 @@ from apps.moe.model import MOE_SPEC
 from lingua.args import load_config
 from lingua.checkpoint.manager import CheckpointManager
 from lingua.distributed.mesh import DistributedArgs, init_distributed
-from lingua.distributed.pipeline import layer_ranges, local_stage_ids, n_microbatches, stages_per_rank
+from lingua.distributed.pipeline import (
+    layer_ranges,
+    local_stage_ids,
+    n_microbatches,
+    stages_per_rank,
+)
 from lingua.errors import ConfigError
 from lingua.models.stage import decoder_stage
 from lingua.models.transformer.model import Transformer, TransformerArgs
