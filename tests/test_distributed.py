@@ -583,7 +583,7 @@ def test_fsdp_bf16_keeps_the_rope_angles_fp32(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+        mesh = init_device_mesh("cpu", (1, 1, 1, 1, 1), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "cp", "tp"))
         with torch.device("meta"):
             model = Transformer(TransformerArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=16))
         apply_data_parallel(model, mesh, DistributedArgs(), torch.bfloat16)

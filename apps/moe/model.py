@@ -205,6 +205,9 @@ class MoETransformer(Transformer):
     def block_inputs(self, tokens, tok_idx, cache) -> tuple:
         return (*super().block_inputs(tokens, tok_idx, cache), AuxLosses())  # + a fresh aux-loss sink per forward
 
+    def extra_loss(self, inputs: tuple) -> torch.Tensor:
+        return inputs[-1].total()  # the weighted aux + z losses the blocks added to the sink
+
     def forward(self, tokens, target=None, tok_idx=None, cache=None):
         """As Decoder.forward; with a target, the loss is the cross-entropy plus every layer's weighted aux and z
         losses (what training minimises and logs as `loss`)."""

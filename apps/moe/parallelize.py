@@ -48,6 +48,16 @@ def shard_expert_groups(block: nn.Module, fsdp_mesh, world: int, **fsdp_kwargs) 
     experts.set_gradient_divide_factor(world)
 
 
+def data_parallel_group(mesh):
+    """This rank's data-parallel replicas (its pipeline stage, cp and tp coordinates fixed), or None when alone."""
+    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
+    if rep * shard == 1:
+        return None
+    if rep == 1 or shard == 1:
+        return mesh["dp_shard" if shard > 1 else "dp_replicate"].get_group()
+    return mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+
+
 def parallelize_moe(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
                     device: torch.device) -> nn.Module:
     """Routing statistics over the world, experts over `ep`, then float8 -> AC -> compile -> FSDP2 (the experts in
@@ -57,13 +67,15 @@ def parallelize_moe(model: nn.Module, mesh, args: DistributedArgs, param_dtype: 
     if mesh["tp"].size() > 1:
         raise ConfigError("the MoE model has no tensor-parallel plan: set distributed.tp_size=1 "
                           "(distributed.ep_size shards the experts)")
-    for moe in moe_modules(model):
-        moe.stats_group = dist.group.WORLD
+    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+    for moe in moe_modules(model):  # the ranks that see different rows (not the other pipeline stages)
+        moe.stats_group = dist.group.WORLD if dp == mesh.size() else data_parallel_group(mesh)
     shard_inner = None
+    if args.ep_size > 1 and dp != mesh.size():
+        raise ConfigError(f"distributed.ep_size={args.ep_size} needs every rank data-parallel (pp_size=1, cp_size=1)")
     if args.ep_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
         ep_mesh = init_device_mesh(torch.device(device).type, (dp // args.ep_size, args.ep_size),
                                    mesh_dim_names=("dp_mod_ep", "ep"))
         for moe in moe_modules(model):

@@ -16,6 +16,7 @@ COMPLETE is written only once every rank's write finished (`poll`/`wait`).
 import base64
 import concurrent.futures
 import contextlib
+import copy
 import errno
 import json
 import logging
@@ -295,7 +296,10 @@ class CheckpointManager:
             logger.warning(f"{path}: the optimizer's param groups changed since this checkpoint; loading its state "
                            "per parameter, group settings from the config")
             state["optim"] = {"state": optim_sd["state"]}
+        ours = copy.deepcopy(optim_sd["param_groups"])
         _dcp_load(state, path)
+        if [g["params"] for g in optim_sd["param_groups"]] != [g["params"] for g in ours]:
+            optim_sd["param_groups"] = ours  # saved by a rank that holds other parameters (another pipeline stage)
         set_state_dict(model, optimizer, model_state_dict=model_sd,
                        optim_state_dict={"state": state["optim"]["state"], "param_groups": optim_sd["param_groups"]})
         states = [_read_train_state(p) for p in sorted(path.glob("train_state_*.json"))]

@@ -38,7 +38,7 @@ def init_shard_(weight: torch.Tensor, fill: Callable[[torch.Tensor, torch.Genera
     there a sharded draw need not equal the unsharded one."""
     seed = int(torch.randint(0, 2**62, ()).item())
     local, offset = _local_part(weight)
-    if local.numel() == 0:
+    if local.numel() == 0 or local.is_meta:  # meta: a weight another pipeline stage owns; its draw is still taken
         return
     full = tuple(weight.shape)
     r0, r1 = offset[0], offset[0] + local.shape[0]

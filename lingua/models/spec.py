@@ -22,6 +22,7 @@ from torch import nn
 from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping, as_tuple
+from lingua.models.stage import decoder_stage
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ModelSpec:
     # (model, mesh, DistributedArgs, param_dtype, device) -> model: how this model is parallelized, on the meta device
     # (TP -> AC -> compile -> FSDP; EP for MoE). The default has no TP plan: tp_size > 1 is refused with one line.
     parallelize: Callable[..., nn.Module] = parallelize_decoder
+    # (meta-device model, range of blocks) -> the pipeline stage that runs them (lingua/models/stage.py; embeddings
+    # with the first stage, norm/output/loss with the last), sharing the model's modules and parameter names
+    pipeline_stage: Callable[[nn.Module, range], nn.Module] = decoder_stage
     # Hugging Face export/import, in order of preference (export takes the first that computes the model exactly,
     # import the one for config.json's model_type); (): export is refused with one line. One mapping is accepted too.
     hf: tuple[HFMapping, ...] = ()

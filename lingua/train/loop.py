@@ -37,6 +37,7 @@ from lingua.data.loader import DataArgs, DataLoader
 from lingua.data.tokenizer import build_tokenizer
 from lingua.distributed.mesh import DistributedArgs, DistState, init_distributed
 from lingua.distributed.parallelize import resolve_compile
+from lingua.distributed.pipeline import PipelinedModel, build_pipeline, n_microbatches
 from lingua.distributed.precision import autocast_context, cpu_name, resolve_model_dtype
 from lingua.errors import LinguaError
 from lingua.eval.bpb import EvalArgs, evaluate
@@ -117,6 +118,10 @@ def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_d
     placement = Placement(dist_state.device.type, param_dtype, compiled, machine=cpu_name())
     # before compiling: the kernel is part of the graph
     place_attention(model, args.model, placement, args.data.batch_size, args.data.seq_len)
+    if dist_state.pp_size > 1:  # this rank's pipeline stages, each parallelized like a model
+        microbatches = n_microbatches(args.distributed, args.data.batch_size, args.grad_acc_steps)
+        return build_pipeline(spec, model, dist_state.mesh, dist_state.pp_rank, args.distributed, param_dtype,
+                              dist_state.device, args.seed, microbatches)
     model = spec.parallelize(model, dist_state.mesh, args.distributed, param_dtype, dist_state.device)
     return materialize(model, dist_state.device, seed=args.seed)
 
@@ -225,13 +230,20 @@ class Trainer:
             data_s += time.perf_counter() - t0
             _grad_sync(self.model, micro == args.grad_acc_steps - 1)
             with dist_state.loss_context():  # tensor parallel: the loss is computed on vocab-sharded logits
-                with self.autocast:
-                    loss = self.model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
-                (loss / args.grad_acc_steps).backward()
+                if isinstance(self.model, PipelinedModel):  # forward and backward of every pipeline microbatch
+                    with self.autocast:
+                        loss = self.model.step(batch["input"], batch["target"], batch["tok_idx"])
+                else:
+                    with self.autocast:
+                        loss = self.model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
+                    (loss / args.grad_acc_steps).backward()
             loss_sum += _local(loss.detach())
         self.probe.after_backward(step, self.model)
-        loss_mean = dist_state.all_reduce(loss_sum / (args.grad_acc_steps * dist_state.world_size))
-        grad_norm = clip_grad_norm_(self.model, args.optim.clip)
+        # Only the last pipeline stage has the loss (the other stages add 0): each pipeline counts it pp_size times.
+        loss_sum = loss_sum * dist_state.pp_size / (args.grad_acc_steps * dist_state.world_size)
+        loss_mean = dist_state.all_reduce(loss_sum)
+        pp_group = self.model.pp_group if isinstance(self.model, PipelinedModel) else None
+        grad_norm = clip_grad_norm_(self.model, args.optim.clip, pp_group=pp_group)
         self.optimizer.step()
         if self.after_optimizer_step is not None:  # the spec's hook (MoE: the load-balancing bias update)
             self.after_optimizer_step(self.model)
@@ -298,6 +310,9 @@ def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow
 
 def run_eval(model, args: TrainArgs, tokenizer, dist_state: DistState, autocast, metrics: MetricLogger,
              state: TrainState) -> None:
+    if dist_state.pp_size > 1:
+        logger.warning("evaluation is skipped under pipeline parallelism: evaluate the checkpoint (apps/main/eval.py)")
+        return
     results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast, progress=args.logging.progress)
     if results:
         metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, **results})

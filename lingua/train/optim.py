@@ -276,15 +276,28 @@ def sync_scheduler(scheduler: lr_scheduler.LambdaLR) -> None:
 
 
 @torch.no_grad()
+def _combine_over(norm: torch.Tensor, norm_type: float, group) -> torch.Tensor:
+    """The norm of every rank's gradients together, from each rank's norm of its own (disjoint) part."""
+    import torch.distributed as dist
+
+    if math.isinf(norm_type):
+        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=group)
+        return norm
+    total = norm.float() ** norm_type
+    dist.all_reduce(total, group=group)
+    return total ** (1.0 / norm_type)
+
+
 def clip_grad_norm_(
-    params: Union[nn.Module, Iterable[torch.Tensor]], max_norm: float, norm_type: float = 2.0
+    params: Union[nn.Module, Iterable[torch.Tensor]], max_norm: float, norm_type: float = 2.0, pp_group=None
 ) -> torch.Tensor:
     """Clip the global gradient norm in place and return it (a plain scalar tensor, before clipping).
 
     Plain tensors and DTensors (FSDP2 / TP) both work. Gradients are grouped by device mesh (plain tensors in
     their own group): each group's norm comes from torch (a DTensor norm is reduced over its mesh with
     `full_tensor()`), and the groups' norms combine like the entries of one vector. Plain-tensor gradients are
-    taken as replicated (DDP or single process), so their norm is not reduced across ranks.
+    taken as replicated (DDP or single process), so their norm is not reduced across ranks. `pp_group`: the pipeline
+    stages' process group, whose ranks hold different parameters (their norms combine too).
     `max_norm <= 0` only measures the norm.
     """
     from torch.distributed.tensor import DTensor
@@ -303,6 +316,8 @@ def clip_grad_norm_(
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     device = norms[0].device
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if pp_group is not None:
+        total = _combine_over(total, norm_type, pp_group)
 
     if max_norm > 0:
         for group in groups.values():  # per group: foreach kernels cannot mix meshes

@@ -24,7 +24,7 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
     )
 
     tp = tp_mesh.size()
-    if model.output.weight is model.tok_embeddings.weight:
+    if model.output is not None and model.output.weight is getattr(model.tok_embeddings, "weight", None):
         raise ConfigError("model.weight_tying=true cannot be combined with distributed.tp_size > 1")
     if hasattr(model.layers[0].attention, "q_norm"):  # its weights would see only the local heads' gradients
         raise ConfigError("model.qk_norm=true cannot be combined with distributed.tp_size > 1 yet")
@@ -34,12 +34,13 @@ def apply_transformer_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None
     for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads), ("the feed-forward width", hidden)):
         if n % tp:
             raise ConfigError(f"distributed.tp_size={tp} does not divide {what} ({n})")
-    parallelize_module(model, tp_mesh, {
+    plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
-    })
+    }  # a pipeline stage has only some of these (lingua/models/stage.py)
+    parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if getattr(model, k) is not None})
     for block in model.layers:
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
