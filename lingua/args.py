@@ -25,10 +25,18 @@ from lingua.files import write_text_atomic
 T = TypeVar("T")
 logger = logging.getLogger("lingua")
 
-# Keys older configs and checkpoints carry that no longer exist: accepted with a warning and dropped.
+# Keys older configs and checkpoints (config.yaml, params.json) carry that no longer exist, accepted with one warning
+# each: old key -> (why, {old value: (new key, new value)}). A key without a mapping is dropped; a folded switch must
+# be true (mapped) or false (dropped: the new key's default). A mapped value replaces the new key's in the same file:
+# a config dumped before the fold holds both, and there the old switch decided.
 DEPRECATED_KEYS = {
-    "model.seed": "the model is initialised from the top-level `seed`",
-    "optim.annealing_step": "no schedule ever read it",
+    "model.seed": ("the model is initialised from the top-level `seed`", {}),
+    "optim.annealing_step": ("no schedule ever read it", {}),
+    "model.zero_init_proj": ("folded into model.init_std_factor", {True: ("model.init_std_factor", "zero")}),
+    # full before selective: with both true, selective won, so it is mapped last
+    "distributed.activation_checkpointing": ("folded into distributed.ac", {True: ("distributed.ac", "full")}),
+    "distributed.selective_activation_checkpointing": ("folded into distributed.ac",
+                                                       {True: ("distributed.ac", "selective")}),
 }
 # Keys that moved: accepted under the old name with a warning (the new name wins where a layer gives both).
 RENAMED_KEYS = {"model.cpu_attn_backward": "model.attn_backward"}
@@ -123,21 +131,22 @@ def _parse_dotlist(items: list[str]) -> dict:
         raise ConfigError(f"cannot parse command line overrides: {str(e).splitlines()[0]}") from None
 
 
-def _stale_parent(cls, layer: dict, dotted: str) -> Optional[dict]:
-    """The mapping in `layer` that holds the old key `dotted`, if it does and the schema no longer has that key."""
+def _parent(layer: dict, dotted: str, create: bool = False) -> tuple[Any, str]:
+    """The mapping of `layer` that holds the last part of `dotted`, and that part (None if a parent is missing)."""
     *parents, key = dotted.split(".")
     node = layer
     for p in parents:
-        node = node.get(p) if isinstance(node, dict) else None
+        if create and isinstance(node, dict):
+            node = node.setdefault(p, {})
+        else:
+            node = node.get(p) if isinstance(node, dict) else None
+    return node, key
+
+
+def _stale_parent(cls, layer: dict, dotted: str) -> Optional[dict]:
+    """The mapping in `layer` that holds the old key `dotted`, if it does and the schema no longer has that key."""
+    node, key = _parent(layer, dotted)
     return node if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None else None
-
-
-def _drop_deprecated(cls, layer: dict, origin: str) -> None:
-    for dotted, why in DEPRECATED_KEYS.items():
-        node = _stale_parent(cls, layer, dotted)
-        if node is not None:
-            node.pop(dotted.rsplit(".", 1)[-1])
-            logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
 
 
 def _rename_moved(cls, layer: dict, origin: str) -> None:
@@ -148,11 +157,38 @@ def _rename_moved(cls, layer: dict, origin: str) -> None:
             logger.warning(f"'{old}' in {origin} is now '{new}': read as such")
 
 
+def upgrade_deprecated(cls, layer: dict, origin: str) -> None:
+    """Rename the RENAMED_KEYS, then drop, or map onto the key that replaced it, each DEPRECATED_KEYS key of one
+    config layer (in place) that the schema `cls` does not have, with one warning each."""
+    _rename_moved(cls, layer, origin)
+    for dotted, (why, mapping) in DEPRECATED_KEYS.items():
+        node = _stale_parent(cls, layer, dotted)
+        if node is None:
+            continue
+        value = node.pop(dotted.rsplit(".", 1)[-1])
+        if mapping and not isinstance(value, bool):
+            raise ConfigError(f"invalid value for deprecated key '{dotted}' in {origin}: expected true or false, got "
+                              f"{type(value).__name__} {value!r}")
+        if value in mapping:
+            new_key, new_value = mapping[value]
+            parent, last = _parent(layer, new_key, create=True)
+            parent[last] = new_value
+            logger.warning(f"deprecated key '{dotted}' in {origin}: {why}; read as {new_key}={new_value}")
+        else:
+            logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
+
+
+def upgrade_model_keys(model: dict, args_cls: type, origin: str) -> dict:
+    """A `model:` section (params.json) of a model whose args are `args_cls`, with `upgrade_deprecated` applied."""
+    layer = {"model": dict(model)}
+    upgrade_deprecated(dataclasses.make_dataclass("Params", [("model", args_cls)]), layer, origin)
+    return layer["model"]
+
+
 def _merge(cls, layers: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(cls)
     for origin, layer in layers:
-        _rename_moved(cls, layer, origin)
-        _drop_deprecated(cls, layer, origin)
+        upgrade_deprecated(cls, layer, origin)
         _check_keys(cls, layer, "", cls)
         try:
             cfg = OmegaConf.merge(cfg, layer)

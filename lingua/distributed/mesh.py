@@ -40,8 +40,9 @@ class DistributedArgs:
     fsdp_type: str = "full_shard"  # full_shard (FSDP2) | no_shard (DDP-style replicate)
     model_dtype: str = "auto"  # auto | bf16 | fp32: auto takes bf16 only where the hardware runs it natively
     compile: Union[bool, str] = "auto"  # auto | true | false: see lingua.distributed.parallelize.resolve_compile
-    activation_checkpointing: bool = False  # full AC of every block
-    selective_activation_checkpointing: bool = False  # save matmul outputs, recompute the rest
+    # activation checkpointing of every block: none | full (keep its input, recompute the rest in backward) |
+    # selective (keep matmul and attention outputs too, recompute the pointwise ops)
+    ac: str = "none"
     float8_recipe: Optional[str] = None  # torchao float8 (GPU only): tensorwise | rowwise | rowwise_with_gw_hp
     matmul_allow_tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (Ampere and later)
     fsdp_reshard_after_forward: bool = True
@@ -50,8 +51,13 @@ class DistributedArgs:
     backend: Optional[str] = None  # override: gloo | nccl
     timeout_s: int = 600  # a collective that waits longer (e.g. a dead peer) raises instead of hanging
 
+    def __post_init__(self):
+        if self.ac not in AC_MODES:
+            raise ConfigError(f"distributed.ac={self.ac!r} is not one of {', '.join(AC_MODES)}")
+
 
 FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+AC_MODES = ("none", "full", "selective")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
 

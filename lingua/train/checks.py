@@ -1,6 +1,7 @@
 """Checks of a training config before anything runs: a mistake is one line naming the key (ConfigError), a setting
 that is legal but almost surely not meant (lr=0, a warmup longer than the run) is a warning."""
 
+import dataclasses
 import logging
 import os
 
@@ -9,11 +10,11 @@ from lingua.errors import ConfigError, LinguaError
 
 logger = logging.getLogger("lingua")
 
-# (dotted key, lowest allowed value): a value below it fails deep inside torch or the loop, far from its cause
+# (dotted key, lowest allowed value): a value below it fails deep inside torch or the loop, far from its cause. The
+# model's args check themselves when they are built (lingua.models.decoder.DecoderArgs).
 MINIMUMS = (("steps", 1), ("grad_acc_steps", 1), ("data.batch_size", 1), ("data.seq_len", 1), ("logging.freq", 1),
             ("optim.lr", 0.0), ("optim.warmup", 0), ("optim.weight_decay", 0.0),
-            ("model.dim", 1), ("model.n_layers", 1), ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0),
-            ("eval.every", 0), ("eval.batch_size", 1))
+            ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0), ("eval.every", 0), ("eval.batch_size", 1))
 
 
 def _get(args, dotted: str):
@@ -37,15 +38,21 @@ def warn_unlikely(args) -> None:
                        f"peak optim.lr={args.optim.lr}")
 
 
+def with_vocab_size(args, tokenizer):
+    """The config with model.vocab_size=-1 resolved to the tokenizer's size (a new config: the user's is kept)."""
+    if args.model.vocab_size > 0:
+        return args
+    return dataclasses.replace(args, model=dataclasses.replace(args.model, vocab_size=tokenizer.n_words))
+
+
 def validate_args(args, spec, tokenizer) -> None:
-    """Fail on the first bad value in one line; warn about the legal but unlikely ones (rank 0 logs them)."""
+    """Fail on the first bad value in one line; warn about the legal but unlikely ones (rank 0 logs them). Reads
+    the config, never changes it: run it on the resolved config (`with_vocab_size`)."""
     if not args.dump_dir:
         raise ConfigError("dump_dir is required (e.g. dump_dir=runs/debug)")
     if os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
         raise LinguaError(f"dump_dir '{args.dump_dir}' exists and is not a directory")
     check_minimums(args)
-    if args.model.vocab_size <= 0:
-        args.model.vocab_size = tokenizer.n_words
     if tokenizer.n_words > args.model.vocab_size:
         raise ConfigError(f"tokenizer '{args.data.tokenizer.path or args.data.tokenizer.name}' has "
                           f"{tokenizer.n_words} tokens, more than model.vocab_size={args.model.vocab_size}")

@@ -45,7 +45,7 @@ from lingua.log import setup_logging
 from lingua.models.decoder import materialize, num_params
 from lingua.models.spec import ModelSpec
 from lingua.models.transformer.model import TransformerArgs
-from lingua.train.checks import validate_args
+from lingua.train.checks import validate_args, with_vocab_size
 from lingua.train.metrics import (
     LoggingArgs,
     MetricLogger,
@@ -322,9 +322,11 @@ def train(args: TrainArgs, spec: ModelSpec) -> dict:
 
 
 def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack):
-    """Everything the loop needs, resumed: (model, optimizer, state, checkpoints, tokenizer, dtype)."""
+    """Everything the loop needs, resumed: (args with model.vocab_size resolved, model, optimizer, state,
+    checkpoints, tokenizer, dtype)."""
     setup_logging(dist_state.rank)
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
+    args = with_vocab_size(args, tokenizer)
     validate_args(args, spec, tokenizer)
     if dist_state.is_main:
         make_dump_dir(args.dump_dir)
@@ -346,11 +348,11 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     resume(state, checkpoints, model, optimizer, args, spec, dist_state)
     if dist_state.is_main:  # only now: a config that its checkpoint rejected must not replace the one that trained
         dump_config(args, Path(args.dump_dir) / "config.yaml")
-    return model, optimizer, state, checkpoints, tokenizer, dtype
+    return args, model, optimizer, state, checkpoints, tokenizer, dtype
 
 
 def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack) -> dict:
-    model, optimizer, state, checkpoints, tokenizer, dtype = _setup(args, spec, dist_state, stack)
+    args, model, optimizer, state, checkpoints, tokenizer, dtype = _setup(args, spec, dist_state, stack)
     if state.step >= args.steps:  # re-running a finished run (e.g. the quickstart again) costs nothing
         logger.info(f"run already complete at step {state.step} (steps={args.steps}): nothing to do")
         return {"step": state.step, "status": "done", "loss": float("nan")}
