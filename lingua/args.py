@@ -3,7 +3,8 @@
     cfg = load_config(TrainArgs, ["config=apps/main/configs/debug.yaml", "optim.lr=1e-3"])
 
 Every mistake is one line naming the full dotted key (with the closest valid key), the file and line, or the expected
-type: `unknown key 'optim.lrr' (did you mean 'optim.lr'?)`. `run_cli` turns those into a message and exit code 2.
+type: `unknown key 'optim.lrr' (did you mean 'optim.lr'?)`. `run_cli` turns those into a message and exit code 2, and
+answers `--help [SECTION]` with the schema's reference (lingua/config_doc.py).
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from lingua.config_doc import help_text
 from lingua.errors import ConfigError, exit_on_error
 from lingua.files import write_text_atomic
 
@@ -237,6 +239,24 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     write_text_atomic(path, config_to_yaml(cfg))
 
 
+HELP_FLAGS = ("--help", "-h")
+
+
+def print_help_if_asked(cls, argv: list[str]) -> bool:
+    """With `--help` (or -h) in argv, print the reference of the schema `cls` (lingua.config_doc), only section
+    SECTION for `--help SECTION`, and return True."""
+    at = next((i for i, a in enumerate(argv) if a in HELP_FLAGS), None)
+    if at is None:
+        return False
+    section = argv[at + 1] if at + 1 < len(argv) and "=" not in argv[at + 1] else None
+    print(help_text(cls, section))
+    return True
+
+
 def run_cli(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = None) -> Any:
-    """Entry point wrapper: parse the config, run `main(cfg)`, and turn user mistakes into one line + exit code."""
+    """Entry point wrapper: parse the config, run `main(cfg)`, and turn user mistakes into one line + exit code;
+    `--help [SECTION]` prints the config reference instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if exit_on_error(print_help_if_asked)(cls, argv):
+        return None
     return exit_on_error(lambda: main(load_config(cls, argv)))()

@@ -49,10 +49,10 @@ class MambaArgs(DecoderArgs):
     n_groups: int = 1  # B and C are shared by the n_heads // n_groups heads of a group (like GQA's KV heads)
     chunk_size: int = 64  # Q of the chunked scan: quadratic inside a chunk, a state passed between chunks
     A_init_min: float = 1.0  # A = -exp(A_log) starts uniform in -[A_init_min, A_init_max]
-    A_init_max: float = 16.0
+    A_init_max: float = 16.0  # see A_init_min
     dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
+    dt_max: float = 0.1  # see dt_min
+    dt_init_floor: float = 1e-4  # smallest initial step size dt
     mlp: bool = False  # a SwiGLU MLP after each mixer (Mamba-2 stacks mixers only)
     ffn_dim_multiplier: Optional[float] = None  # MLP: scales its width before rounding to multiple_of
     multiple_of: int = 256  # MLP: its width is rounded up to a multiple of this

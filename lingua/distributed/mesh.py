@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class DistributedArgs:
     dp_shard: int = 1  # FSDP shard group size
     dp_replicate: int = 1  # replicas (DDP, or HSDP's outer dim); inferred from the world size when left at 1
-    tp_size: int = 1
+    tp_size: int = 1  # tensor parallel: each block sharded over tp_size ranks (the model's TP plan)
     cp_size: int = 1  # context parallel: the sequence split over cp ranks
     pp_size: int = 1  # pipeline parallel: the layers split over pp ranks (outermost mesh dim)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zbv | dualpipev
@@ -45,6 +45,8 @@ class DistributedArgs:
     ac: str = "none"
     float8_recipe: Optional[str] = None  # torchao float8 (GPU only): tensorwise | rowwise | rowwise_with_gw_hp
     matmul_allow_tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (Ampere and later)
+    # free each block's gathered weights after its forward (false: keep them for backward: more memory, fewer
+    # all-gathers)
     fsdp_reshard_after_forward: bool = True
     loss_parallel: bool = True  # with TP: keep logits sharded over the vocabulary for the loss
     device: str = "auto"  # auto | cpu | cuda

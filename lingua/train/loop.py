@@ -70,11 +70,11 @@ logger = logging.getLogger("lingua")
 
 @dataclass
 class TrainArgs:
-    name: str = "lingua"
-    dump_dir: str = ""
+    name: str = "lingua"  # run name: logs, metrics.jsonl, the SLURM job
+    dump_dir: str = ""  # the run folder (required): config.yaml, checkpoints, metrics; a run resumes from it
     seed: int = 42  # seeds the model's init (and nothing else: the data order has data.seed)
-    steps: int = 1000
-    grad_acc_steps: int = 1
+    steps: int = 1000  # optimizer steps to train
+    grad_acc_steps: int = 1  # micro-batches per optimizer step
     optim: OptimArgs = field(default_factory=OptimArgs)
     model: TransformerArgs = field(default_factory=TransformerArgs)
     data: DataArgs = field(default_factory=DataArgs)
