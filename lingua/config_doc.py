@@ -68,28 +68,23 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return "(required)"
+def _yaml(value) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return '""' if value == "" else str(value)
 
 
-def key_docs(cls, prefix: str = "") -> list[KeyDoc]:
-    """Every leaf key of the schema `cls`, depth first in field order."""
-    hints = typing.get_type_hints(cls)
+def key_docs(cls, prefix: str = "", defaults=None) -> list[KeyDoc]:
+    """Every leaf key of the schema `cls`, depth first in field order. Defaults are read from `cls()` (every schema's
+    defaults are a valid config): a section's default may differ from its class's (checkpoint.eval.every)."""
+    hints, defaults = typing.get_type_hints(cls), cls() if defaults is None else defaults
     rows = []
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+        tp, value = hints[f.name], getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
-            rows += key_docs(tp, f"{prefix}{f.name}.")
+            rows += key_docs(tp, f"{prefix}{f.name}.", value)
         else:
-            rows.append(KeyDoc(prefix + f.name, _type_name(tp), _default(f), _comment(cls, f.name)))
+            rows.append(KeyDoc(prefix + f.name, _type_name(tp), _yaml(value), _comment(cls, f.name)))
     return rows
 
 

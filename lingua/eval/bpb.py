@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalArgs:
-    every: int = 0  # evaluate every N train steps (0: only at the end)
+    every: int = 0  # evaluate every N train steps (0: never during training; at_end decides about the end)
     at_end: bool = True  # evaluate once more when training ends
     max_docs: Optional[int] = None  # per source; None evaluates the whole val split
     batch_size: int = 4  # rows per evaluation batch, per data-parallel rank
