@@ -166,8 +166,8 @@ def test_validation_reads_the_config_and_the_vocab_size_is_resolved_beside_it(tm
     import types
 
     from lingua.models.transformer.spec import TRANSFORMER_SPEC
-    from lingua.train.checks import validate_args, with_vocab_size
-    from lingua.train.loop import TrainArgs
+    from lingua.train.checks import validate_args
+    from lingua.train.loop import TrainArgs, with_vocab_size
 
     args = load_config(TrainArgs, [f"dump_dir={tmp_path}", "model.dim=64"])
     tokenizer = types.SimpleNamespace(n_words=258)

@@ -11,7 +11,8 @@ the router z-loss (ST-MoE) of every layer. Expert weights are one [n_experts, ..
 with grouped matmuls (torch._grouped_mm) or a loop over the experts (model.grouped_mm; see benchmarks/moe_dispatch.py).
 Expert parallelism is applied from outside (apps/moe/parallelize.py); tokens reach sharded experts through
 apps/moe/dispatch.py.
-MOE_SPEC at the end is what the train loop, eval, generate and export take.
+The `model:` section is MoEArgs (apps/moe/args.py); MOE_SPEC at the end is what the train loop, eval, generate and
+export take.
 """
 
 import dataclasses

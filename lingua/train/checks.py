@@ -1,7 +1,6 @@
 """Checks of a training config before anything runs: a mistake is one line naming the key (ConfigError), a setting
 that is legal but almost surely not meant (lr=0, a warmup longer than the run) is a warning."""
 
-import dataclasses
 import logging
 import os
 
@@ -38,16 +37,9 @@ def warn_unlikely(args) -> None:
                        f"peak optim.lr={args.optim.lr}")
 
 
-def with_vocab_size(args, tokenizer):
-    """The config with model.vocab_size=-1 resolved to the tokenizer's size (a new config: the user's is kept)."""
-    if args.model.vocab_size > 0:
-        return args
-    return dataclasses.replace(args, model=dataclasses.replace(args.model, vocab_size=tokenizer.n_words))
-
-
 def validate_args(args, spec, tokenizer) -> None:
     """Fail on the first bad value in one line; warn about the legal but unlikely ones (rank 0 logs them). Reads
-    the config, never changes it: run it on the resolved config (`with_vocab_size`)."""
+    the config, never changes it: it runs on the resolved config (lingua.train.loop.with_vocab_size)."""
     if not args.dump_dir:
         raise ConfigError("dump_dir is required (e.g. dump_dir=runs/debug)")
     if os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):

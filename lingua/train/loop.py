@@ -45,7 +45,7 @@ from lingua.log import setup_logging
 from lingua.models.decoder import materialize, num_params
 from lingua.models.spec import ModelSpec
 from lingua.models.transformer.model import TransformerArgs
-from lingua.train.checks import validate_args, with_vocab_size
+from lingua.train.checks import validate_args
 from lingua.train.metrics import (
     LoggingArgs,
     MetricLogger,
@@ -106,6 +106,14 @@ def make_dump_dir(dump_dir: str) -> None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LinguaError(f"cannot create dump_dir '{dump_dir}': {e.strerror}") from None
+
+
+def with_vocab_size(args: TrainArgs, tokenizer) -> TrainArgs:
+    """The config with model.vocab_size=-1 resolved to the tokenizer's size: a new config (the caller's is kept),
+    whose model args derive their sizes again."""
+    if args.model.vocab_size > 0:
+        return args
+    return dataclasses.replace(args, model=dataclasses.replace(args.model, vocab_size=tokenizer.n_words))
 
 
 def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
