@@ -35,7 +35,7 @@ from lingua.train.loop import TrainArgs, train  # noqa: E402
 
 # The recipe the README's debug run used before this benchmark existed (lingua 0.1): AdamW, 8 x 256 tokens a step.
 V1 = ["optim.name=adamw", "optim.decay_params=all", "optim.lr=3e-3", "optim.warmup=50", "optim.scheduler=cosine", "optim.lr_min_ratio=0.1",
-      "optim.weight_decay=0.1", "model.qk_norm=false", "model.mlp=swiglu", "model.zero_init_proj=false",
+      "optim.weight_decay=0.1", "model.qk_norm=false", "model.mlp=swiglu", "model.init_std_factor=disabled",
       "model.logit_softcap=null", "model.weight_tying=true", "model.mask=block_causal", "data.batch_size=8"]
 MUON = ["optim.name=muon"]
 # This round's first recipe (README ablation, first table): the debug recipe with an untied head and a logit soft-cap.
@@ -48,7 +48,7 @@ RECIPES = {  # name -> overrides of apps/main/configs/debug.yaml (the current re
     "no-qk-norm": ["model.qk_norm=false"],
     "softcap": ["model.logit_softcap=30"],
     "swiglu": ["model.mlp=swiglu"],
-    "no-zero-init": ["model.zero_init_proj=false"],
+    "no-zero-init": ["model.init_std_factor=disabled"],
     "untied": ["model.weight_tying=false"],
     "decay-all": ["optim.decay_params=all"],  # weight decay on norms and embeddings too
     # the first recipe of this round, and each switch flipped from it (the README's first ablation)
@@ -56,7 +56,7 @@ RECIPES = {  # name -> overrides of apps/main/configs/debug.yaml (the current re
     "r1-no-qk-norm": R1 + ["model.qk_norm=false"],
     "r1-no-softcap": R1 + ["model.logit_softcap=null"],
     "r1-swiglu": R1 + ["model.mlp=swiglu"],
-    "r1-no-zero-init": R1 + ["model.zero_init_proj=false"],
+    "r1-no-zero-init": R1 + ["model.init_std_factor=disabled"],
     "r1-tied": R1 + ["model.weight_tying=true"],
     "r1-decay-all": R1 + ["optim.decay_params=all"],
     "r1-lean": R1 + ["model.qk_norm=false", "model.logit_softcap=null"],

@@ -3,7 +3,8 @@
     cfg = load_config(TrainArgs, ["config=apps/main/configs/debug.yaml", "optim.lr=1e-3"])
 
 Every mistake is one line naming the full dotted key (with the closest valid key), the file and line, or the expected
-type: `unknown key 'optim.lrr' (did you mean 'optim.lr'?)`. `run_cli` turns those into a message and exit code 2.
+type: `unknown key 'optim.lrr' (did you mean 'optim.lr'?)`. `run_cli` turns those into a message and exit code 2, and
+answers `--help [SECTION]` with the schema's reference (lingua/config_doc.py).
 """
 
 import dataclasses
@@ -19,16 +20,25 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from lingua.config_doc import help_text
 from lingua.errors import ConfigError, exit_on_error
 from lingua.files import write_text_atomic
 
 T = TypeVar("T")
 logger = logging.getLogger("lingua")
 
-# Keys older configs and checkpoints carry that no longer exist: accepted with a warning and dropped.
+# Keys older configs and checkpoints (config.yaml, params.json) carry that no longer exist, accepted with one warning
+# each: old key -> (why, {old value: (new key, new value)}). A key without a mapping is dropped; a folded switch must
+# be true (mapped) or false (dropped: the new key's default). A mapped value replaces the new key's in the same file:
+# a config dumped before the fold holds both, and there the old switch decided.
 DEPRECATED_KEYS = {
-    "model.seed": "the model is initialised from the top-level `seed`",
-    "optim.annealing_step": "no schedule ever read it",
+    "model.seed": ("the model is initialised from the top-level `seed`", {}),
+    "optim.annealing_step": ("no schedule ever read it", {}),
+    "model.zero_init_proj": ("folded into model.init_std_factor", {True: ("model.init_std_factor", "zero")}),
+    # full before selective: with both true, selective won, so it is mapped last
+    "distributed.activation_checkpointing": ("folded into distributed.ac", {True: ("distributed.ac", "full")}),
+    "distributed.selective_activation_checkpointing": ("folded into distributed.ac",
+                                                       {True: ("distributed.ac", "selective")}),
 }
 # Keys that moved: accepted under the old name with a warning (the new name wins where a layer gives both).
 RENAMED_KEYS = {"model.cpu_attn_backward": "model.attn_backward"}
@@ -123,21 +133,22 @@ def _parse_dotlist(items: list[str]) -> dict:
         raise ConfigError(f"cannot parse command line overrides: {str(e).splitlines()[0]}") from None
 
 
-def _stale_parent(cls, layer: dict, dotted: str) -> Optional[dict]:
-    """The mapping in `layer` that holds the old key `dotted`, if it does and the schema no longer has that key."""
+def _parent(layer: dict, dotted: str, create: bool = False) -> tuple[Any, str]:
+    """The mapping of `layer` that holds the last part of `dotted`, and that part (None if a parent is missing)."""
     *parents, key = dotted.split(".")
     node = layer
     for p in parents:
-        node = node.get(p) if isinstance(node, dict) else None
+        if create and isinstance(node, dict):
+            node = node.setdefault(p, {})
+        else:
+            node = node.get(p) if isinstance(node, dict) else None
+    return node, key
+
+
+def _stale_parent(cls, layer: dict, dotted: str) -> Optional[dict]:
+    """The mapping in `layer` that holds the old key `dotted`, if it does and the schema no longer has that key."""
+    node, key = _parent(layer, dotted)
     return node if isinstance(node, dict) and key in node and _expected_type(cls, dotted) is None else None
-
-
-def _drop_deprecated(cls, layer: dict, origin: str) -> None:
-    for dotted, why in DEPRECATED_KEYS.items():
-        node = _stale_parent(cls, layer, dotted)
-        if node is not None:
-            node.pop(dotted.rsplit(".", 1)[-1])
-            logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
 
 
 def _rename_moved(cls, layer: dict, origin: str) -> None:
@@ -148,11 +159,38 @@ def _rename_moved(cls, layer: dict, origin: str) -> None:
             logger.warning(f"'{old}' in {origin} is now '{new}': read as such")
 
 
+def upgrade_deprecated(cls, layer: dict, origin: str) -> None:
+    """Rename the RENAMED_KEYS, then drop, or map onto the key that replaced it, each DEPRECATED_KEYS key of one
+    config layer (in place) that the schema `cls` does not have, with one warning each."""
+    _rename_moved(cls, layer, origin)
+    for dotted, (why, mapping) in DEPRECATED_KEYS.items():
+        node = _stale_parent(cls, layer, dotted)
+        if node is None:
+            continue
+        value = node.pop(dotted.rsplit(".", 1)[-1])
+        if mapping and not isinstance(value, bool):
+            raise ConfigError(f"invalid value for deprecated key '{dotted}' in {origin}: expected true or false, got "
+                              f"{type(value).__name__} {value!r}")
+        if value in mapping:
+            new_key, new_value = mapping[value]
+            parent, last = _parent(layer, new_key, create=True)
+            parent[last] = new_value
+            logger.warning(f"deprecated key '{dotted}' in {origin}: {why}; read as {new_key}={new_value}")
+        else:
+            logger.warning(f"ignoring deprecated key '{dotted}' in {origin}: {why}")
+
+
+def upgrade_model_keys(model: dict, args_cls: type, origin: str) -> dict:
+    """A `model:` section (params.json) of a model whose args are `args_cls`, with `upgrade_deprecated` applied."""
+    layer = {"model": dict(model)}
+    upgrade_deprecated(dataclasses.make_dataclass("Params", [("model", args_cls)]), layer, origin)
+    return layer["model"]
+
+
 def _merge(cls, layers: list[tuple[str, dict]]) -> DictConfig:
     cfg = OmegaConf.structured(cls)
     for origin, layer in layers:
-        _rename_moved(cls, layer, origin)
-        _drop_deprecated(cls, layer, origin)
+        upgrade_deprecated(cls, layer, origin)
         _check_keys(cls, layer, "", cls)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -201,6 +239,24 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     write_text_atomic(path, config_to_yaml(cfg))
 
 
+HELP_FLAGS = ("--help", "-h")
+
+
+def print_help_if_asked(cls, argv: list[str]) -> bool:
+    """With `--help` (or -h) in argv, print the reference of the schema `cls` (lingua.config_doc), only section
+    SECTION for `--help SECTION`, and return True."""
+    at = next((i for i, a in enumerate(argv) if a in HELP_FLAGS), None)
+    if at is None:
+        return False
+    section = argv[at + 1] if at + 1 < len(argv) and "=" not in argv[at + 1] else None
+    print(help_text(cls, section))
+    return True
+
+
 def run_cli(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = None) -> Any:
-    """Entry point wrapper: parse the config, run `main(cfg)`, and turn user mistakes into one line + exit code."""
+    """Entry point wrapper: parse the config, run `main(cfg)`, and turn user mistakes into one line + exit code;
+    `--help [SECTION]` prints the config reference instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if exit_on_error(print_help_if_asked)(cls, argv):
+        return None
     return exit_on_error(lambda: main(load_config(cls, argv)))()

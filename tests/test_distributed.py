@@ -239,9 +239,9 @@ def _one_process(corpus, d, **extra) -> dict:
 def test_activation_checkpointing_full_and_selective_match_eager(tiny_corpus, tmp_path, runs):
     # Recomputation replays the same ops in the same order: equal up to the stated tolerance (in practice exact).
     ref = curve(runs("ref"))
-    assert_same_curve(ref, _one_process(tiny_corpus, tmp_path / "ac", distributed__activation_checkpointing=True))
+    assert_same_curve(ref, _one_process(tiny_corpus, tmp_path / "ac", distributed__ac="full"))
     assert_same_curve(ref, _one_process(tiny_corpus, tmp_path / "sac",
-                                        distributed__selective_activation_checkpointing=True))
+                                        distributed__ac="selective"))
 
 
 @pytest.mark.slow
@@ -475,9 +475,9 @@ def test_two_processes_with_ac_and_compile_match_one(tiny_corpus, tmp_path, runs
     d = tmp_path / layout
     if layout == "fsdp_compile_sac":
         extra = dict(data__batch_size=BATCH // 2, distributed__dp_shard=2, model__weight_tying=True,
-                     distributed__compile=True, distributed__selective_activation_checkpointing=True)
+                     distributed__compile=True, distributed__ac="selective")
     else:  # compile is refused with TP (see test_bad_layout_is_one_line_error)
-        extra = dict(data__batch_size=BATCH, distributed__tp_size=2, distributed__selective_activation_checkpointing=True)
+        extra = dict(data__batch_size=BATCH, distributed__tp_size=2, distributed__ac="selective")
     torchrun(2, cfg(tiny_corpus, d, eval__at_end=False, **extra), ["--global-batch"])
     assert_same_curve(curve(runs("ref_tied" if "fsdp" in layout else "ref")), curve(d))
 

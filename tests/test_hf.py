@@ -33,7 +33,7 @@ from lingua.models.layers import ffn_hidden_dim  # noqa: E402
 from lingua.models.transformer import hf as hf_tf  # noqa: E402
 from lingua.models.transformer.hf_llama import LLAMA  # noqa: E402
 from lingua.models.transformer.spec import TRANSFORMER_HF, TRANSFORMER_SPEC  # noqa: E402
-from lingua.models.transformer.model import Transformer, TransformerArgs, check_args  # noqa: E402
+from lingua.models.transformer.model import Transformer, TransformerArgs  # noqa: E402
 from lingua.train.loop import TrainArgs, train  # noqa: E402
 from tests.conftest import ROOT, tiny_overrides  # noqa: E402
 
@@ -108,7 +108,7 @@ def test_exported_model_matches_in_transformers(name, tmp_path):
     theirs = load_hf(out)
     assert type(theirs).__name__ == EXPECTED_CLASS.get(name, "LlamaForCausalLM")
     assert (out / "modeling_lingua.py").is_file() == name.endswith("remote")
-    n_heads, n_kv_heads, head_dim = check_args(args)
+    n_heads, n_kv_heads, head_dim = args.heads
     cfg = theirs.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
         args.dim, n_heads, n_kv_heads, head_dim)
@@ -158,12 +158,11 @@ def test_export_then_import_round_trips_exactly(name, tmp_path):
     model, args = make_model(name, seed=3)
     out = hf.export_hf(TRANSFORMER_HF, model.state_dict(), args, tmp_path)
     back_args = hf.args_from_hf(out, TRANSFORMER_HF)
-    assert check_args(back_args) == check_args(args)
+    assert back_args.heads == args.heads
     for key in ("dim", "n_layers", "norm_eps", "rope_theta", "max_seqlen", "vocab_size", "weight_tying", "mlp",
                 "qk_norm", "logit_softcap"):
         assert getattr(back_args, key) == getattr(args, key), key
-    assert ffn_hidden_dim(back_args.dim, back_args.multiple_of, back_args.ffn_dim_multiplier, back_args.mlp) == \
-        ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
+    assert back_args.ffn_dim == args.ffn_dim
     back = Transformer.build(back_args)
     hf.load_hf_weights(out, back, TRANSFORMER_HF)
     ours, theirs = dict(model.named_parameters()), dict(back.named_parameters())

@@ -103,6 +103,28 @@ def test_loss_adds_the_aux_losses_and_flops_count_active_parameters():
         MoETransformer(MoEArgs(**SMALL, gate="relu"))
 
 
+@pytest.mark.parametrize("selective", [False, True])
+def test_aux_loss_survives_activation_checkpointing(selective):
+    """Blocks return (h, aux): under activation checkpointing (full or selective) the loss, aux included, and every
+    gradient, the router's (which only the aux loss reaches through the probabilities) included, are the eager ones."""
+    from lingua.distributed.parallelize import apply_ac
+
+    args = MoEArgs(**SMALL, aux_loss_coef=0.5, z_loss_coef=0.25)
+    eager, wrapped = MoETransformer.build(args, seed=3), MoETransformer.build(args, seed=3)
+    apply_ac(wrapped, selective=selective)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    losses = [model(x, y) for model in (eager, wrapped)]
+    for loss in losses:
+        loss.backward()
+    ce = F.cross_entropy(eager(x).flatten(0, 1), y.flatten())
+    assert losses[0] - ce > 0.1 and torch.equal(losses[0], losses[1])  # the aux losses are in, and equal
+    grads = [{k.replace("._checkpoint_wrapped_module", ""): p.grad for k, p in m.named_parameters()}
+             for m in (eager, wrapped)]
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_bias_update_moves_selection_towards_balance():
     args = MoEArgs(**SMALL, bias_update_rate=0.1)
     model = MoETransformer.build(args).train()

@@ -130,8 +130,8 @@ def test_cached_forward_matches_the_full_forward():
         first = model.forward_heads(x[:, :7], cache)
         rest = model.forward_heads(x[:, 7:], cache)
         full = model(x)
-        inputs = model.prepare(x, None, None)  # RoPE tables and mask
-        h = model.run_blocks(model.tok_embeddings(x), inputs, layers=range(model.n_trunk))
+        inputs = model.block_inputs(x, None, None)  # RoPE tables and mask
+        h = model.trunk(x, inputs)
         head1 = model.norm(model.layers[model.n_trunk + 1](h, *inputs))
     assert cache.len == 12
     assert torch.allclose(model.output(torch.cat([first[0], rest[0]], 1)), full, atol=1e-5)

@@ -15,7 +15,6 @@ from lingua.models.transformer.model import (
     Transformer,
     TransformerArgs,
     apply_rope,
-    check_args,
     flops_per_token,
     rope_frequencies,
 )
@@ -258,11 +257,11 @@ def test_sequence_longer_than_max_seqlen_fails():
 def test_the_defaults_are_a_valid_model():
     """Neither n_heads nor head_dim set: heads of 64 dims. The defaults build (only vocab_size comes from a tokenizer)."""
     args = TransformerArgs(vocab_size=100)
-    assert check_args(args) == (8, 8, 64)  # dim 512
+    assert args.heads == (8, 8, 64)  # dim 512
     with torch.device("meta"):
         model = Transformer(args)
     assert model.layers[0].attention.wq.out_features == 512
-    assert check_args(TransformerArgs(dim=32)) == (1, 1, 32)  # narrower than one head: one head of dim
+    assert TransformerArgs(dim=32).heads == (1, 1, 32)  # narrower than one head: one head of dim
 
 
 @pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
@@ -299,8 +298,8 @@ def test_models_train_with_the_fused_loss_and_evaluate_through_the_logits():
     assert torch.allclose(model(x, y), fused, atol=1e-6)
 
 
-def test_zero_init_proj_starts_every_block_as_the_identity():
-    model = Transformer.build(tiny(zero_init_proj=True))
+def test_zero_init_std_factor_starts_every_block_as_the_identity():
+    model = Transformer.build(tiny(init_std_factor="zero"))
     for block in model.layers:
         assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
         assert block.attention.wq.weight.std() > 0
@@ -310,7 +309,7 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
 
 
 @pytest.mark.parametrize("switch", [dict(mlp="relu2"), dict(qk_norm=True), dict(logit_softcap=3.0),
-                                    dict(zero_init_proj=True)])
+                                    dict(init_std_factor="zero")])
 def test_architecture_switches_train_and_agree_with_their_unfused_loss(switch):
     """Each model.* switch builds, its fused training loss equals the loss through the (soft-capped) logits, and a few
     AdamW steps on one batch bring the loss down."""

@@ -16,7 +16,7 @@ from torch import nn
 from apps.fastRNN.hf_lingua_rnn import lingua_rnn_mapping
 from apps.fastRNN.scan import SCANS, conv_step, g, linear_scan, log_g, log_scan, step
 from lingua.errors import ConfigError
-from lingua.models.decoder import Decoder, DecoderArgs
+from lingua.models.decoder import Decoder, DecoderArgs, check_choice, check_positive
 from lingua.models.init import init_shard_, trunc_normal_
 from lingua.models.layers import (
     FeedForward,
@@ -37,30 +37,27 @@ class FastRNNArgs(DecoderArgs):
     n_heads: int = 1  # hawk: the RG-LRU gates are block-diagonal with n_heads blocks, as in Griffin (1: dense)
     conv_size: int = 4  # hawk: width of the causal Conv1D before the RG-LRU
     scan: str = "odd_even"  # mingru/minlstm: odd_even | heinsen (the paper's logcumsumexp form; see scan.py)
-    ffn_dim_multiplier: Optional[float] = None
-    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None  # scales the feed-forward width before rounding to multiple_of
+    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self, "cell", CELLS)
+        check_choice(self, "scan", SCANS)
+        if self.scan == "heinsen" and self.cell == "hawk":
+            raise ConfigError("model.scan=heinsen works in log space, which needs positive values: minGRU/minLSTM "
+                              "only (hawk scans in linear space)")
+        check_positive(self, "n_heads", "conv_size", "multiple_of")
+        if self.lru_dim <= 0:
+            raise ConfigError(f"model.lru_dim_multiplier={self.lru_dim_multiplier} leaves no recurrent width")
+        if self.cell == "hawk" and self.lru_dim % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide the recurrent width {self.lru_dim} "
+                              "(lru_dim_multiplier * dim)")
 
-def lru_dim(args: FastRNNArgs) -> int:
-    return int(args.lru_dim_multiplier * args.dim)
-
-
-def check_args(args: FastRNNArgs) -> None:
-    if args.cell not in CELLS:
-        raise ConfigError(f"model.cell={args.cell!r} is not one of {', '.join(CELLS)}")
-    if args.scan not in SCANS:
-        raise ConfigError(f"model.scan={args.scan!r} is not one of {', '.join(SCANS)}")
-    if args.scan == "heinsen" and args.cell == "hawk":
-        raise ConfigError("model.scan=heinsen works in log space, which needs positive values: minGRU/minLSTM only "
-                          "(hawk scans in linear space)")
-    for key in ("dim", "n_heads", "conv_size", "multiple_of"):
-        if getattr(args, key) <= 0:
-            raise ConfigError(f"model.{key} must be > 0 (got {getattr(args, key)})")
-    if lru_dim(args) <= 0:
-        raise ConfigError(f"model.lru_dim_multiplier={args.lru_dim_multiplier} leaves no recurrent width")
-    if args.cell == "hawk" and lru_dim(args) % args.n_heads:
-        raise ConfigError(f"model.n_heads={args.n_heads} does not divide the recurrent width {lru_dim(args)} "
-                          "(lru_dim_multiplier * dim)")
+    @property
+    def lru_dim(self) -> int:
+        """The recurrent width."""
+        return int(self.lru_dim_multiplier * self.dim)
 
 
 @dataclass
@@ -234,10 +231,10 @@ def _keep_last(state: Optional[LayerState], h: torch.Tensor) -> None:
 
 def build_mixer(args: FastRNNArgs) -> nn.Module:
     if args.cell == "mingru":
-        return MinGRU(args.dim, lru_dim(args), args.scan)
+        return MinGRU(args.dim, args.lru_dim, args.scan)
     if args.cell == "minlstm":
-        return MinLSTM(args.dim, lru_dim(args), args.scan)
-    return Hawk(args.dim, lru_dim(args), args.n_heads, args.conv_size)
+        return MinLSTM(args.dim, args.lru_dim, args.scan)
+    return Hawk(args.dim, args.lru_dim, args.n_heads, args.conv_size)
 
 
 class FastRNNBlock(nn.Module):
@@ -264,7 +261,6 @@ class FastRNNBlock(nn.Module):
 
 class FastRNN(Decoder):
     block_cls = FastRNNBlock
-    check_args = staticmethod(check_args)
 
     def block_inputs(self, tokens, tok_idx, cache) -> tuple:
         """(tok_idx, valid): positions inside documents (a state resets at 0) and which tokens are real. Decoding
@@ -291,7 +287,7 @@ class RecurrentCache:
         self.pad = torch.as_tensor(pad, dtype=torch.long, device=device)  # (bs,)
         self.max_len = max_len
         self.len = 0
-        hidden = lru_dim(args)
+        hidden = args.lru_dim
         conv = (bs, args.conv_size - 1, hidden) if args.cell == "hawk" else None
         self.layers = [
             LayerState(torch.zeros(bs, hidden, device=device),

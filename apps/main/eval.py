@@ -38,11 +38,11 @@ logger = logging.getLogger("lingua")
 
 @dataclass
 class ValidationArgs:
-    enabled: bool = True
+    enabled: bool = True  # score bits per byte on the validation splits
     root_dir: Optional[str] = None  # default: the checkpoint's data.root_dir
     sources: list[str] = field(default_factory=list)  # default: the checkpoint's data.sources
     max_docs: Optional[int] = None  # per source; None: the whole val split
-    batch_size: int = 4
+    batch_size: int = 4  # rows per batch, per rank
     seq_len: Optional[int] = None  # default: the checkpoint's data.seq_len, at most model.max_seqlen
 
 
@@ -52,21 +52,21 @@ class HarnessArgs:
     include_path: Optional[str] = None  # a folder of your own task YAMLs
     include_defaults: bool = True  # index lm-eval's built-in tasks (~12 s); false for include_path tasks only
     limit: Optional[float] = None  # documents per task (a fraction if < 1)
-    num_fewshot: Optional[int] = None
-    batch_size: int = 8
+    num_fewshot: Optional[int] = None  # few-shot examples per prompt; None: each task's default
+    batch_size: int = 8  # requests scored together
     max_gen_len: int = 256  # generation tasks that set no max_gen_toks
     bootstrap_iters: int = 100000  # for the stderr of non-mean metrics; 0 skips it
-    seed: int = 1234
+    seed: int = 1234  # lm-eval's seed (few-shot sampling)
 
 
 @dataclass
 class EvalAppArgs:
-    ckpt_dir: str = ""
-    dump_dir: str = ""
+    ckpt_dir: str = ""  # a checkpoint of any lingua app (DCP or consolidated), or a Hugging Face model folder
+    dump_dir: str = ""  # where results.json is written
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # auto | bf16 | fp32 (bf16 runs under autocast, as in training)
     add_bos: Optional[bool] = None  # default: the checkpoint's data.add_bos (true for HF dirs)
-    add_eos: Optional[bool] = None
+    add_eos: Optional[bool] = None  # default: the checkpoint's data.add_eos
     tokenizer: TokenizerOverride = field(default_factory=TokenizerOverride)
     validation: ValidationArgs = field(default_factory=ValidationArgs)
     harness: HarnessArgs = field(default_factory=HarnessArgs)

@@ -25,8 +25,8 @@ from lingua.models.decoder import num_params
 
 @dataclass
 class ExportArgs:
-    ckpt_dir: str = ""
-    out: str = ""
+    ckpt_dir: str = ""  # the lingua checkpoint to export
+    out: str = ""  # the Hugging Face folder to write (config.json, model.safetensors, tokenizer)
     dtype: Optional[str] = None  # fp32 | bf16 | fp16; null keeps the checkpoint's
     tokenizer_name: Optional[str] = None  # default: the run's data.tokenizer.name
     tokenizer_path: Optional[str] = None  # default: the run's data.tokenizer.path

@@ -25,8 +25,8 @@ from lingua.log import setup_logging
 
 @dataclass
 class GenerateAppArgs(GeneratorArgs):
-    ckpt_dir: str = ""
-    prompt: Optional[str] = None
+    ckpt_dir: str = ""  # a checkpoint of any lingua app (DCP or consolidated), or a Hugging Face model folder
+    prompt: Optional[str] = None  # one prompt, taken verbatim (not parsed as YAML)
     prompts_file: Optional[str] = None  # one prompt per line; blank lines are skipped
     device: str = "auto"  # auto | cpu | cuda
     tokenizer: TokenizerOverride = field(default_factory=TokenizerOverride)

@@ -26,7 +26,7 @@ from torch import nn
 from apps.mamba.hf_mamba2 import mamba2_mapping
 from apps.mamba.ssd import ssd_chunked, ssd_step
 from lingua.errors import ConfigError, LinguaError, require
-from lingua.models.decoder import Decoder, DecoderArgs
+from lingua.models.decoder import Decoder, DecoderArgs, check_choice, check_positive
 from lingua.models.init import init_shard_, trunc_normal_, uniform_
 from lingua.models.layers import (
     FeedForward,
@@ -49,34 +49,42 @@ class MambaArgs(DecoderArgs):
     n_groups: int = 1  # B and C are shared by the n_heads // n_groups heads of a group (like GQA's KV heads)
     chunk_size: int = 64  # Q of the chunked scan: quadratic inside a chunk, a state passed between chunks
     A_init_min: float = 1.0  # A = -exp(A_log) starts uniform in -[A_init_min, A_init_max]
-    A_init_max: float = 16.0
+    A_init_max: float = 16.0  # see A_init_min
     dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
+    dt_max: float = 0.1  # see dt_min
+    dt_init_floor: float = 1e-4  # smallest initial step size dt
     mlp: bool = False  # a SwiGLU MLP after each mixer (Mamba-2 stacks mixers only)
-    ffn_dim_multiplier: Optional[float] = None
-    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None  # MLP: scales its width before rounding to multiple_of
+    multiple_of: int = 256  # MLP: its width is rounded up to a multiple of this
     ssm_impl: str = "auto"  # auto: mamba_ssm kernels on CUDA when installed | torch | mamba_ssm (required)
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size", "multiple_of")
+        if self.d_inner % self.head_dim:
+            raise ConfigError(f"model.head_dim={self.head_dim} does not divide expand * dim = {self.d_inner}")
+        if self.n_heads % self.n_groups:
+            raise ConfigError(f"model.n_groups={self.n_groups} does not divide the {self.n_heads} heads")
+        if not 0 < self.A_init_min <= self.A_init_max:
+            raise ConfigError(f"need 0 < model.A_init_min <= model.A_init_max (got {self.A_init_min}, "
+                              f"{self.A_init_max})")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"need 0 < model.dt_min <= model.dt_max (got {self.dt_min}, {self.dt_max})")
+        check_choice(self, "ssm_impl", SSM_IMPLS)
 
-def check_args(args: MambaArgs) -> tuple[int, int]:
-    """Validate; return (d_inner, n_heads)."""
-    for key in ("dim", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size", "multiple_of"):
-        if getattr(args, key) <= 0:
-            raise ConfigError(f"model.{key} must be > 0 (got {getattr(args, key)})")
-    d_inner = args.expand * args.dim
-    if d_inner % args.head_dim:
-        raise ConfigError(f"model.head_dim={args.head_dim} does not divide expand * dim = {d_inner}")
-    n_heads = d_inner // args.head_dim
-    if n_heads % args.n_groups:
-        raise ConfigError(f"model.n_groups={args.n_groups} does not divide the {n_heads} heads")
-    if not 0 < args.A_init_min <= args.A_init_max:
-        raise ConfigError(f"need 0 < model.A_init_min <= model.A_init_max (got {args.A_init_min}, {args.A_init_max})")
-    if not 0 < args.dt_min <= args.dt_max:
-        raise ConfigError(f"need 0 < model.dt_min <= model.dt_max (got {args.dt_min}, {args.dt_max})")
-    if args.ssm_impl not in SSM_IMPLS:
-        raise ConfigError(f"model.ssm_impl={args.ssm_impl!r} is not one of {', '.join(SSM_IMPLS)}")
-    return d_inner, n_heads
+    @property
+    def d_inner(self) -> int:
+        """Channels through the SSM."""
+        return self.expand * self.dim
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_inner // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the conv: x, B and C."""
+        return self.d_inner + 2 * self.n_groups * self.d_state
 
 
 # ---------------------------------------------------------------- the fused kernels (optional extra `mamba`, CUDA)
@@ -135,8 +143,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, args: MambaArgs):
         super().__init__()
         self.args = args
-        self.d_inner, self.n_heads = check_args(args)
-        self.conv_dim = self.d_inner + 2 * args.n_groups * args.d_state  # x, B and C go through the conv
+        self.d_inner, self.n_heads, self.conv_dim = args.d_inner, args.n_heads, args.conv_dim
         # one projection for all of [z (gate) | x | B | C | dt], in mamba_ssm's order
         self.in_proj = nn.Linear(args.dim, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, args.d_conv))  # nn.Conv1d's (channels, 1, width)
@@ -259,13 +266,11 @@ class MambaCache:
     from the same zero state as an unpadded prompt. `len` counts the slots consumed (the same for every row)."""
 
     def __init__(self, args: MambaArgs, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32):
-        d_inner, n_heads = check_args(args)
         if max_len > args.max_seqlen:
             raise LinguaError(f"generation of {max_len} tokens exceeds model.max_seqlen={args.max_seqlen}")
-        conv_dim = d_inner + 2 * args.n_groups * args.d_state
-        self.ssm = [torch.zeros(bs, n_heads, args.head_dim, args.d_state, device=device, dtype=torch.float32)
+        self.ssm = [torch.zeros(bs, args.n_heads, args.head_dim, args.d_state, device=device, dtype=torch.float32)
                     for _ in range(args.n_layers)]
-        self.conv = [torch.zeros(bs, args.d_conv - 1, conv_dim, device=device, dtype=dtype)
+        self.conv = [torch.zeros(bs, args.d_conv - 1, args.conv_dim, device=device, dtype=dtype)
                      for _ in range(args.n_layers)]
         pad = torch.zeros(bs, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.pad = pad.to(device)  # (bs,)
@@ -299,7 +304,6 @@ class LayerMambaCache:
 
 class Mamba(Decoder):
     block_cls = MambaBlock
-    check_args = staticmethod(check_args)
 
     def block_inputs(self, tokens, tok_idx, cache) -> tuple:
         """(tok_idx,): the SSM state restarts and the conv reads nothing from before where tok_idx == 0. Decoding
@@ -325,8 +329,7 @@ def flops_per_token(args: MambaArgs, seq_len: int) -> float:
     weight (in_proj, out_proj, MLP, the output projection) plus the scan. Forward scan per layer and token, with
     Q = min(chunk_size, seq_len): C.B scores 2*Q*n_groups*d_state, scores x inputs 2*Q*d_inner, the chunk states and
     reading the carried state 2*d_inner*d_state each. Elementwise work (conv, norms, gates) is left out."""
-    d_inner, n_heads = check_args(args)
-    conv_dim = d_inner + 2 * args.n_groups * args.d_state
+    d_inner, n_heads, conv_dim = args.d_inner, args.n_heads, args.conv_dim
     per_layer = args.dim * (d_inner + conv_dim + n_heads) + d_inner * args.dim
     if args.mlp:
         per_layer += 3 * args.dim * ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)

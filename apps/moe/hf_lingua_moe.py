@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from apps.moe.args import MoEArgs, expert_hidden_dim
+from apps.moe.args import MoEArgs
 from apps.moe.hf_mixtral import moe_check_matches
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping, full_tensor
@@ -64,7 +64,7 @@ def lingua_moe_config(args, bos_id=None, eos_id=None, dtype=torch.float32) -> di
     cfg["auto_map"] = {"AutoConfig": "configuration_lingua.LinguaMoEConfig",
                        "AutoModelForCausalLM": "modeling_lingua.LinguaMoEForCausalLM"}
     return {**cfg, "architectures": ["LinguaMoEForCausalLM"], "model_type": "lingua_moe", "n_experts": args.n_experts,
-            "num_experts_per_tok": args.top_k, "moe_intermediate_size": expert_hidden_dim(args),
+            "num_experts_per_tok": args.top_k, "moe_intermediate_size": args.expert_dim,
             "n_shared_experts": args.n_shared_experts, "gate": args.gate, "route_norm": bool(args.route_norm)}
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from apps.moe.args import MoEArgs, expert_hidden_dim
+from apps.moe.args import MoEArgs
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping, full_tensor
 from lingua.models.transformer import hf
@@ -87,7 +87,7 @@ def mixtral_from_hf(hf_state: dict, args) -> dict:
 
 def mixtral_config(args, bos_id=None, eos_id=None, dtype=torch.float32) -> dict:
     cfg = hf.base_config(args, bos_id, eos_id, dtype)
-    cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=expert_hidden_dim(args),
+    cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=args.expert_dim,
                num_local_experts=args.n_experts, num_experts_per_tok=args.top_k, router_jitter_noise=0.0,
                output_router_logits=False, router_aux_loss_coef=args.aux_loss_coef, sliding_window=None)
     return cfg
@@ -109,9 +109,9 @@ def moe_check_matches(hf_args, args, path) -> None:
         if getattr(hf_args, key) != getattr(args, key):
             raise LinguaError(f"Hugging Face model '{path}' has model.{key}={getattr(hf_args, key)} but this model "
                               f"has {getattr(args, key)}")
-    if expert_hidden_dim(hf_args) != expert_hidden_dim(args):
-        raise LinguaError(f"Hugging Face model '{path}' has experts {expert_hidden_dim(hf_args)} wide but this model "
-                          f"has {expert_hidden_dim(args)}")
+    if hf_args.expert_dim != args.expert_dim:
+        raise LinguaError(f"Hugging Face model '{path}' has experts {hf_args.expert_dim} wide but this model "
+                          f"has {args.expert_dim}")
 
 
 MIXTRAL = HFMapping(architecture="MixtralForCausalLM", model_types=("mixtral",), config=mixtral_config,

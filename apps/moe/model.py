@@ -11,7 +11,8 @@ the router z-loss (ST-MoE) of every layer. Expert weights are one [n_experts, ..
 with grouped matmuls (torch._grouped_mm) or a loop over the experts (model.grouped_mm; see benchmarks/moe_dispatch.py).
 Expert parallelism is applied from outside (apps/moe/parallelize.py); tokens reach sharded experts through
 apps/moe/dispatch.py.
-MOE_SPEC at the end is what the train loop, eval, generate and export take.
+The `model:` section is MoEArgs (apps/moe/args.py); MOE_SPEC at the end is what the train loop, eval, generate and
+export take.
 """
 
 import dataclasses
@@ -21,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apps.moe.args import MoEArgs, check_moe_args, expert_hidden_dim
+from apps.moe.args import MoEArgs
 from apps.moe.dispatch import expert_parallel_compute
 from apps.moe.grouped import experts_swiglu
 from apps.moe.hf_lingua_moe import LINGUA_MOE
 from apps.moe.hf_mixtral import MIXTRAL
 from apps.moe.parallelize import parallelize_moe
+from lingua.models.decoder import next_token
 from lingua.models.init import trunc_normal_
-from lingua.models.layers import FeedForward, ffn_hidden_dim, init_output_
+from lingua.models.layers import FeedForward, init_output_
 from lingua.models.spec import ModelSpec
 from lingua.models.transformer.model import (
     Transformer,
@@ -104,7 +106,7 @@ class MoE(nn.Module):
 
     def __init__(self, args: MoEArgs):
         super().__init__()
-        self.args, hidden = args, expert_hidden_dim(args)
+        self.args, hidden = args, args.expert_dim
         self.router = nn.Linear(args.dim, args.n_experts, bias=False)
         self.experts = GroupedExperts(args.n_experts, args.dim, hidden, args.grouped_mm)
         if args.n_shared_experts:
@@ -171,51 +173,43 @@ def run_experts(moe: MoE, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch
 # ---------------------------------------------------------------- block and model
 
 
-class AuxLosses:
-    """What the blocks of one forward add their aux losses to. Not a list: FSDP's pre-forward hook rebuilds
-    containers in a block's arguments (pytree), and appends to a copy would be lost."""
-
-    def __init__(self):
-        self.terms: list[torch.Tensor] = []
-
-    def total(self):
-        return sum(self.terms)
-
-
 class MoEBlock(TransformerBlock):
-    """The transformer block with the MoE as its feed-forward. Its aux loss goes to `aux_sink` (an AuxLosses the
-    model passes every block with the other block inputs) when gradients are on."""
+    """The transformer block with the MoE as its feed-forward; it returns its layer's weighted aux + z loss beside
+    the hidden state, a plain output that FSDP's hooks and activation checkpointing pass through like any other."""
 
     def __init__(self, args: MoEArgs):
         super().__init__(args)
         self.feed_forward = MoE(args)
 
-    def forward(self, x, freq_cos, freq_sin, mask, aux_sink=None, cache=None) -> torch.Tensor:
+    def forward(self, x, freq_cos, freq_sin, mask, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         h = x + self.attention(self.attention_norm(x), freq_cos, freq_sin, mask, cache)
         out, aux = self.feed_forward(self.ffn_norm(h))
-        if aux_sink is not None and torch.is_grad_enabled():
-            aux_sink.terms.append(aux)
-        return h + out
+        return h + out, aux  # (bs, seqlen, dim), a scalar
 
 
 class MoETransformer(Transformer):
     block_cls = MoEBlock
-    check_args = staticmethod(check_moe_args)
-
-    def block_inputs(self, tokens, tok_idx, cache) -> tuple:
-        return (*super().block_inputs(tokens, tok_idx, cache), AuxLosses())  # + a fresh aux-loss sink per forward
 
     def extra_loss(self, inputs: tuple) -> torch.Tensor:
         return inputs[-1].total()  # the weighted aux + z losses the blocks added to the sink
 
     def forward(self, tokens, target=None, tok_idx=None, cache=None):
-        """As Decoder.forward; with a target, the loss is the cross-entropy plus every layer's weighted aux and z
-        losses (what training minimises and logs as `loss`)."""
-        inputs = self.prepare(tokens, tok_idx, cache)
-        h = self.norm(self.run_blocks(self.tok_embeddings(tokens), inputs, cache))
+        """Decoder.forward, summing the blocks' aux losses on the way: with a target and gradients on (training),
+        the loss is the cross-entropy plus every layer's weighted aux and z losses (what training minimises and logs
+        as `loss`); evaluation (no gradients) scores the cross-entropy alone."""
+        self.check_length(tokens, cache)
+        freq_cos, freq_sin, mask = self.block_inputs(tokens, tok_idx, cache)
+        h, aux = self.tok_embeddings(tokens), 0.0  # (bs, seqlen, dim)
+        for i, block in enumerate(self.layers):
+            h, layer_aux = block(h, freq_cos, freq_sin, mask, cache=None if cache is None else cache.layer(i))
+            aux = aux + layer_aux
+        if cache is not None:
+            cache.len += tokens.shape[1]
+        h = self.norm(h)
         if target is None:
             return self.logits(h)
-        return self.loss(h, target) + inputs[-1].total()
+        loss = self.loss(h, next_token(target))
+        return loss + aux if torch.is_grad_enabled() else loss
 
     def init_buffers(self) -> None:
         super().init_buffers()
@@ -265,8 +259,8 @@ def step_metrics(model: nn.Module) -> dict:
 
 def active_params_delta(args: MoEArgs) -> int:
     """Per layer: the MoE's parameters one token uses (router, top_k + shared experts) minus the dense SwiGLU's."""
-    dense = 3 * args.dim * ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
-    active = args.dim * args.n_experts + 3 * args.dim * expert_hidden_dim(args) * (args.top_k + args.n_shared_experts)
+    dense = 3 * args.dim * args.ffn_dim
+    active = args.dim * args.n_experts + 3 * args.dim * args.expert_dim * (args.top_k + args.n_shared_experts)
     return active - dense
 
 

@@ -24,7 +24,7 @@ from apps.mtp.hf import MTP_HF
 from lingua.errors import ConfigError, LinguaError
 from lingua.models.kv_cache import KVCache
 from lingua.models.spec import ModelSpec
-from lingua.models.transformer.model import Transformer, TransformerArgs, check_args
+from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.models.transformer.model import flops_per_token as transformer_flops
 from lingua.models.transformer.parallelize import parallelize_transformer
 from lingua.models.transformer.spec import describe_attention
@@ -34,11 +34,10 @@ from lingua.models.transformer.spec import describe_attention
 class MTPArgs(TransformerArgs):
     n_future_head: int = 1  # heads; head k predicts token t + k + 1. Train with data.n_views = n_future_head + 1
 
-
-def check_mtp_args(args: MTPArgs) -> None:
-    check_args(args)
-    if args.n_future_head < 1:
-        raise ConfigError(f"model.n_future_head must be >= 1 (got {args.n_future_head})")
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_future_head < 1:
+            raise ConfigError(f"model.n_future_head must be >= 1 (got {self.n_future_head})")
 
 
 def check_train_args(train_args) -> None:
@@ -60,7 +59,7 @@ class MTPCache(KVCache):
             raise LinguaError(f"a cache for {n_heads} heads: the model has n_future_head={args.n_future_head}")
         if max_len > args.max_seqlen:
             raise LinguaError(f"KV cache of {max_len} tokens exceeds model.max_seqlen={args.max_seqlen}")
-        _, n_kv_heads, head_dim = check_args(args)
+        _, n_kv_heads, head_dim = args.heads
         super().__init__(args.n_layers + n_heads, n_kv_heads, head_dim, bs, max_len, pad, device, dtype)
         self.n_heads = n_heads
 
@@ -69,11 +68,17 @@ class MTPTransformer(Transformer):
     """`layers` holds the trunk's blocks then one block per head; the final norm and the unembedding are shared."""
 
     def __init__(self, args: MTPArgs):
-        check_mtp_args(args)
         super().__init__(args, n_blocks=args.n_layers + args.n_future_head)
         self.n_trunk = args.n_layers
 
     # ------------------------------------------------------------ training and scoring
+
+    def trunk(self, tokens: torch.Tensor, inputs: tuple, cache: Optional[MTPCache] = None) -> torch.Tensor:
+        """Embeddings through the trunk's blocks: (bs, seqlen, dim), not normed (the heads' blocks read it)."""
+        h = self.tok_embeddings(tokens)
+        for i in range(self.n_trunk):
+            h = self.layers[i](h, *inputs) if cache is None else self.layers[i](h, *inputs, cache=cache.layer(i))
+        return h
 
     def head_state(self, k: int, h: torch.Tensor, inputs: tuple) -> torch.Tensor:
         """Head k on the trunk state: (bs, seqlen, dim) -> its normed state, whose output projection gives the logits
@@ -88,8 +93,9 @@ class MTPTransformer(Transformer):
         head's mean cross-entropy. With a `cache` (inference): the next-token head's logits, through the cache."""
         if cache is not None:
             return self.logits(self.forward_heads(tokens, cache)[0])
-        inputs = self.prepare(tokens, tok_idx, None)
-        h = self.run_blocks(self.tok_embeddings(tokens), inputs, layers=range(self.n_trunk))
+        self.check_length(tokens, None)
+        inputs = self.block_inputs(tokens, tok_idx, None)  # RoPE angles and the mask
+        h = self.trunk(tokens, inputs)
         if target is None:
             return self.logits(self.head_state(0, h, inputs))
         views = target.unsqueeze(-1) if target.dim() == 2 else target  # (bs, seqlen, n_views - 1)
@@ -98,7 +104,7 @@ class MTPTransformer(Transformer):
                               f"{self.args.n_future_head + 1} (the target has {views.shape[-1]} view(s))")
         head_losses = []
         for k in range(self.args.n_future_head):  # one head at a time: at most one head's activations in flight
-            head_losses.append(self.lm_loss(self.head_state(k, h, inputs), views[..., k]))
+            head_losses.append(self.loss(self.head_state(k, h, inputs), views[..., k]))
         if self.training:
             self._record_head_losses(head_losses)
         return sum(head_losses[1:], head_losses[0])
@@ -128,8 +134,8 @@ class MTPTransformer(Transformer):
         """The next `seqlen` tokens of every row through the trunk and the cache's `n_heads` heads; advances the cache.
         Returns each head's normed state (bs, seqlen, dim): `model.logits(h)` gives its logits, so a caller can project
         only the positions it needs."""
-        inputs = self.prepare(tokens, None, cache)  # positions and mask from the cache
-        h = self.run_blocks(self.tok_embeddings(tokens), inputs, cache, layers=range(self.n_trunk))
+        inputs = self.block_inputs(tokens, None, cache)  # positions and mask from the cache
+        h = self.trunk(tokens, inputs, cache)
         outs = [self.norm(self.layers[i](h, *inputs, cache=cache.layer(i)))
                 for i in range(self.n_trunk, self.n_trunk + cache.n_heads)]
         cache.len += tokens.shape[1]

@@ -62,7 +62,7 @@ CONSOLIDATED = "consolidated.pth"
 
 @dataclass
 class SaveEvery:
-    every: int = 1000  # 0 disables
+    every: int = 1000  # save every N steps; 0: never
     keep: int = 0  # keep the N most recent; 0 keeps all
 
 

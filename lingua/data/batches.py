@@ -23,17 +23,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataArgs:
-    root_dir: Optional[str] = None
+    root_dir: Optional[str] = None  # the data folder (setup/prepare_data.py): one subfolder per source
     sources: dict[str, float] = field(default_factory=dict)  # source folder name -> sampling weight (per document)
     format: str = "auto"  # jsonl | tokens | auto (token shards when their manifest matches the tokenizer)
     batch_size: int = 2  # per data-parallel rank and micro-batch
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per row
     n_views: int = 2  # 1 input view + (n_views - 1) target views (multi-token prediction)
-    seed: int = 42
+    seed: int = 42  # seeds the data order (document shuffle and source sampling)
     n_streams: Optional[int] = None  # logical streams of the data order; None: the global batch in rows
-    add_bos: bool = True
-    add_eos: bool = True
-    load_async: bool = True
+    add_bos: bool = True  # start each document with the BOS token
+    add_eos: bool = True  # end each document with the EOS token
+    load_async: bool = True  # build batches in a child process (lingua/data/loader_async.py)
     prefetch_size: int = 64  # shuffle buffer of each stream, in sequences
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
     skip_bad_lines: bool = False  # count and log malformed lines instead of stopping

@@ -24,7 +24,7 @@ TOKENIZERS = ("bytes", "sp", "tiktoken")
 @dataclass
 class TokenizerArgs:
     name: str = "bytes"  # bytes | sp | tiktoken
-    path: Optional[str] = None
+    path: Optional[str] = None  # the tokenizer model file (sp, tiktoken); bytes needs none
 
 
 class ByteTokenizer:

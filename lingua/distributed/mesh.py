@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class DistributedArgs:
     dp_shard: int = 1  # FSDP shard group size
     dp_replicate: int = 1  # replicas (DDP, or HSDP's outer dim); inferred from the world size when left at 1
-    tp_size: int = 1
+    tp_size: int = 1  # tensor parallel: each block sharded over tp_size ranks (the model's TP plan)
     cp_size: int = 1  # context parallel: the sequence split over cp ranks
     pp_size: int = 1  # pipeline parallel: the layers split over pp ranks (outermost mesh dim)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zbv | dualpipev
@@ -40,18 +40,26 @@ class DistributedArgs:
     fsdp_type: str = "full_shard"  # full_shard (FSDP2) | no_shard (DDP-style replicate)
     model_dtype: str = "auto"  # auto | bf16 | fp32: auto takes bf16 only where the hardware runs it natively
     compile: Union[bool, str] = "auto"  # auto | true | false: see lingua.distributed.parallelize.resolve_compile
-    activation_checkpointing: bool = False  # full AC of every block
-    selective_activation_checkpointing: bool = False  # save matmul outputs, recompute the rest
+    # activation checkpointing of every block: none | full (keep its input, recompute the rest in backward) |
+    # selective (keep matmul and attention outputs too, recompute the pointwise ops)
+    ac: str = "none"
     float8_recipe: Optional[str] = None  # torchao float8 (GPU only): tensorwise | rowwise | rowwise_with_gw_hp
     matmul_allow_tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (Ampere and later)
+    # free each block's gathered weights after its forward (false: keep them for backward: more memory, fewer
+    # all-gathers)
     fsdp_reshard_after_forward: bool = True
     loss_parallel: bool = True  # with TP: keep logits sharded over the vocabulary for the loss
     device: str = "auto"  # auto | cpu | cuda
     backend: Optional[str] = None  # override: gloo | nccl
     timeout_s: int = 600  # a collective that waits longer (e.g. a dead peer) raises instead of hanging
 
+    def __post_init__(self):
+        if self.ac not in AC_MODES:
+            raise ConfigError(f"distributed.ac={self.ac!r} is not one of {', '.join(AC_MODES)}")
+
 
 FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+AC_MODES = ("none", "full", "selective")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
 

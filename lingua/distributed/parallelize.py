@@ -238,9 +238,9 @@ def parallelize_decoder(model: nn.Module, mesh, args: DistributedArgs, param_dty
             raise ConfigError(f"{name} has no context-parallel plan (no attention to ring): set distributed.cp_size=1")
         cp_plan(model, mesh["cp"])
         applied.append(f"context parallel x{cp} (ring attention, load-balanced chunks)")
-    if args.activation_checkpointing or args.selective_activation_checkpointing:
-        apply_ac(model, selective=args.selective_activation_checkpointing)
-        applied.append("selective AC" if args.selective_activation_checkpointing else "full AC")
+    if args.ac != "none":
+        apply_ac(model, selective=args.ac == "selective")
+        applied.append(f"{args.ac} AC")
     rep, shard = (mesh["dp_replicate"].size(), mesh["dp_shard"].size()) if mesh is not None else (1, 1)
     dp = rep * shard * cp  # cp ranks hold the same weights: their gradients are averaged like data parallel ones
     compile, why = resolve_compile(args.compile, torch.device(device), tp, cp)

@@ -22,10 +22,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalArgs:
-    every: int = 0  # evaluate every N train steps (0: only at the end)
-    at_end: bool = True
+    every: int = 0  # evaluate every N train steps (0: never during training; at_end decides about the end)
+    at_end: bool = True  # evaluate once more when training ends
     max_docs: Optional[int] = None  # per source; None evaluates the whole val split
-    batch_size: int = 4
+    batch_size: int = 4  # rows per evaluation batch, per data-parallel rank
     seq_len: Optional[int] = None  # defaults to data.seq_len
     sources: list[str] = field(default_factory=list)  # val splits to score (held-out corpora too); empty: data.sources
 

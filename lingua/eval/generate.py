@@ -34,7 +34,7 @@ class GeneratorArgs:
     max_gen_len: int = 256  # new tokens per prompt at most
     max_prompt_len: Optional[int] = None  # longer prompts keep their last tokens; None: model.max_seqlen - max_gen_len
     stop: list[str] = field(default_factory=list)  # a completion ends before the first of these strings
-    seed: int = 42
+    seed: int = 42  # seeds sampling (temperature > 0)
     dtype: str = "auto"  # auto | fp32 | bf16: what load_model casts the weights to; auto: bf16 on CUDA, else fp32
     batch_size: int = 8  # prompts decoded together
     use_cache: bool = True  # False re-runs the whole sequence every step: slow, a reference for tests and benchmarks

@@ -5,13 +5,14 @@ so no rank ever holds the whole model. `init_shard_` makes that sharded init dra
 model would get, which is what lets a 1-process and an N-process run start from the same weights.
 """
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 INIT_BLOCK_ROWS = 256  # rows drawn per generator: bounds the scratch memory of one init call
-INIT_STD_FACTORS = ("disabled", "current_depth", "global_depth", "dim_ratio")
+INIT_STD_FACTORS = ("disabled", "current_depth", "global_depth", "dim_ratio", "zero")
 
 
 def _local_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -63,10 +64,12 @@ def uniform_(weight: torch.Tensor, low: float, high: float) -> None:
 
 
 def depth_factor(init_std_factor: str, depth: int, n_layers: int, dim: int) -> float:
-    """What layer `depth` (0-based) divides its residual output projections' std by (lingua's InitStdFactor)."""
+    """What layer `depth` (0-based) divides its residual output projections' std by (lingua's InitStdFactor); zero:
+    infinity, a zero init (every block starts as the identity, as in the nanoGPT speedruns)."""
     return {
         "disabled": 1.0,
         "current_depth": (2 * (depth + 1)) ** 0.5,
         "global_depth": (2 * (n_layers + 1)) ** 0.5,
         "dim_ratio": dim / 4096,
+        "zero": math.inf,
     }[init_std_factor]

@@ -90,8 +90,8 @@ def build_mlp(mlp: str, dim: int, hidden_dim: int) -> nn.Module:
 
 
 def init_output_(weight: torch.Tensor, std: float) -> None:
-    """A residual output projection: truncated normal, or zeros for std 0 (model.zero_init_proj: every block starts
-    as the identity, as in the nanoGPT speedruns)."""
+    """A residual output projection: truncated normal, or zeros for std 0 (model.init_std_factor=zero: every block
+    starts as the identity, as in the nanoGPT speedruns)."""
     if std == 0:
         with torch.no_grad():
             weight.zero_()

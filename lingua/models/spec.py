@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from lingua.args import DEPRECATED_KEYS, RENAMED_KEYS, upgrade_model_keys
 from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping, as_tuple
@@ -80,7 +81,10 @@ def spec_for_params(params: dict, where) -> ModelSpec:
     `model.*` key they saved (the transformer first)."""
     if params.get("model_spec"):
         return get_spec(params["model_spec"])
-    keys = {RENAMED_MODEL_KEYS.get(k, k) for k in params.get("model") or {}} - set(DEPRECATED_MODEL_KEYS)
+    renamed = {old.removeprefix("model."): new.removeprefix("model.") for old, new in RENAMED_KEYS.items()
+               if old.startswith("model.")}
+    deprecated = {k.removeprefix("model.") for k in DEPRECATED_KEYS if k.startswith("model.")}
+    keys = {renamed.get(k, k) for k in params.get("model") or {}} - deprecated
     for path in builtin_specs():
         spec = get_spec(path)
         if keys <= {f.name for f in dataclasses.fields(spec.args_cls)}:
@@ -99,16 +103,11 @@ def spec_for_hf(model_type: str, where) -> ModelSpec:
                       f"{', '.join(known)})")
 
 
-# Keys older checkpoints saved under `model:` that no args dataclass has any more (they never did anything).
-DEPRECATED_MODEL_KEYS = ("seed",)
-# Keys older checkpoints saved under `model:` by a name that changed: old -> new.
-RENAMED_MODEL_KEYS = {"cpu_attn_backward": "attn_backward"}
-
-
 def model_args_from_params(params: dict, spec: ModelSpec, where):
-    """The spec's args dataclass from params.json's `model` section (deprecated keys dropped, renamed ones renamed)."""
+    """The spec's args dataclass from params.json's `model` section (deprecated keys dropped or mapped, renamed ones
+    renamed: lingua.args.upgrade_deprecated)."""
     known = {f.name for f in dataclasses.fields(spec.args_cls)}
-    model = {RENAMED_MODEL_KEYS.get(k, k): v for k, v in params["model"].items() if k not in DEPRECATED_MODEL_KEYS}
+    model = upgrade_model_keys(params["model"], spec.args_cls, str(where))
     unknown = sorted(set(model) - known)
     if unknown:
         raise LinguaError(f"{where}: model.{unknown[0]} is not a {spec.args_cls.__name__} field "

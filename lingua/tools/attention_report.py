@@ -30,7 +30,7 @@ from lingua.kernels.attention.select import (
     resolve_backward,
     select_kernel,
 )
-from lingua.models.transformer.model import TransformerArgs, check_args
+from lingua.models.transformer.model import TransformerArgs
 
 SDPA_BACKENDS = {  # (device type, backend) -> (what it is, the aten op a profiler trace shows)
     ("cpu", SDPBackend.FLASH_ATTENTION): ("fused flash CPU kernel", "_scaled_dot_product_flash_attention_for_cpu"),
@@ -137,7 +137,7 @@ def report_attention(args: TransformerArgs, device="cpu", dtype=torch.float32, s
     train: q = kv = seq_len (default max_seqlen), args.mask, inputs requiring grad (evaluation runs its forward).
     prefill: one prompt through the KV cache, causal, no grad. decode: 1 query against a KV cache of seq_len entries
     sliced to its filled length (no mask). The KV cache always calls SDPA."""
-    n_heads, n_kv_heads, head_dim = check_args(args)
+    n_heads, n_kv_heads, head_dim = args.heads
     device = torch.device(device)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     seq_len = seq_len or args.max_seqlen
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         dtypes = [opts["dtype"]] if "dtype" in opts else ["fp32", "bf16"]
         seq_len = int(opts["seq_len"]) if "seq_len" in opts else None
         rows = [row for dt in dtypes for row in report_attention(args, device, dt, seq_len)]
-        n_heads, n_kv_heads, head_dim = check_args(args)
+        n_heads, n_kv_heads, head_dim = args.heads
         if not device.startswith("cuda"):
             where = torch.backends.cpu.get_cpu_capability()
         else:

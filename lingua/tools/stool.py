@@ -38,6 +38,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lingua.args import load_config, print_help_if_asked
 from lingua.errors import ConfigError, LinguaError, print_error
 
 
@@ -47,17 +48,17 @@ class StoolArgs:
     config: str = ""  # training config YAML (required)
     name: str = ""  # job and run name; default: the config's name, else the basename of dump_dir
     dump_dir: str = ""  # run directory; default: the config's dump_dir
-    nodes: int = 1
+    nodes: int = 1  # nodes of the job
     ngpu: int = 8  # GPUs per node; 0 = CPU job
     ncpu: int = 0  # CPUs per task; 0 = the node's CPUs / tasks per node (sinfo; this machine for launcher=bash)
     tasks_per_node: int = 0  # 0 = one task per GPU (ngpu), or 1 for a CPU job
     mem: str = ""  # --mem per node, e.g. 64G; "" = the cluster's default
     time: int = -1  # time limit in minutes; -1 = the partition's default
-    partition: str = ""
-    qos: str = ""
-    account: str = ""
-    constraint: str = ""
-    exclude: str = ""
+    partition: str = ""  # SLURM partition; "" = the cluster's default
+    qos: str = ""  # SLURM quality of service
+    account: str = ""  # SLURM account to charge
+    constraint: str = ""  # SLURM --constraint (node features)
+    exclude: str = ""  # SLURM --exclude (nodes not to use)
     venv: str = ""  # virtualenv to activate in the job (source <venv>/bin/activate)
     anaconda: str = ""  # conda env (name or path) to activate; with neither, the job uses the python running stool
     launcher: str = "sbatch"  # sbatch | bash (run submit.slurm here, in the foreground, without SLURM)
@@ -154,7 +155,6 @@ def check_overrides(args: StoolArgs, overrides: list[str]) -> None:
     specs = [v for v in vars(module).values() if isinstance(v, ModelSpec)]
     if len(specs) != 1:
         return
-    from lingua.args import load_config
     from lingua.train.loop import train_args_cls
 
     load_config(train_args_cls(specs[0]), [f"config={args.config}", *overrides])  # name/dump_dir: any string
@@ -420,8 +420,13 @@ def launch_job(args: StoolArgs, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        if print_help_if_asked(StoolArgs, argv):
+            print("\nEvery other key=value (or any after a lone --) overrides the training config: "
+                  "`python -m <script> --help` lists those.")
+            return 0
+        args, overrides = parse_args(argv)
         return launch_job(args, overrides)
     except LinguaError as e:
         return print_error(e)

@@ -9,11 +9,11 @@ from lingua.errors import ConfigError, LinguaError
 
 logger = logging.getLogger("lingua")
 
-# (dotted key, lowest allowed value): a value below it fails deep inside torch or the loop, far from its cause
+# (dotted key, lowest allowed value): a value below it fails deep inside torch or the loop, far from its cause. The
+# model's args check themselves when they are built (lingua.models.decoder.DecoderArgs).
 MINIMUMS = (("steps", 1), ("grad_acc_steps", 1), ("data.batch_size", 1), ("data.seq_len", 1), ("logging.freq", 1),
             ("optim.lr", 0.0), ("optim.warmup", 0), ("optim.weight_decay", 0.0),
-            ("model.dim", 1), ("model.n_layers", 1), ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0),
-            ("eval.every", 0), ("eval.batch_size", 1))
+            ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0), ("eval.every", 0), ("eval.batch_size", 1))
 
 
 def _get(args, dotted: str):
@@ -38,14 +38,13 @@ def warn_unlikely(args) -> None:
 
 
 def validate_args(args, spec, tokenizer) -> None:
-    """Fail on the first bad value in one line; warn about the legal but unlikely ones (rank 0 logs them)."""
+    """Fail on the first bad value in one line; warn about the legal but unlikely ones (rank 0 logs them). Reads
+    the config, never changes it: it runs on the resolved config (lingua.train.loop.with_vocab_size)."""
     if not args.dump_dir:
         raise ConfigError("dump_dir is required (e.g. dump_dir=runs/debug)")
     if os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
         raise LinguaError(f"dump_dir '{args.dump_dir}' exists and is not a directory")
     check_minimums(args)
-    if args.model.vocab_size <= 0:
-        args.model.vocab_size = tokenizer.n_words
     if tokenizer.n_words > args.model.vocab_size:
         raise ConfigError(f"tokenizer '{args.data.tokenizer.path or args.data.tokenizer.name}' has "
                           f"{tokenizer.n_words} tokens, more than model.vocab_size={args.model.vocab_size}")

@@ -71,11 +71,11 @@ logger = logging.getLogger("lingua")
 
 @dataclass
 class TrainArgs:
-    name: str = "lingua"
-    dump_dir: str = ""
+    name: str = "lingua"  # run name: logs, metrics.jsonl, the SLURM job
+    dump_dir: str = ""  # the run folder (required): config.yaml, checkpoints, metrics; a run resumes from it
     seed: int = 42  # seeds the model's init (and nothing else: the data order has data.seed)
-    steps: int = 1000
-    grad_acc_steps: int = 1
+    steps: int = 1000  # optimizer steps to train
+    grad_acc_steps: int = 1  # micro-batches per optimizer step
     optim: OptimArgs = field(default_factory=OptimArgs)
     model: TransformerArgs = field(default_factory=TransformerArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -107,6 +107,14 @@ def make_dump_dir(dump_dir: str) -> None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LinguaError(f"cannot create dump_dir '{dump_dir}': {e.strerror}") from None
+
+
+def with_vocab_size(args: TrainArgs, tokenizer) -> TrainArgs:
+    """The config with model.vocab_size=-1 resolved to the tokenizer's size: a new config (the caller's is kept),
+    whose model args derive their sizes again."""
+    if args.model.vocab_size > 0:
+        return args
+    return dataclasses.replace(args, model=dataclasses.replace(args.model, vocab_size=tokenizer.n_words))
 
 
 def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
@@ -337,9 +345,11 @@ def train(args: TrainArgs, spec: ModelSpec) -> dict:
 
 
 def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack):
-    """Everything the loop needs, resumed: (model, optimizer, state, checkpoints, tokenizer, dtype)."""
+    """Everything the loop needs, resumed: (args with model.vocab_size resolved, model, optimizer, state,
+    checkpoints, tokenizer, dtype)."""
     setup_logging(dist_state.rank)
     tokenizer = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path)
+    args = with_vocab_size(args, tokenizer)
     validate_args(args, spec, tokenizer)
     if dist_state.is_main:
         make_dump_dir(args.dump_dir)
@@ -361,11 +371,11 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     resume(state, checkpoints, model, optimizer, args, spec, dist_state)
     if dist_state.is_main:  # only now: a config that its checkpoint rejected must not replace the one that trained
         dump_config(args, Path(args.dump_dir) / "config.yaml")
-    return model, optimizer, state, checkpoints, tokenizer, dtype
+    return args, model, optimizer, state, checkpoints, tokenizer, dtype
 
 
 def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: contextlib.ExitStack) -> dict:
-    model, optimizer, state, checkpoints, tokenizer, dtype = _setup(args, spec, dist_state, stack)
+    args, model, optimizer, state, checkpoints, tokenizer, dtype = _setup(args, spec, dist_state, stack)
     if state.step >= args.steps:  # re-running a finished run (e.g. the quickstart again) costs nothing
         logger.info(f"run already complete at step {state.step} (steps={args.steps}): nothing to do")
         return {"step": state.step, "status": "done", "loss": float("nan")}

@@ -41,12 +41,12 @@ DECAY_PARAMS = ("matrices", "all")
 class OptimArgs:
     name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for the rest: lingua/train/muon.py)
     lr: float = 3e-4  # under muon the same lr: updates are RMS-matched to AdamW's (muon_adjust_lr)
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled weight decay (AdamW and Muon), on the parameters decay_params picks
     decay_params: str = "matrices"  # matrices: only >= 2-D non-embedding weights decay | all: every param (lingua)
     embed_lr: Optional[float] = None  # lr of the embeddings and the output head; None: lr
-    epsilon: float = 1e-8
-    beta1: float = 0.9
-    beta2: float = 0.95
+    epsilon: float = 1e-8  # AdamW denominator epsilon
+    beta1: float = 0.9  # AdamW decay of the first moment
+    beta2: float = 0.95  # AdamW decay of the second moment
     clip: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still computed)
 
     scheduler: str = "cosine"  # constant | linear | inv_sqrt | cosine | wsd
@@ -59,8 +59,8 @@ class OptimArgs:
 
     fused: Optional[bool] = None  # None: torch's fused AdamW wherever it supports the params' device (CPU too)
 
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
+    muon_momentum: float = 0.95  # Muon momentum of the hidden matrices
+    muon_nesterov: bool = True  # Muon with Nesterov momentum
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_ns_dtype: str = "auto"  # auto (bf16 where bf16 matmuls are native: CUDA, AVX512-BF16/AMX CPUs) | bf16 | fp32
     muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw: update * 0.2 sqrt(max(m, n)) (Moonlight) | original

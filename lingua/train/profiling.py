@@ -16,10 +16,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ProfilerArgs:
-    run: bool = False
+    run: bool = False  # trace some steps with torch.profiler into trace_folder
     trace_folder: str = "profiling"  # relative to dump_dir
     profile_warmup: int = 2  # steps skipped before tracing (the first steps include one-off costs)
-    profile_steps: int = 3
+    profile_steps: int = 3  # steps traced
     mem_snapshot: bool = True  # CUDA only: allocator history of the traced steps
 
 

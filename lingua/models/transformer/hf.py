@@ -25,7 +25,7 @@ import torch
 from lingua.errors import LinguaError
 from lingua.hf.mapping import DTYPE_NAMES, HFMapping, full_tensor
 from lingua.models.layers import ffn_hidden_dim
-from lingua.models.transformer.model import TransformerArgs, check_args
+from lingua.models.transformer.model import TransformerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _relayout(name: str, w: torch.Tensor, args: TransformerArgs, to_hf: bool) -> torch.Tensor:
     """Permute what the RoPE layout touches: the rows of wq and wk, and the head_dim weights of the q/k norms (one
     head's worth of rows)."""
-    n_heads, n_kv_heads, _ = check_args(args)
+    n_heads, n_kv_heads, _ = args.heads
     heads = {"attention.wq.weight": n_heads, "attention.wk.weight": n_kv_heads,
              "attention.q_norm.weight": 1, "attention.k_norm.weight": 1}.get(name.split(".", 2)[-1])
     if heads is None:
@@ -139,10 +139,10 @@ def base_config(args: TransformerArgs, bos_id: Optional[int] = None, eos_id: Opt
     """The config.json fields every class shares (Llama's names), as transformers writes them; each mapping adds
     `architectures`, `model_type` and its own. RoPE theta is written both ways: `rope_parameters` (transformers >= 5)
     and `rope_theta` (4.x)."""
-    n_heads, n_kv_heads, head_dim = check_args(args)
+    n_heads, n_kv_heads, head_dim = args.heads
     return {
         "hidden_size": args.dim,
-        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp),
+        "intermediate_size": args.ffn_dim,
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
@@ -234,14 +234,13 @@ def args_from_config(cfg_path, cfg: dict, mlp: str, qk_norm: bool, logit_softcap
 def check_matches(hf_args: TransformerArgs, args: TransformerArgs, path) -> None:
     """Fail on a different shape or head layout (the RoPE permutation depends on it); warn on what only changes
     numerics (rope_theta, norm_eps, max_seqlen, the soft-cap), which a fine-tuning run may change on purpose."""
-    theirs, ours = check_args(hf_args), check_args(args)
+    theirs, ours = hf_args.heads, args.heads
     shape_keys = {"model.dim": (hf_args.dim, args.dim), "model.n_layers": (hf_args.n_layers, args.n_layers),
                   "model.qk_norm": (hf_args.qk_norm, args.qk_norm), "model.mlp": (hf_args.mlp, args.mlp),
                   "model.vocab_size": (hf_args.vocab_size, args.vocab_size),
                   "model.n_heads": (theirs[0], ours[0]), "model.n_kv_heads": (theirs[1], ours[1]),
                   "model.head_dim": (theirs[2], ours[2]),
-                  "FFN width": (ffn_hidden_dim(hf_args.dim, hf_args.multiple_of, hf_args.ffn_dim_multiplier, hf_args.mlp),
-                                ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp))}
+                  "FFN width": (hf_args.ffn_dim, args.ffn_dim)}
     for key, (h, o) in shape_keys.items():
         if h != o:
             raise LinguaError(f"Hugging Face model '{path}' has {key}={h} but this model has {o}")

@@ -8,11 +8,10 @@ native classes, which vLLM and llama.cpp also load. Names and the RoPE layout ar
 from lingua.errors import LinguaError
 from lingua.hf.mapping import HFMapping
 from lingua.models.transformer import hf
-from lingua.models.transformer.model import check_args
 
 
 def lingua_config(args, bos_id=None, eos_id=None, dtype=None) -> dict:
-    head_dim = check_args(args)[2]
+    head_dim = args.heads.head_dim
     return hf.native_config(args, bos_id, eos_id, dtype, architecture="LinguaForCausalLM", model_type="lingua",
                             extra=lambda args: {
                                 "auto_map": {"AutoConfig": "configuration_lingua.LinguaConfig",
@@ -28,7 +27,7 @@ def lingua_args_from_config(cfg_path, cfg: dict):
     args = hf.args_from_config(cfg_path, cfg, mlp=mlp, qk_norm=bool(cfg.get("qk_norm")),
                                logit_softcap=cfg.get("logit_softcap"))
     scale = cfg.get("attention_scale")
-    if scale is not None and abs(scale - check_args(args)[2] ** -0.5) > 1e-12:
+    if scale is not None and abs(scale - args.heads.head_dim ** -0.5) > 1e-12:
         raise LinguaError(f"{cfg_path}: attention_scale={scale} is not lingua's 1/sqrt(head_dim)")
     return args
 

@@ -1,7 +1,8 @@
 """A Llama-style decoder-only transformer, in reading order: args, RoPE, attention, block, model, FLOPs.
 
     block: h = x + attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h))
-    model: lingua.models.decoder.Decoder (embeddings -> blocks -> norm -> output -> loss) with these blocks
+    model: lingua.models.decoder.Decoder, whose forward reads embeddings -> blocks -> norm -> output -> loss, with
+           these blocks and `block_inputs` (RoPE angles and the mask, computed once per forward)
 
 Attention calls the kernel it holds (lingua/kernels/attention/: SDPA, flex, ..., chosen once when the model is built
 and placed); lingua/models/kv_cache.py is the inference cache. Plain PyTorch: no ranks, no meshes; the
@@ -10,14 +11,19 @@ FLOPs, TP plan and HF mapping together is lingua/models/spec.py.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from lingua.errors import ConfigError, LinguaError
-from lingua.kernels.attention import ATTN_BACKWARDS, ATTN_IMPLS, AttentionKernel, unplaced_kernel
-from lingua.models.decoder import Decoder, DecoderArgs
+from lingua.kernels.attention import (
+    ATTN_BACKWARDS,
+    ATTN_IMPLS,
+    AttentionKernel,
+    unplaced_kernel,
+)
+from lingua.models.decoder import Decoder, DecoderArgs, check_choice, check_positive
 from lingua.models.init import trunc_normal_
 from lingua.models.kv_cache import KVCache, LayerKVCache
 from lingua.models.layers import (
@@ -33,30 +39,48 @@ MASKS = ("causal", "block_causal")
 DEFAULT_HEAD_DIM = 64  # when neither n_heads nor head_dim is set
 
 
+class Heads(NamedTuple):
+    """The attention's head layout, resolved from model.n_heads / head_dim / n_kv_heads (any of which may be unset)."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
 @dataclass
 class TransformerArgs(DecoderArgs):
+    """Derived: `heads` (the resolved Heads) and `ffn_dim` (the feed-forward width)."""
+
     head_dim: Optional[int] = None  # set head_dim or n_heads (the other is dim // it); neither: heads of 64 dims
-    n_heads: Optional[int] = None
+    n_heads: Optional[int] = None  # query heads; the resolved count is `args.heads.n_heads`
     n_kv_heads: Optional[int] = None  # None: n_heads (multi-head); fewer: grouped-query attention
-    ffn_dim_multiplier: Optional[float] = None
-    multiple_of: int = 256
-    rope_theta: float = 10000.0
+    ffn_dim_multiplier: Optional[float] = None  # scales the feed-forward width before rounding to multiple_of
+    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
+    rope_theta: float = 10000.0  # RoPE base period
     attn_impl: str = "auto"  # auto | sdpa | flex_attention | xformers (auto: flex for block_causal on CUDA, else sdpa)
     attn_backward: str = "auto"  # auto | aten | matmul (lingua/kernels/attention/; auto: times both where they differ)
     mask: str = "causal"  # causal | block_causal (packed documents attend only within themselves)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (OLMo 2, Qwen3, the speedruns)
     mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1 x)^2), 4 * dim wide)
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "multiple_of", "n_heads", "head_dim", "n_kv_heads")
+        for key, allowed in (("attn_impl", ATTN_IMPLS), ("attn_backward", ATTN_BACKWARDS), ("mask", MASKS),
+                             ("mlp", MLPS)):
+            check_choice(self, key, allowed)
+        resolve_heads(self)  # checks the head layout
 
-def check_args(args: TransformerArgs) -> tuple[int, int, int]:
-    """Validate the args; return the resolved (n_heads, n_kv_heads, head_dim)."""
-    if args.multiple_of <= 0:
-        raise ConfigError(f"model.multiple_of must be > 0 (got {args.multiple_of})")
-    if args.dim <= 0:
-        raise ConfigError(f"model.dim must be > 0 (got {args.dim})")
-    for key in ("n_heads", "head_dim", "n_kv_heads"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            raise ConfigError(f"model.{key} must be > 0 (got {getattr(args, key)})")
+    @property
+    def heads(self) -> Heads:
+        return resolve_heads(self)
+
+    @property
+    def ffn_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier, self.mlp)
+
+
+def resolve_heads(args: TransformerArgs) -> Heads:
     n_heads, head_dim = args.n_heads, args.head_dim
     if n_heads is None and head_dim is None:
         n_heads = max(1, args.dim // DEFAULT_HEAD_DIM)
@@ -71,11 +95,7 @@ def check_args(args: TransformerArgs) -> tuple[int, int, int]:
         raise ConfigError(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}")
     if head_dim % 2:
         raise ConfigError(f"model.head_dim={head_dim} must be even for RoPE")
-    for key, allowed in (("attn_impl", ATTN_IMPLS), ("attn_backward", ATTN_BACKWARDS), ("mask", MASKS),
-                         ("mlp", MLPS)):
-        if getattr(args, key) not in allowed:
-            raise ConfigError(f"model.{key}={getattr(args, key)!r} is not one of {', '.join(allowed)}")
-    return n_heads, n_kv_heads, head_dim
+    return Heads(n_heads, n_kv_heads, head_dim)
 
 
 # ---------------------------------------------------------------- rotary position embeddings (RoFormer, Su et al.)
@@ -146,13 +166,12 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, args: TransformerArgs):
         super().__init__()
-        n_heads, n_kv_heads, head_dim = check_args(args)
+        n_heads, n_kv_heads, head_dim = args.heads
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         kernel = unplaced_kernel(args.attn_impl, args.mask, args.attn_backward)
         self.attention = Attention(args.dim, head_dim, n_heads, n_kv_heads, kernel, args.qk_norm, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
-        self.feed_forward = build_mlp(args.mlp, args.dim, hidden)
+        self.feed_forward = build_mlp(args.mlp, args.dim, args.ffn_dim)
 
     def forward(self, x, freq_cos, freq_sin, mask, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freq_cos, freq_sin, mask, cache)  # pre-norm residual
@@ -167,11 +186,10 @@ class TransformerBlock(nn.Module):
 
 class Transformer(Decoder):
     block_cls = TransformerBlock
-    check_args = staticmethod(check_args)
 
     def __init__(self, args: TransformerArgs, n_blocks: Optional[int] = None):
         super().__init__(args, n_blocks)
-        freq_cos, freq_sin = rope_frequencies(check_args(args)[2], args.max_seqlen, args.rope_theta)
+        freq_cos, freq_sin = rope_frequencies(args.heads.head_dim, args.max_seqlen, args.rope_theta)
         # not persistent: derived from args, recomputed by init_buffers (a meta-device build leaves them empty)
         self.register_buffer("freq_cos", freq_cos, persistent=False)
         self.register_buffer("freq_sin", freq_sin, persistent=False)
@@ -191,14 +209,14 @@ class Transformer(Decoder):
         return freq_cos, freq_sin, self.kernel.mask(doc_idx, bs, seqlen, tokens.device)
 
     def make_cache(self, bs: int, max_len: int, pad=None, device=None, dtype=torch.float32) -> KVCache:
-        _, n_kv_heads, head_dim = check_args(self.args)
+        _, n_kv_heads, head_dim = self.args.heads
         if max_len > self.args.max_seqlen:
             raise LinguaError(f"KV cache of {max_len} tokens exceeds model.max_seqlen={self.args.max_seqlen}")
         return KVCache(len(self.layers), n_kv_heads, head_dim, bs, max_len, pad, device, dtype)
 
     def init_buffers(self) -> None:
-        _, _, head_dim = check_args(self.args)
-        cos, sin = rope_frequencies(head_dim, self.args.max_seqlen, self.args.rope_theta, self.freq_cos.device)
+        a = self.args
+        cos, sin = rope_frequencies(a.heads.head_dim, a.max_seqlen, a.rope_theta, self.freq_cos.device)
         self.freq_cos.copy_(cos)
         self.freq_sin.copy_(sin)
 
@@ -216,11 +234,10 @@ def flops_per_token(args: TransformerArgs, seq_len: int, n_layers: Optional[int]
     the output projection is a matmul either way). Each such weight costs 2 FLOPs per token forward and 4 backward.
     The attention term is q.k^T and attn.v: 2 * 2 * n_heads * head_dim * seq_len per layer forward, times 3 for
     forward + backward, with no discount for the causal mask (PaLM's convention; real kernels skip about half)."""
-    n_heads, n_kv_heads, head_dim = check_args(args)
+    n_heads, n_kv_heads, head_dim = args.heads
     n_layers = args.n_layers if n_layers is None else n_layers
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier, args.mlp)
     attn = 2 * args.dim * n_heads * head_dim + 2 * args.dim * n_kv_heads * head_dim  # wq, wo; wk, wv
-    mlp = (3 if args.mlp == "swiglu" else 2) * args.dim * hidden  # w1, w2 (, w3)
+    mlp = (3 if args.mlp == "swiglu" else 2) * args.dim * args.ffn_dim  # w1, w2 (, w3)
     per_layer = attn + mlp + 2 * args.dim + (2 * head_dim if args.qk_norm else 0)  # + the norms
     n = n_layers * per_layer + args.dim + args.vocab_size * args.dim  # + final norm + output projection
     return 6 * n + 12 * n_layers * n_heads * head_dim * seq_len
