@@ -190,9 +190,6 @@ class MoEBlock(TransformerBlock):
 class MoETransformer(Transformer):
     block_cls = MoEBlock
 
-    def extra_loss(self, inputs: tuple) -> torch.Tensor:
-        return inputs[-1].total()  # the weighted aux + z losses the blocks added to the sink
-
     def forward(self, tokens, target=None, tok_idx=None, cache=None):
         """Decoder.forward, summing the blocks' aux losses on the way: with a target and gradients on (training),
         the loss is the cross-entropy plus every layer's weighted aux and z losses (what training minimises and logs

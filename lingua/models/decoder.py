@@ -145,10 +145,6 @@ class Decoder(nn.Module):
         `layer(i)` (what block i reads and updates) and `len` (slots filled; the forward advances it)."""
         raise LinguaError(f"{type(self).__name__} has no inference cache: it cannot generate")
 
-    def extra_loss(self, inputs: tuple) -> Optional[torch.Tensor]:
-        """What training adds to the cross-entropy once the blocks have run on `inputs` (MoE: the aux losses)."""
-        return None
-
     def init_buffers(self) -> None:
         """Recompute derived buffers (a meta-device build leaves them empty), e.g. RoPE tables."""
 

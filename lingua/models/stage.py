@@ -46,16 +46,20 @@ class AddLossGradient(torch.autograd.Function):
 
 
 class DecoderStage(nn.Module):
-    """The forward of a stage (mixed into the model's own class, whose block_inputs, loss and extra_loss it uses)."""
+    """The forward of a stage (mixed into the model's own class, whose block_inputs and loss it uses)."""
 
     def forward(self, x: torch.Tensor, tok_idx: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: tokens (bs, seqlen) on the first stage, else the previous stage's hidden state (bs, seqlen, dim);
         tok_idx (bs, seqlen): positions inside documents. Returns the hidden state, or on the last stage the mean loss
         against labels (bs, seqlen)."""
         h = x if self.tok_embeddings is None else self.tok_embeddings(x)
-        inputs = self.prepare(tok_idx, tok_idx, None)  # block inputs need only the batch's shape and positions
-        h = self.run_blocks(h, inputs)
-        extra = self.extra_loss(inputs)
+        inputs = self.block_inputs(tok_idx, tok_idx, None)  # block inputs need only the batch's shape and positions
+        extra = None
+        for block in self.layers:
+            out = block(h, *inputs)
+            h, aux = out if isinstance(out, tuple) else (out, None)  # MoE blocks also return their aux loss
+            if aux is not None:
+                extra = aux if extra is None else extra + aux
         if self.norm is None:
             if extra is None:
                 return h
