@@ -129,6 +129,27 @@ def peak_by_category(tracker) -> tuple[dict, int]:
     return out, snap.get("Total", sum(out.values()))
 
 
+@contextlib.contextmanager
+def micro_batches_tracked(model: nn.Module, tracker):
+    """FSDPMemTracker refuses a second forward of the root in one tracked region (gradient accumulation): forget its
+    per-module stats (its global peak stays) where the train loop starts each micro-batch, at
+    set_requires_gradient_sync (a forward pre-hook would run after FSDP's own, too late)."""
+    sync = getattr(model, "set_requires_gradient_sync", None)
+    if sync is None or not hasattr(tracker, "reset_mod_stats"):
+        yield
+        return
+
+    def reset_then_sync(*args, **kwargs):
+        tracker.reset_mod_stats()
+        return sync(*args, **kwargs)
+
+    model.set_requires_gradient_sync = reset_then_sync
+    try:
+        yield
+    finally:
+        del model.set_requires_gradient_sync
+
+
 class _NoPreemption:
     requested = None
 
@@ -164,7 +185,7 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0) -> Step
             model.train()
             trainer.step(1)  # warm-up: FSDP's lazy init, the optimizer's states
             tracker, flops, comm = memory_tracker(model, trainer.optimizer), FlopCounterMode(display=False), CommCounter()
-            with tracker, flops, comm:
+            with tracker, flops, comm, micro_batches_tracked(model, tracker):
                 trainer.step(2)
             memory, peak = peak_by_category(tracker)
     tokens = args.data.batch_size * args.data.seq_len * args.grad_acc_steps
