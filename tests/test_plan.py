@@ -118,3 +118,20 @@ def test_bad_input_is_one_line(extra, message, capsys):
         plan_main(SMALL + extra)
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.slow
+def test_stool_plans_a_gpu_job_writes_it_and_refuses_one_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    from lingua.tools import stool
+
+    job = SMALL + ["nodes=1", "ngpu=2", "dry_run=true"]
+    assert stool.main(job + [f"dump_dir={tmp_path / 'fits'}"]) == 0
+    text = (tmp_path / "fits" / "plan.txt").read_text()
+    assert "on 2 x H100" in text and "verdict: fits" in text
+    capsys.readouterr()
+    assert stool.main(job + [f"dump_dir={tmp_path / 'big'}", f"gpu={add_gpu(monkeypatch, 0.01)}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit" in err and "plan=false" in err
+    assert not (tmp_path / "big").exists()
+    assert stool.main(job + [f"dump_dir={tmp_path / 'big'}", "gpu=tiny", "plan=false"]) == 0
+    assert not (tmp_path / "big" / "plan.txt").exists()

@@ -89,6 +89,7 @@ def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: boo
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
     mesh = resolve_mesh_shape(args.distributed, world_size)
+    args = with_vocab(args)
     result = Plan(spec.name, world_size, gpu.lower(), mesh, args,
                   [plan_role(args, spec, world_size, target, role, rank) for role, rank in roles(args, world_size)])
     if suggest and not result.fits:
@@ -96,6 +97,17 @@ def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: boo
 
         result.suggestions = suggestions(result, spec)
     return result
+
+
+def with_vocab(args):
+    """model.vocab_size -1 means the tokenizer's, which the train loop fills in (lingua.train.checks): so here."""
+    if getattr(args.model, "vocab_size", 1) > 0:
+        return args
+    from lingua.data.tokenizer import build_tokenizer
+
+    args = copy.deepcopy(args)
+    args.model.vocab_size = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path).n_words
+    return args
 
 
 def with_overrides(args, overrides: dict):

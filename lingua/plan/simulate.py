@@ -102,7 +102,8 @@ def build_parallel(args, spec: ModelSpec, state: DistState, dtype: torch.dtype) 
     except LinguaError:
         raise
     except Exception as e:  # a config the model rejects in a way it does not word itself
-        raise LinguaError(f"config does not build a {spec.name} model: {type(e).__name__}: {e}") from None
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise LinguaError(f"the config does not build a {spec.name} model ({type(e).__name__}: {first[:200]})") from None
     return spec.parallelize(model, state.mesh, args.distributed, dtype, state.device)
 
 
@@ -150,6 +151,20 @@ def micro_batches_tracked(model: nn.Module, tracker):
         del model.set_requires_gradient_sync
 
 
+@contextlib.contextmanager
+def step_errors_as_one_line(spec: ModelSpec):
+    """A step that cannot run on fake tensors (e.g. MoE routing: token counts per expert are data, and a fake tensor
+    has no data) is one line naming the op, not a traceback."""
+    try:
+        yield
+    except LinguaError:
+        raise
+    except Exception as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise LinguaError(f"the {spec.name} training step cannot be simulated on fake tensors "
+                          f"({type(e).__name__}: {first[:200]})") from None
+
+
 class _NoPreemption:
     requested = None
 
@@ -179,7 +194,7 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0) -> Step
     with fake_world(world_size, rank):
         state = dist_state(args, world_size, rank)
         model = build_parallel(args, spec, state, dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), step_errors_as_one_line(spec):
             materialize(model, "cpu")  # buffers (RoPE tables) and tied weights; no init: values do not matter
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
