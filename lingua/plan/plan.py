@@ -68,7 +68,12 @@ def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> floa
 
 
 def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank: int) -> RolePlan:
-    measure = simulate_step(args, spec, world_size, rank)
+    return price(args, spec, world_size, gpu, RolePlan(role, rank, simulate_step(args, spec, world_size, rank), None))
+
+
+def price(args, spec: ModelSpec, world_size: int, gpu: GPU, role: RolePlan) -> RolePlan:
+    """`role` with its step timed on `gpu` (lingua.plan.estimate)."""
+    measure, rank = role.measure, role.rank
     rep, shard, tp = resolve_mesh_shape(args.distributed, world_size)
     d = args.distributed
     time = estimate_time(
@@ -77,7 +82,14 @@ def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank:
         tp_ranks=tuple(range(rank - rank % tp, rank - rank % tp + tp)), tokens_per_gpu=measure.tokens * rep * shard /
         world_size, full_ac=d.activation_checkpointing and not d.selective_activation_checkpointing,
         dtype=d.model_dtype, float8=bool(d.float8_recipe))
-    return RolePlan(role, rank, measure, time)
+    return RolePlan(role.role, rank, measure, time)
+
+
+def on_gpu(p: Plan, spec: ModelSpec, gpu: str) -> Plan:
+    """The same simulated steps priced on another GPU (the memory does not depend on it; whether it fits does)."""
+    target = get_gpu(gpu)
+    roles = [price(p.args, spec, p.world_size, target, r) for r in p.roles]
+    return Plan(p.spec, p.world_size, gpu.lower(), p.mesh, p.args, roles)
 
 
 def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: bool = True) -> Plan:
