@@ -4,4 +4,4 @@
 from lingua.plan.plan import Plan, plan
 from lingua.plan.report import format_plan
 
-__all__ = ["Plan", "plan", "format_plan"]
+__all__ = ["Plan", "format_plan", "plan"]

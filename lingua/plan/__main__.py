@@ -13,7 +13,6 @@ Every other key=value is a training override, as `python -m apps.<app>.train` ta
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Optional
 
 from lingua.errors import ConfigError, exit_on_error
 from lingua.models.spec import ModelSpec, get_spec
@@ -22,7 +21,7 @@ PLAN_KEYS = ("world_size", "gpu", "spec", "suggest", "out")
 DOES_NOT_FIT = 3
 
 
-def resolve_spec(name: str, config: Optional[str]) -> ModelSpec:
+def resolve_spec(name: str, config: str | None) -> ModelSpec:
     """spec=module:attr, spec=<registered name>, or the app whose configs/ folder holds the config."""
     registered = {ep.name: ep.value for ep in entry_points(group="lingua.models")}
     if ":" in name:

@@ -9,7 +9,6 @@ world (lingua.plan.simulate), priced on a GPU (lingua.plan.estimate). For resear
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 from lingua.distributed.mesh import resolve_mesh_shape
 from lingua.models.spec import ModelSpec
@@ -63,7 +62,7 @@ def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> floa
     """The sequence-dependent part of the spec's FLOPs per token (the attention scores; PaLM's convention)."""
     try:
         return spec.flops_per_token(model_args, seq_len) - spec.flops_per_token(model_args, 0)
-    except Exception:  # a spec whose count needs a positive length: assume no attention term
+    except Exception:  # noqa: BLE001 (any spec: one whose count needs a positive length has no attention term here)
         return 0.0
 
 
@@ -136,7 +135,7 @@ def with_overrides(args, overrides: dict):
     return args
 
 
-def replan(base: Plan, spec: ModelSpec, overrides: dict) -> Optional[Plan]:
+def replan(base: Plan, spec: ModelSpec, overrides: dict) -> Plan | None:
     """`base` re-planned with `overrides`; None when the change itself is not a valid config."""
     from lingua.errors import LinguaError
 

@@ -17,7 +17,8 @@ def layout(p: Plan) -> str:
     dp = "DDP" if d.fsdp_type == "no_shard" else ("HSDP" if rep > 1 and shard > 1 else "FSDP")
     ep = f" ep {d.ep_size}" if d.ep_size > 1 else ""
     return (f"dp_replicate {rep} x dp_shard {shard} x tp {tp}{ep} ({dp}) | {ac} | "
-            f"{'fp32' if d.model_dtype == 'fp32' else 'bf16'}{' + float8 ' + d.float8_recipe if d.float8_recipe else ''}"
+            f"{'fp32' if d.model_dtype == 'fp32' else 'bf16'}"
+            f"{' + float8 ' + d.float8_recipe if d.float8_recipe else ''}"
             f" | micro-batch {a.data.batch_size} x {a.data.seq_len}, grad_acc {a.grad_acc_steps}")
 
 

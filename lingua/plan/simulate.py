@@ -52,7 +52,9 @@ def fake_world(world_size: int, rank: int):
     if world_size == 1:
         yield
         return
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    from torch.testing._internal.distributed.fake_pg import (
+        FakeStore,  # registers the "fake" backend
+    )
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -101,9 +103,10 @@ def build_parallel(args, spec: ModelSpec, state: DistState, dtype: torch.dtype) 
             model = spec.build(args.model)
     except LinguaError:
         raise
-    except Exception as e:  # a config the model rejects in a way it does not word itself
+    except Exception as e:  # noqa: BLE001 (a config the model rejects without wording it)
         first = next((line for line in str(e).splitlines() if line.strip()), "")
-        raise LinguaError(f"the config does not build a {spec.name} model ({type(e).__name__}: {first[:200]})") from None
+        raise LinguaError(f"the config does not build a {spec.name} model "
+                          f"({type(e).__name__}: {first[:200]})") from None
     return spec.parallelize(model, state.mesh, args.distributed, dtype, state.device)
 
 
@@ -159,7 +162,7 @@ def step_errors_as_one_line(spec: ModelSpec):
         yield
     except LinguaError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (whatever fake tensors cannot run)
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise LinguaError(f"the {spec.name} training step cannot be simulated on fake tensors "
                           f"({type(e).__name__}: {first[:200]})") from None
@@ -199,7 +202,8 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0) -> Step
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
             trainer.step(1)  # warm-up: FSDP's lazy init, the optimizer's states
-            tracker, flops, comm = memory_tracker(model, trainer.optimizer), FlopCounterMode(display=False), CommCounter()
+            tracker, flops, comm = memory_tracker(model, trainer.optimizer), FlopCounterMode(display=False), \
+                CommCounter()
             with tracker, flops, comm, micro_batches_tracked(model, tracker):
                 trainer.step(2)
             memory, peak = peak_by_category(tracker)
