@@ -5,7 +5,7 @@
 Parallelization runs on the meta device outside FakeTensorMode (fully_shard inside it fails in torch 2.13:
 DeviceMesh._concatenate reaches aten.nonzero); materialization, the optimizer and the steps run inside it. The step
 runs on device "cpu" with the GPU's dtype policy (bf16 params and autocast): fake CUDA tensors abort in backward on a
-CPU build. The optimizer's states are made first (`warm_up`), then one training step runs under
+CPU build. One untracked warm-up step first (FSDP's lazy init, the optimizer's states), then the tracked step under
 the memory tracker, torch's FlopCounterMode and lingua.plan.comm.CommCounter.
 """
 
@@ -154,16 +154,6 @@ def micro_batches_tracked(model: nn.Module, tracker):
         del model.set_requires_gradient_sync
 
 
-def warm_up(model: nn.Module, optimizer) -> None:
-    """The optimizer's states, as its first step creates them, from zero gradients: the tracked step is then a
-    steady-state one (a first AdamW step also allocates its states), for half the time of a whole warm-up step."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 @contextlib.contextmanager
 def step_errors_as_one_line(spec: ModelSpec):
     """A step that cannot run on fake tensors (e.g. MoE routing: token counts per expert are data, and a fake tensor
@@ -211,7 +201,7 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0) -> Step
             materialize(model, "cpu")  # buffers (RoPE tables) and tied weights; no init: values do not matter
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
-            warm_up(model, trainer.optimizer)
+            trainer.step(1)  # warm-up: FSDP's lazy init, the optimizer's states
             tracker, flops, comm = memory_tracker(model, trainer.optimizer), FlopCounterMode(display=False), \
                 CommCounter()
             with tracker, flops, comm, micro_batches_tracked(model, tracker):
