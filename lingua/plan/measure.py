@@ -7,8 +7,9 @@ Each rank builds the model with the train loop's own build_model (materialized, 
 then runs one step under torch's profiler with memory profiling on: the peak is the bytes alive before the step
 (every distinct storage of the parameters, buffers, gradients and optimizer states) plus the highest running sum of
 the CPU allocator's allocations minus frees during the step. FLOPs come from FlopCounterMode, collectives from the
-same counter the plan uses (lingua.plan.comm) and their number from torch's CommDebugMode. Rank 0 prints one JSON
-line: {"world_size", "peak_bytes", "matmul_flops", "comm": {kind: bytes}, "calls", "comm_debug_calls"}.
+same counter the plan uses (lingua.plan.comm: the c10d and functional collective ops torch's CommDebugMode counts;
+CommDebugMode itself fails in torch 2.13 on the attention kernel module every layer shares). Rank 0 prints one JSON
+line: {"world_size", "peak_bytes", "matmul_flops", "comm": {kind: bytes}, "calls": {kind: count}}.
 """
 
 import json
@@ -45,18 +46,16 @@ def allocation_peak(prof) -> int:
 
 def measure_step(trainer, model) -> dict:
     """Step 2 of `trainer` (step 1 is the warm-up), measured."""
-    from torch.distributed.tensor.debug import CommDebugMode
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
     trainer.step(1)
     before = live_bytes(model, trainer.optimizer)
-    flops, comm, debug = FlopCounterMode(display=False), CommCounter(), CommDebugMode()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, flops, debug, comm:
+    flops, comm = FlopCounterMode(display=False), CommCounter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, flops, comm:
         trainer.step(2)
     return {"peak_bytes": before + allocation_peak(prof), "matmul_flops": float(flops.get_total_flops()),
-            "comm": comm.counts.by_kind(), "calls": dict(comm.counts.calls),
-            "comm_debug_calls": debug.get_total_counts()}
+            "comm": comm.counts.by_kind(), "calls": dict(comm.counts.calls)}
 
 
 def main(argv: list[str]) -> None:

@@ -97,17 +97,18 @@ def fake_batches(args):
 
 
 def build_parallel(args, spec: ModelSpec, state: DistState, dtype: torch.dtype) -> nn.Module:
-    """The meta-device model, parallelized by the app's own spec.parallelize (as lingua.train.loop.build_model)."""
+    """The meta-device model, its attention placed and parallelized by the app's own spec.parallelize, exactly as
+    lingua.train.loop.build_model does before it materializes."""
+    from lingua.train.loop import build_parallel as loop_build_parallel
+
     try:
-        with torch.device("meta"):
-            model = spec.build(args.model)
+        return loop_build_parallel(args, spec, state, dtype)
     except LinguaError:
         raise
     except Exception as e:  # noqa: BLE001 (a config the model rejects without wording it)
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise LinguaError(f"the config does not build a {spec.name} model "
                           f"({type(e).__name__}: {first[:200]})") from None
-    return spec.parallelize(model, state.mesh, args.distributed, dtype, state.device)
 
 
 def memory_tracker(model: nn.Module, optimizer):
@@ -168,10 +169,6 @@ def step_errors_as_one_line(spec: ModelSpec):
                           f"({type(e).__name__}: {first[:200]})") from None
 
 
-class _NoPreemption:
-    requested = None
-
-
 def make_trainer(args, spec: ModelSpec, model: nn.Module, state: DistState, dtype: torch.dtype):
     """The train loop's own Trainer (forward/backward per micro-batch, the loss all-reduce, clipping, the optimizer
     step, the spec's after-step hook) over fake batches."""
@@ -182,7 +179,7 @@ def make_trainer(args, spec: ModelSpec, model: nn.Module, state: DistState, dtyp
 
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     return Trainer(args, model, optimizer, scheduler, fake_batches(args), state, autocast_context("cpu", dtype),
-                   _NoPreemption(), Probe(ProbeArgs(), "", state.rank), spec.after_optimizer_step)
+                   Probe(ProbeArgs(), "", state.rank), spec.after_optimizer_step)
 
 
 def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0) -> StepMeasure:
