@@ -11,15 +11,21 @@ import time
 
 from lingua.args import load_config
 from lingua.errors import LinguaError
-from lingua.models.transformer.spec import TRANSFORMER_SPEC
+from lingua.plan.__main__ import resolve_spec
 from lingua.plan.plan import on_gpu, plan
-from lingua.train.loop import TrainArgs
+from lingua.train.loop import train_args_cls
+
+
+def config_path(config: str) -> str:
+    """llama_7B -> apps/main/configs/llama_7B.yaml; moe/moe_8x1B -> apps/moe/configs/moe_8x1B.yaml."""
+    app, _, name = config.rpartition("/")
+    return f"apps/{app or 'main'}/configs/{name}.yaml"
 
 
 def fitting(config: str, world: int, suggest: bool):
     """(plan, the change it took as key=value text) for the config on `world` H100s."""
-    args = load_config(TrainArgs, [f"config=apps/main/configs/{config}.yaml"])
-    p = plan(args, TRANSFORMER_SPEC, world, "h100", suggest=suggest)
+    spec = resolve_spec("", config_path(config))
+    p = plan(load_config(train_args_cls(spec), [f"config={config_path(config)}"]), spec, world, "h100", suggest=suggest)
     if p.fits or not p.suggestions:
         return p, "as written"
     change, q = next(((c, q) for c, q in p.suggestions if q.fits), p.suggestions[-1])
@@ -27,7 +33,7 @@ def fitting(config: str, world: int, suggest: bool):
 
 
 def row(config: str, p, change: str, gpu: str) -> str:
-    q = on_gpu(p, TRANSFORMER_SPEC, gpu)
+    q = on_gpu(p, resolve_spec("", config_path(config)), gpu)
     t = q.roles[0].time
     rep, shard, tp = q.mesh
     return (f"| {config} | {q.world_size} x {gpu.upper()} | dp {rep * shard} x tp {tp} ({change}) | "

@@ -47,6 +47,7 @@ def real_step_one_process(args) -> dict:
     return measure_step(make_trainer(args, TRANSFORMER_SPEC, model, state, torch.bfloat16), model)
 
 
+@pytest.mark.slow
 def test_plan_matches_a_real_step_on_one_process():
     args = small_args()
     planned, real = simulate_step(args, TRANSFORMER_SPEC, 1), real_step_one_process(args)

@@ -28,14 +28,14 @@ def role_table(p: Plan, r) -> list[str]:
     lines += [f"      {k:<32}{m.memory.get(k, 0) / GiB:8.2f}" for k in MEMORY_ROWS]
     lines.append(f"      {'total':<32}{m.peak_bytes / GiB:8.2f}  of {gpu.hbm_gib:.1f} "
                  f"({USABLE * gpu.hbm_gib:.1f} usable)")
-    lines.append(f"    FLOPs per GPU per step: {m.matmul_flops / 1e12:,.1f} TFLOP matmuls (counted) + "
-                 f"{(t.executed_flops - m.matmul_flops) / 1e12:,.1f} TFLOP attention (formula)")
+    lines.append(f"    FLOPs per GPU per step: {m.matmul_flops / 1e12:,.4g} TFLOP matmuls (counted) + "
+                 f"{(t.executed_flops - m.matmul_flops) / 1e12:,.4g} TFLOP attention (formula)")
     by_kind = m.comm.by_kind()
     lines.append("    collectives per GPU per step: " + ", ".join(
         f"{k} {by_kind[k] / 1e9:,.2f} GB ({m.comm.calls.get(k, 0)})" for k in KINDS if m.comm.calls.get(k)) or "none")
-    lines.append(f"    time: compute {t.compute_s * 1e3:,.0f} ms | data-parallel comm {t.dp_comm_s * 1e3:,.0f} ms "
-                 f"(overlapped) | exposed comm {t.exposed_comm_s * 1e3:,.0f} ms | optimizer {t.optimizer_s * 1e3:,.0f} "
-                 f"ms | step {t.step_s * 1e3:,.0f} ms")
+    lines.append(f"    time: compute {t.compute_s * 1e3:,.4g} ms | data-parallel comm {t.dp_comm_s * 1e3:,.4g} ms "
+                 f"(overlapped) | exposed comm {t.exposed_comm_s * 1e3:,.4g} ms | optimizer {t.optimizer_s * 1e3:,.4g} "
+                 f"ms | step {t.step_s * 1e3:,.4g} ms")
     lines.append(f"    {t.tok_per_s_gpu:,.0f} tok/s per GPU, MFU {100 * t.mfu:.1f}% "
                  f"(kernels at {KERNEL_EFFICIENCY:.0%} of peak; README 'Planning a run')")
     return lines
