@@ -35,8 +35,8 @@ def fitting(config: str, world: int, suggest: bool):
 def row(config: str, p, change: str, gpu: str) -> str:
     q = on_gpu(p, resolve_spec("", config_path(config)), gpu)
     t = q.roles[0].time
-    rep, shard, tp = q.mesh
-    return (f"| {config} | {q.world_size} x {gpu.upper()} | dp {rep * shard} x tp {tp} ({change}) | "
+    m = q.mesh
+    return (f"| {config} | {q.world_size} x {gpu.upper()} | dp {m.dp_replicate * m.dp_shard} x tp {m.tp} ({change}) | "
             f"{q.peak_gib:.1f} / {q.gpu.hbm_gib:.0f}{'' if q.fits else ' (does not fit)'} | "
             f"{t.tok_per_s_gpu:,.0f} | {100 * t.mfu:.1f}% |")
 

@@ -65,11 +65,12 @@ def matmul_peak(gpu: GPU, dtype: str, float8: bool) -> float:
 
 
 def estimate_time(measure, gpu: GPU, *, attn_flops_per_token: float, model_flops_per_token: float, tp_ranks: tuple,
-                  tokens_per_gpu: float, full_ac: bool, dtype: str, float8: bool) -> StepTime:
-    """`measure` is a StepMeasure; tokens_per_gpu = the global batch's tokens / world size."""
-    attn = attn_flops_per_token * measure.tokens / len(tp_ranks) * (4 / 3 if full_ac else 1)
+                  split: int, tokens_per_gpu: float, full_ac: bool, dtype: str, float8: bool) -> StepTime:
+    """`measure` is a StepMeasure; split = tp x cp, the ranks a replica's tokens are shared by; tokens_per_gpu = the
+    global batch's tokens / world size."""
+    attn = attn_flops_per_token * measure.tokens / split * (4 / 3 if full_ac else 1)
     # the spec's own count is a floor: FlopCounterMode does not see every kernel (MoE's grouped GEMM)
-    matmuls = max(measure.matmul_flops, model_flops_per_token * measure.tokens / len(tp_ranks) - attn)
+    matmuls = max(measure.matmul_flops, model_flops_per_token * measure.tokens / split - attn)
     compute = (matmuls / matmul_peak(gpu, dtype, float8) + attn / gpu.bf16_flops) / KERNEL_EFFICIENCY
     dp, exposed = split_comm(measure.comm, tp_ranks, gpu)
     m = measure.memory

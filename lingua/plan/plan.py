@@ -34,7 +34,7 @@ class Plan:
     spec: str
     world_size: int
     gpu_key: str  # a lingua.plan.gpus.GPUS key
-    mesh: tuple  # (dp_replicate, dp_shard, tp)
+    mesh: tuple  # lingua.distributed.mesh.MeshShape (pp, dp_replicate, dp_shard, cp, tp)
     args: object  # the TrainArgs planned
     roles: list
     suggestions: list = field(default_factory=list)  # [(overrides, Plan)], smallest change first
@@ -73,13 +73,14 @@ def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank:
 def price(args, spec: ModelSpec, world_size: int, gpu: GPU, role: RolePlan) -> RolePlan:
     """`role` with its step timed on `gpu` (lingua.plan.estimate)."""
     measure, rank = role.measure, role.rank
-    rep, shard, tp = resolve_mesh_shape(args.distributed, world_size)
+    shape = resolve_mesh_shape(args.distributed, world_size)
+    tp, split = shape.tp, shape.tp * shape.cp  # the ranks one data-parallel replica's tokens are split over
     d = args.distributed
     time = estimate_time(
         measure, gpu, attn_flops_per_token=attention_flops_per_token(spec, args.model, args.data.seq_len),
         model_flops_per_token=spec.flops_per_token(args.model, args.data.seq_len),
-        tp_ranks=tuple(range(rank - rank % tp, rank - rank % tp + tp)), tokens_per_gpu=measure.tokens * rep * shard /
-        world_size, full_ac=d.activation_checkpointing and not d.selective_activation_checkpointing,
+        tp_ranks=tuple(range(rank - rank % tp, rank - rank % tp + tp)), split=split,
+        tokens_per_gpu=measure.tokens * shape.dp_replicate * shape.dp_shard / world_size, full_ac=d.activation_checkpointing and not d.selective_activation_checkpointing,
         dtype=d.model_dtype, float8=bool(d.float8_recipe))
     return RolePlan(role.role, rank, measure, time)
 

@@ -10,13 +10,13 @@ GiB = 2**30
 
 
 def layout(p: Plan) -> str:
-    rep, shard, tp = p.mesh
+    pp, rep, shard, cp, tp = p.mesh
     d, a = p.args.distributed, p.args
     ac = "full AC" if d.activation_checkpointing and not d.selective_activation_checkpointing else (
         "selective AC" if d.selective_activation_checkpointing or d.activation_checkpointing else "no AC")
     dp = "DDP" if d.fsdp_type == "no_shard" else ("HSDP" if rep > 1 and shard > 1 else "FSDP")
     ep = f" ep {d.ep_size}" if d.ep_size > 1 else ""
-    return (f"dp_replicate {rep} x dp_shard {shard} x tp {tp}{ep} ({dp}) | {ac} | "
+    return (f"pp {pp} x dp_replicate {rep} x dp_shard {shard} x cp {cp} x tp {tp}{ep} ({dp}) | {ac} | "
             f"{'fp32' if d.model_dtype == 'fp32' else 'bf16'}"
             f"{' + float8 ' + d.float8_recipe if d.float8_recipe else ''}"
             f" | micro-batch {a.data.batch_size} x {a.data.seq_len}, grad_acc {a.grad_acc_steps}")

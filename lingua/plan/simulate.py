@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lingua.distributed.mesh import DistEnv, DistState, resolve_mesh_shape
+from lingua.distributed.mesh import DistState, init_distributed
 from lingua.errors import LinguaError
 from lingua.models.spec import ModelSpec
 from lingua.plan.comm import CommCounter, CommCounts
@@ -73,16 +73,9 @@ def sim_args(args):
 
 
 def dist_state(args, world_size: int, rank: int) -> DistState:
-    """The DistState rank `rank` would get from lingua.distributed.mesh.init_distributed, on the fake group."""
-    rep, shard, tp = resolve_mesh_shape(args.distributed, world_size)
-    if world_size == 1:
-        return DistState(DistEnv("single"), torch.device("cpu"), None, 0, 1, 1)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (rep, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-    dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
-    return DistState(DistEnv("torchrun", rank, world_size), torch.device("cpu"), mesh, dp_rank, rep * shard, tp,
-                     tp_rank=mesh.get_local_rank("tp"), loss_parallel=tp > 1 and args.distributed.loss_parallel)
+    """What lingua.distributed.mesh.init_distributed gives rank `rank` (its mesh on the fake group fake_world made)."""
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"}
+    return init_distributed(args.distributed, environ=env)
 
 
 def fake_batches(args):
