@@ -100,6 +100,9 @@ def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: boo
     target = get_gpu(gpu)
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    if args.distributed.pp_size > 1:
+        raise ConfigError(f"distributed.pp_size={args.distributed.pp_size}: pipeline parallelism is not planned yet "
+                          "(lingua.plan simulates one stage-less step); plan with pp_size=1")
     mesh = resolve_mesh_shape(args.distributed, world_size)
     args = with_vocab(args)
     result = Plan(spec.name, world_size, gpu.lower(), mesh, args,
@@ -112,14 +115,13 @@ def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: boo
 
 
 def with_vocab(args):
-    """model.vocab_size -1 means the tokenizer's, which the train loop fills in (lingua.train.checks): so here."""
+    """model.vocab_size -1 means the tokenizer's, resolved as the train loop resolves it."""
     if getattr(args.model, "vocab_size", 1) > 0:
         return args
     from lingua.data.tokenizer import build_tokenizer
+    from lingua.train.loop import with_vocab_size
 
-    args = copy.deepcopy(args)
-    args.model.vocab_size = build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path).n_words
-    return args
+    return with_vocab_size(args, build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path))
 
 
 def with_overrides(args, overrides: dict):
