@@ -89,12 +89,11 @@ def test_does_not_fit_then_replans_smaller_changes(monkeypatch):
     assert roomy.fits and not roomy.suggestions
     p = plan(args, TRANSFORMER_SPEC, 4, add_gpu(monkeypatch, 0.8 * roomy.peak_gib))
     assert not p.fits
-    changes = {tuple(sorted(c)): q.roles[0].measure for c, q in p.suggestions}
+    changes = {tuple(sorted(f"{k}={v}" for k, v in c.items())): q.roles[0].measure for c, q in p.suggestions}
     base = p.roles[0].measure
-    sac = changes[("distributed.selective_activation_checkpointing",)]
-    full = changes[("distributed.activation_checkpointing", "distributed.selective_activation_checkpointing")]
-    tp = changes[("distributed.tp_size",)]
-    half = changes[("data.batch_size", "grad_acc_steps")]
+    sac, full = changes[("distributed.ac=selective",)], changes[("distributed.ac=full",)]
+    tp = changes[("distributed.tp_size=2",)]
+    half = changes[("data.batch_size=4", "grad_acc_steps=2")]
     assert full.peak_bytes < sac.peak_bytes < base.peak_bytes and half.peak_bytes < base.peak_bytes
     assert any(q.fits for _, q in p.suggestions)
     # full AC recomputes the blocks' forward: a third more of their matmul FLOPs (the output projection is not redone)
@@ -105,7 +104,7 @@ def test_does_not_fit_then_replans_smaller_changes(monkeypatch):
     tp_time = next(q for c, q in p.suggestions if "distributed.tp_size" in c).roles[0].time
     assert tp_time.exposed_comm_s > 0 == p.roles[0].time.exposed_comm_s
     text = format_plan(p)
-    assert "does NOT fit" in text and "distributed.activation_checkpointing=true" in text
+    assert "does NOT fit" in text and "distributed.ac=full" in text
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -80,7 +80,7 @@ def price(args, spec: ModelSpec, world_size: int, gpu: GPU, role: RolePlan) -> R
         measure, gpu, attn_flops_per_token=attention_flops_per_token(spec, args.model, args.data.seq_len),
         model_flops_per_token=spec.flops_per_token(args.model, args.data.seq_len),
         tp_ranks=tuple(range(rank - rank % tp, rank - rank % tp + tp)), split=split,
-        tokens_per_gpu=measure.tokens * shape.dp_replicate * shape.dp_shard / world_size, full_ac=d.activation_checkpointing and not d.selective_activation_checkpointing,
+        tokens_per_gpu=measure.tokens * shape.dp_replicate * shape.dp_shard / world_size, full_ac=d.ac == "full",
         dtype=d.model_dtype, float8=bool(d.float8_recipe))
     return RolePlan(role.role, rank, measure, time)
 

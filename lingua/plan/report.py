@@ -12,8 +12,7 @@ GiB = 2**30
 def layout(p: Plan) -> str:
     pp, rep, shard, cp, tp = p.mesh
     d, a = p.args.distributed, p.args
-    ac = "full AC" if d.activation_checkpointing and not d.selective_activation_checkpointing else (
-        "selective AC" if d.selective_activation_checkpointing or d.activation_checkpointing else "no AC")
+    ac = {"full": "full AC", "selective": "selective AC"}.get(d.ac, "no AC")
     dp = "DDP" if d.fsdp_type == "no_shard" else ("HSDP" if rep > 1 and shard > 1 else "FSDP")
     ep = f" ep {d.ep_size}" if d.ep_size > 1 else ""
     return (f"pp {pp} x dp_replicate {rep} x dp_shard {shard} x cp {cp} x tp {tp}{ep} ({dp}) | {ac} | "

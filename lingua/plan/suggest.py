@@ -28,12 +28,10 @@ def larger_tp(args, world_size: int) -> dict:
 def candidates(args, world_size: int) -> list[dict]:
     """Single changes, cheapest first; each is a dict of dotted config keys."""
     d, out = args.distributed, []
-    full_ac = d.activation_checkpointing and not d.selective_activation_checkpointing
-    if not (d.activation_checkpointing or d.selective_activation_checkpointing):
-        out.append({"distributed.selective_activation_checkpointing": True})
-    if not full_ac:
-        out.append({"distributed.activation_checkpointing": True,
-                    "distributed.selective_activation_checkpointing": False})
+    if d.ac == "none":
+        out.append({"distributed.ac": "selective"})
+    if d.ac != "full":
+        out.append({"distributed.ac": "full"})
     if larger_tp(args, world_size):
         out.append(larger_tp(args, world_size))
     if args.data.batch_size > 1 and args.data.batch_size % 2 == 0:
@@ -52,9 +50,7 @@ def suggestions(base, spec: ModelSpec) -> list:
         return singles
     stacked, current = [], base
     for _ in range(6):  # AC, then TP and the micro-batch halved, up to three times each
-        options = [c for c in candidates(current.args, current.world_size)
-                   if "distributed.selective_activation_checkpointing" not in c or not c[
-                       "distributed.selective_activation_checkpointing"]]
+        options = [c for c in candidates(current.args, current.world_size) if c.get("distributed.ac") != "selective"]
         step = next(((c, p) for c in options if (p := replan(current, spec, c)) is not None), None)
         if step is None:
             break
