@@ -202,6 +202,10 @@ def _ckpt_args(env: Env, *extra: str) -> list[str]:
     return [f"ckpt_dir={env.ckpt(env.base)}", "tokenizer.name=tiktoken", f"tokenizer.path={env.tiktoken}", *extra]
 
 
+def _plan(*extra: str) -> Callable[["Env"], list[str]]:
+    return lambda env: [f"config={ROOT / 'apps/main/configs/debug.yaml'}", *extra]
+
+
 CASES = [
     Case("optim.lr=-1", "apps.main.train", lambda e: e.tiny(e.work / "r1", optim__lr=-1), "optim.lr", exit=2),
     Case("data.seq_len=-5", "apps.main.train", lambda e: e.tiny(e.work / "r2", data__seq_len=-5), "data.seq_len",
@@ -233,6 +237,11 @@ CASES = [
     Case("generate with another tokenizer", "apps.main.generate", lambda e: _ckpt_args(e, "prompt=the"),
          "params.json"),
     Case("stool with a typo'd override", "lingua.tools.stool", _stool, "optim.lrr", exit=2, check=_nothing_written),
+    Case("plan on an unknown GPU", "lingua.plan", _plan("world_size=8", "gpu=tpu"), "gpu='tpu'", exit=2),
+    Case("plan on a world size the mesh does not factor", "lingua.plan",
+         _plan("world_size=6", "distributed.tp_size=4"), "world size 6", exit=2),
+    Case("plan of a config that does not build", "lingua.plan", _plan("world_size=2", "model.n_heads=3"),
+         "model.n_heads=3", exit=2),
     Case("resume after a kill: metrics.jsonl rows replayed", "apps.main.train", _resume_rows, "", exit=0,
          check=_steps_once),
 ]

@@ -85,7 +85,9 @@ def project(tmp_path, monkeypatch) -> Path:
 
 
 def run(*argv: str) -> int:
-    return stool.main(list(argv))
+    """stool's main; the plan of GPU jobs is off unless asked for (tests/test_plan.py tests it; it costs seconds)."""
+    plan = [] if any(a.startswith("plan=") for a in argv) else ["plan=false"]
+    return stool.main(plan + list(argv))  # first: after a lone `--` it would be a training override
 
 
 # --- the command line -----------------------------------------------------------------------------------------------

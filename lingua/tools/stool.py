@@ -14,6 +14,7 @@ What lands in dump_dir:
                        except data, checkpoints, dumps and virtualenvs); the job runs from it, so later edits of the
                        working tree cannot change a queued or requeued job. Top-level entries that were not copied
                        (data/, tokenizers/, ...) are symlinked, so relative paths in the config still resolve.
+    plan.txt           GPU jobs: the run's plan (python -m lingua.plan): memory, FLOPs, collectives, time per GPU
     submit.slurm       the batch script; `sbatch <dump_dir>/submit.slurm` resubmits it by hand
     logs/<jobid>.stdout, logs/<jobid>.stderr   per-job logs (appended across requeues)
 
@@ -68,6 +69,8 @@ class StoolArgs:
     override: bool = False  # delete an existing dump_dir first (asks for confirmation unless yes=true)
     yes: bool = False  # do not ask before override deletes dump_dir
     dry_run: bool = False  # write everything into dump_dir, do not submit
+    plan: bool = True  # GPU jobs: plan the run first (lingua.plan), refuse one that will not fit, write plan.txt
+    gpu: str = "h100"  # the GPU kind the plan prices (lingua.plan.gpus: h100 | h200 | a100 | b200 | mi300x)
 
 
 STOOL_KEYS = {f.name for f in fields(StoolArgs)}
@@ -141,7 +144,7 @@ def load_training_config(args: StoolArgs, overrides: list[str]):
     return cfg
 
 
-def check_overrides(args: StoolArgs, overrides: list[str]) -> None:
+def check_overrides(args: StoolArgs, overrides: list[str]):
     """Load config= plus the overrides with the script's own schema, as the job will: a typo'd key fails here in one
     line instead of in the queued job. A script without a lingua ModelSpec (not a lingua train loop) is not checked."""
     import importlib
@@ -154,10 +157,28 @@ def check_overrides(args: StoolArgs, overrides: list[str]) -> None:
 
     specs = [v for v in vars(module).values() if isinstance(v, ModelSpec)]
     if len(specs) != 1:
-        return
+        return None
     from lingua.train.loop import train_args_cls
 
-    load_config(train_args_cls(specs[0]), [f"config={args.config}", *overrides])  # name/dump_dir: any string
+    # name/dump_dir: any string; returns (spec, training config) for the plan
+    return specs[0], load_config(train_args_cls(specs[0]), [f"config={args.config}", *overrides])
+
+
+def plan_job(args: StoolArgs, checked) -> str:
+    """The job's plan (lingua.plan) on nodes x tasks_per_node GPUs of kind `gpu`, as text; a job that will not fit
+    (or whose step cannot be planned) is refused in one line. CPU jobs, plan=false and scripts without a ModelSpec
+    skip it."""
+    if not args.plan or args.ngpu == 0 or checked is None:
+        return ""
+    from lingua.plan import format_plan, plan
+
+    spec, cfg = checked
+    p = plan(cfg, spec, args.nodes * tasks_per_node(args), args.gpu, suggest=False)
+    if not p.fits:
+        raise LinguaError(f"the plan says this job does not fit: {p.peak_gib:.1f} GiB per GPU on {p.gpu.name}; "
+                          f"python -m lingua.plan config={args.config} world_size={p.world_size} gpu={args.gpu} "
+                          "... suggests changes; plan=false submits anyway")
+    return format_plan(p, args.config)
 
 
 def validate(args: StoolArgs) -> None:
@@ -390,12 +411,15 @@ def launch_job(args: StoolArgs, overrides: list[str]) -> int:
     """Everything after argument parsing: validate, write dump_dir, submit. Returns the exit code."""
     cfg = load_training_config(args, overrides)
     validate(args)
-    check_overrides(args, overrides)
+    plan_text = plan_job(args, check_overrides(args, overrides))  # before dump_dir is touched
     if args.ncpu == 0:
         args.ncpu = cpus_per_task(node_cpus(args), tasks_per_node(args))
         log(f"ncpu=0: {args.ncpu} CPUs per task ({tasks_per_node(args)} tasks per node)")
     code_root = os.getcwd()
     prepare_dump_dir(args, code_root)
+    if plan_text:
+        Path(args.dump_dir, "plan.txt").write_text(plan_text + "\n")
+        log(f"plan: {plan_text.splitlines()[-2].strip()} (plan.txt)")
     with open(os.path.join(args.dump_dir, "base_config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg))
     if args.copy_code:

@@ -119,19 +119,30 @@ def with_vocab_size(args: TrainArgs, tokenizer) -> TrainArgs:
 
 def build_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
     """Meta-device construction, parallelization, then materialization and init: no rank holds the full model."""
+    if dist_state.pp_size > 1:  # this rank's pipeline stages, each parallelized like a model
+        microbatches = n_microbatches(args.distributed, args.data.batch_size, args.grad_acc_steps)
+        return build_pipeline(spec, placed_model(args, spec, dist_state, param_dtype), dist_state.mesh,
+                              dist_state.pp_rank, args.distributed, param_dtype, dist_state.device, args.seed,
+                              microbatches)
+    return materialize(build_parallel(args, spec, dist_state, param_dtype), dist_state.device, seed=args.seed)
+
+
+def build_parallel(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device, its attention kernel placed, parallelized, without pipeline stages (lingua.plan
+    materializes it on fake tensors instead)."""
+    model = placed_model(args, spec, dist_state, param_dtype)
+    return spec.parallelize(model, dist_state.mesh, args.distributed, param_dtype, dist_state.device)
+
+
+def placed_model(args: TrainArgs, spec: ModelSpec, dist_state: DistState, param_dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device with its attention kernel placed (before compiling: the kernel is in the graph)."""
     with torch.device("meta"):
         model = spec.build(args.model)
     compiled = resolve_compile(args.distributed.compile, dist_state.device, dist_state.tp_size,
                                dist_state.cp_size)[0]
     placement = Placement(dist_state.device.type, param_dtype, compiled, machine=cpu_name())
-    # before compiling: the kernel is part of the graph
     place_attention(model, args.model, placement, args.data.batch_size, args.data.seq_len)
-    if dist_state.pp_size > 1:  # this rank's pipeline stages, each parallelized like a model
-        microbatches = n_microbatches(args.distributed, args.data.batch_size, args.grad_acc_steps)
-        return build_pipeline(spec, model, dist_state.mesh, dist_state.pp_rank, args.distributed, param_dtype,
-                              dist_state.device, args.seed, microbatches)
-    model = spec.parallelize(model, dist_state.mesh, args.distributed, param_dtype, dist_state.device)
-    return materialize(model, dist_state.device, seed=args.seed)
+    return model
 
 
 @dataclass

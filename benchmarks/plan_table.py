@@ -1,0 +1,65 @@
+"""The README's published plans: each config at each world size, simulated once (lingua.plan) and priced on each GPU;
+when the config as written does not fit an H100, the first re-planned change that fits is shown instead.
+
+    python benchmarks/plan_table.py [--configs llama_1B llama_7B llama_70B] [--worlds 8 64 512] [--gpus h100 h200]
+
+Prints one markdown row per (config, world, GPU) and the seconds each plan took on this machine.
+"""
+
+import argparse
+import time
+
+from lingua.args import load_config
+from lingua.errors import LinguaError
+from lingua.plan.__main__ import resolve_spec
+from lingua.plan.plan import on_gpu, plan
+from lingua.train.loop import train_args_cls
+
+
+def config_path(config: str) -> str:
+    """llama_7B -> apps/main/configs/llama_7B.yaml; moe/moe_8x1B -> apps/moe/configs/moe_8x1B.yaml."""
+    app, _, name = config.rpartition("/")
+    return f"apps/{app or 'main'}/configs/{name}.yaml"
+
+
+def fitting(config: str, world: int, suggest: bool):
+    """(plan, the change it took as key=value text) for the config on `world` H100s."""
+    spec = resolve_spec("", config_path(config))
+    p = plan(load_config(train_args_cls(spec), [f"config={config_path(config)}"]), spec, world, "h100", suggest=suggest)
+    if p.fits or not p.suggestions:
+        return p, "as written"
+    change, q = next(((c, q) for c, q in p.suggestions if q.fits), p.suggestions[-1])
+    return q, " ".join(f"{k}={v}" for k, v in change.items())
+
+
+def row(config: str, p, change: str, gpu: str) -> str:
+    q = on_gpu(p, resolve_spec("", config_path(config)), gpu)
+    t = q.roles[0].time
+    m = q.mesh
+    return (f"| {config} | {q.world_size} x {gpu.upper()} | dp {m.dp_replicate * m.dp_shard} x tp {m.tp} ({change}) | "
+            f"{q.peak_gib:.1f} / {q.gpu.hbm_gib:.0f}{'' if q.fits else ' (does not fit)'} | "
+            f"{t.tok_per_s_gpu:,.0f} | {100 * t.mfu:.1f}% |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["llama_1B", "llama_7B", "llama_70B"])
+    ap.add_argument("--worlds", nargs="+", type=int, default=[8, 64, 512])
+    ap.add_argument("--gpus", nargs="+", default=["h100", "h200"])
+    opts = ap.parse_args()
+    print("| config | GPUs | parallelism | GiB per GPU (peak / HBM) | tok/s/GPU | MFU |\n|---|---|---|---|---|---|")
+    for config in opts.configs:
+        for world in opts.worlds:
+            start = time.perf_counter()
+            try:
+                p, change = fitting(config, world, suggest="70B" not in config)
+            except LinguaError as e:
+                print(f"| {config} | {world} | {e} | | | |", flush=True)
+                continue
+            for gpu in opts.gpus:
+                print(row(config, p, change, gpu), flush=True)
+            print(f"<!-- {config} @ {world}: planned in {time.perf_counter() - start:.0f} s -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""From one simulated step (lingua.plan.simulate) to a step time, tok/s per GPU and MFU on a given GPU.
+
+The model, in full (README "Planning a run"):
+    compute   = executed FLOPs / (peak x KERNEL_EFFICIENCY); executed = matmuls counted + attention by formula
+                (x 4/3 under full AC, whose backward recomputes the forward), at least the spec's own FLOPs count
+                (FlopCounterMode misses MoE's grouped GEMM)
+    a collective moves bytes x (n-1)/n per rank (all-reduce: twice that; send/recv: bytes) over NVLink when its
+                group sits in one node, else over the GPU's share of the inter-node network
+    data-parallel collectives (FSDP all-gather / reduce-scatter, DDP/HSDP all-reduce) overlap with compute;
+    tensor-parallel, all-to-all (expert parallel) and send/recv collectives sit on the critical path
+    optimizer = 2 x (params + grads + optimizer state bytes) / HBM bandwidth (read and write once)
+    step      = max(compute, data-parallel comm) + exposed comm + optimizer
+"""
+
+from dataclasses import dataclass
+
+from lingua.plan.comm import CommCounts
+from lingua.plan.gpus import GPU
+
+# The fraction of the dense peak that a training step's kernels reach when nothing waits for communication, set to
+# the closest published stack to lingua's (torchtitan: FSDP2 + compile, Llama 3.1 8B on 8x H100, bf16: 39% MFU, where
+# communication hides behind compute); Megatron-LM reaches up to 47% on H100. Not measured here: change it and every
+# compute-bound tok/s moves in proportion.
+KERNEL_EFFICIENCY = 0.4
+EXPOSED_KINDS = ("all_to_all", "send_recv")
+
+
+@dataclass
+class StepTime:
+    executed_flops: float  # per GPU per step
+    compute_s: float
+    dp_comm_s: float  # overlapped with compute
+    exposed_comm_s: float
+    optimizer_s: float
+    step_s: float
+    tok_per_s_gpu: float
+    mfu: float
+
+
+def comm_seconds(kind: str, ranks: tuple, nbytes: int, gpu: GPU) -> float:
+    n = len(ranks)
+    if n == 1:
+        return 0.0
+    bw = gpu.intra_bw if len({r // gpu.per_node for r in ranks}) == 1 else gpu.inter_bw
+    factor = 1.0 if kind == "send_recv" else (n - 1) / n * (2 if kind == "all_reduce" else 1)
+    return nbytes * factor / bw
+
+
+def split_comm(comm: CommCounts, tp_ranks: tuple, gpu: GPU) -> tuple[float, float]:
+    """(data-parallel seconds, exposed seconds) of a step's collectives; exposed: the TP group's, all-to-all, p2p."""
+    dp = exposed = 0.0
+    for (kind, ranks), nbytes in comm.bytes.items():
+        s = comm_seconds(kind, ranks, nbytes, gpu)
+        if kind in EXPOSED_KINDS or (len(tp_ranks) > 1 and ranks == tp_ranks):
+            exposed += s
+        else:
+            dp += s
+    return dp, exposed
+
+
+def matmul_peak(gpu: GPU, dtype: str, float8: bool) -> float:
+    if float8 and gpu.fp8_flops:
+        return gpu.fp8_flops
+    return gpu.bf16_flops / 2 if dtype == "fp32" else gpu.bf16_flops  # fp32: TF32 tensor cores, half the bf16 rate
+
+
+def estimate_time(measure, gpu: GPU, *, attn_flops_per_token: float, model_flops_per_token: float, tp_ranks: tuple,
+                  split: int, tokens_per_gpu: float, full_ac: bool, dtype: str, float8: bool) -> StepTime:
+    """`measure` is a StepMeasure; split = tp x cp, the ranks a replica's tokens are shared by; tokens_per_gpu = the
+    global batch's tokens / world size."""
+    attn = attn_flops_per_token * measure.tokens / split * (4 / 3 if full_ac else 1)
+    # the spec's own count is a floor: FlopCounterMode does not see every kernel (MoE's grouped GEMM)
+    matmuls = max(measure.matmul_flops, model_flops_per_token * measure.tokens / split - attn)
+    compute = (matmuls / matmul_peak(gpu, dtype, float8) + attn / gpu.bf16_flops) / KERNEL_EFFICIENCY
+    dp, exposed = split_comm(measure.comm, tp_ranks, gpu)
+    m = measure.memory
+    optimizer = 2 * sum(m.get(k, 0) for k in ("params", "grads", "optimizer")) / gpu.hbm_bw
+    step = max(compute, dp) + exposed + optimizer
+    tok_s = tokens_per_gpu / step
+    return StepTime(matmuls + attn, compute, dp, exposed, optimizer, step, tok_s,
+                    model_flops_per_token * tok_s / gpu.bf16_flops)

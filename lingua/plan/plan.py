@@ -1,0 +1,149 @@
+"""A run's plan: memory, FLOPs, collectives and time per GPU at any world size, from the app's real code on a fake
+world (lingua.plan.simulate), priced on a GPU (lingua.plan.estimate). For research code:
+
+    from lingua.plan import plan
+    p = plan(train_args, spec, world_size=64, gpu="h100")     # p.fits, p.roles[0].measure.memory, p.suggestions
+    print(format_plan(p))                                      # lingua.plan.report
+"""
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+from lingua.distributed.mesh import resolve_mesh_shape
+from lingua.models.spec import ModelSpec
+from lingua.plan.estimate import StepTime, estimate_time
+from lingua.plan.gpus import GPU, get_gpu
+from lingua.plan.simulate import StepMeasure, simulate_step
+
+# The share of a GPU's memory the tracked peak may take: the CUDA context, NCCL's buffers and the caching allocator's
+# fragmentation take the rest (a few GiB on an 80 GB GPU).
+USABLE = 0.9
+
+
+@dataclass
+class RolePlan:
+    role: str  # which ranks behave like the simulated one
+    rank: int  # the simulated rank
+    measure: StepMeasure
+    time: StepTime
+
+
+@dataclass
+class Plan:
+    spec: str
+    world_size: int
+    gpu_key: str  # a lingua.plan.gpus.GPUS key
+    mesh: tuple  # lingua.distributed.mesh.MeshShape (pp, dp_replicate, dp_shard, cp, tp)
+    args: object  # the TrainArgs planned
+    roles: list
+    suggestions: list = field(default_factory=list)  # [(overrides, Plan)], smallest change first
+
+    @property
+    def gpu(self) -> GPU:
+        return get_gpu(self.gpu_key)
+
+    @property
+    def peak_gib(self) -> float:
+        return max(r.measure.peak_bytes for r in self.roles) / 2**30
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= USABLE * self.gpu.hbm_gib
+
+
+def roles(args, world_size: int) -> list[tuple[str, int]]:
+    """(description, rank to simulate) per distinct rank role. Data, tensor and expert parallelism give every rank
+    the same work (rank 0 holds the largest shard when a dim does not divide evenly)."""
+    return [("every rank", 0)]
+
+
+def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> float:
+    """The sequence-dependent part of the spec's FLOPs per token (the attention scores; PaLM's convention)."""
+    try:
+        return spec.flops_per_token(model_args, seq_len) - spec.flops_per_token(model_args, 0)
+    except Exception:  # noqa: BLE001 (any spec: one whose count needs a positive length has no attention term here)
+        return 0.0
+
+
+def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank: int) -> RolePlan:
+    return price(args, spec, world_size, gpu, RolePlan(role, rank, simulate_step(args, spec, world_size, rank), None))
+
+
+def price(args, spec: ModelSpec, world_size: int, gpu: GPU, role: RolePlan) -> RolePlan:
+    """`role` with its step timed on `gpu` (lingua.plan.estimate)."""
+    measure, rank = role.measure, role.rank
+    shape = resolve_mesh_shape(args.distributed, world_size)
+    tp, split = shape.tp, shape.tp * shape.cp  # the ranks one data-parallel replica's tokens are split over
+    d = args.distributed
+    time = estimate_time(
+        measure, gpu, attn_flops_per_token=attention_flops_per_token(spec, args.model, args.data.seq_len),
+        model_flops_per_token=spec.flops_per_token(args.model, args.data.seq_len),
+        tp_ranks=tuple(range(rank - rank % tp, rank - rank % tp + tp)), split=split,
+        tokens_per_gpu=measure.tokens * shape.dp_replicate * shape.dp_shard / world_size, full_ac=d.ac == "full",
+        dtype=d.model_dtype, float8=bool(d.float8_recipe))
+    return RolePlan(role.role, rank, measure, time)
+
+
+def on_gpu(p: Plan, spec: ModelSpec, gpu: str) -> Plan:
+    """The same simulated steps priced on another GPU (the memory does not depend on it; whether it fits does)."""
+    target = get_gpu(gpu)
+    roles = [price(p.args, spec, p.world_size, target, r) for r in p.roles]
+    return Plan(p.spec, p.world_size, gpu.lower(), p.mesh, p.args, roles)
+
+
+def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: bool = True) -> Plan:
+    """Plan `args` (a TrainArgs of `spec`) on `world_size` GPUs of kind `gpu`; when it does not fit and `suggest`,
+    re-plan the smallest changes that would make it fit (lingua.plan.suggest)."""
+    from lingua.errors import ConfigError
+
+    target = get_gpu(gpu)
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    if args.distributed.pp_size > 1:
+        raise ConfigError(f"distributed.pp_size={args.distributed.pp_size}: pipeline parallelism is not planned yet "
+                          "(lingua.plan simulates one stage-less step); plan with pp_size=1")
+    mesh = resolve_mesh_shape(args.distributed, world_size)
+    args = with_vocab(args)
+    result = Plan(spec.name, world_size, gpu.lower(), mesh, args,
+                  [plan_role(args, spec, world_size, target, role, rank) for role, rank in roles(args, world_size)])
+    if suggest and not result.fits:
+        from lingua.plan.suggest import suggestions
+
+        result.suggestions = suggestions(result, spec)
+    return result
+
+
+def with_vocab(args):
+    """model.vocab_size -1 means the tokenizer's, resolved as the train loop resolves it."""
+    if getattr(args.model, "vocab_size", 1) > 0:
+        return args
+    from lingua.data.tokenizer import build_tokenizer
+    from lingua.train.loop import with_vocab_size
+
+    return with_vocab_size(args, build_tokenizer(args.data.tokenizer.name, args.data.tokenizer.path))
+
+
+def with_overrides(args, overrides: dict):
+    """A copy of `args` with dotted keys set (e.g. {"distributed.tp_size": 2})."""
+    args = copy.deepcopy(args)
+    for key, value in overrides.items():
+        *path, name = key.split(".")
+        node = args
+        for part in path:
+            node = getattr(node, part)
+        if name not in {f.name for f in dataclasses.fields(node)}:
+            raise KeyError(key)
+        setattr(node, name, value)
+    return args
+
+
+def replan(base: Plan, spec: ModelSpec, overrides: dict) -> Plan | None:
+    """`base` re-planned with `overrides`; None when the change itself is not a valid config."""
+    from lingua.errors import LinguaError
+
+    try:
+        return plan(with_overrides(base.args, overrides), spec, base.world_size, base.gpu_key, suggest=False)
+    except LinguaError:
+        return None
+

@@ -1,0 +1,62 @@
+"""When a plan does not fit: the smallest config changes that would make it fit, each re-planned on the fake world
+(never a guess from a formula). Tried in order of what they cost: activation checkpointing (selective, then full:
+recompute), a larger tensor-parallel group (collectives on the critical path), a smaller micro-batch with more
+gradient accumulation (the same global batch, smaller matmuls). When no single change fits, they are stacked in that
+order until one does. Pipeline parallelism is not in lingua yet."""
+
+from lingua.models.spec import ModelSpec
+
+MAX_TP = 8  # a tensor-parallel group stays inside one node (NVLink)
+
+
+def larger_tp(args, world_size: int) -> dict:
+    """The overrides that double tp_size, taking the factor from the data-parallel dim that has it; {} if none."""
+    d = args.distributed
+    tp = d.tp_size * 2
+    if tp > MAX_TP or world_size % tp:
+        return {}
+    change = {"distributed.tp_size": tp}
+    if d.compile is True:  # compile=true with TP is refused (lingua.distributed.mesh.resolve_mesh_shape)
+        change["distributed.compile"] = False
+    if d.dp_shard > 1:
+        change["distributed.dp_shard"] = d.dp_shard // 2
+    elif d.dp_replicate > 1:
+        change["distributed.dp_replicate"] = d.dp_replicate // 2
+    return change
+
+
+def candidates(args, world_size: int) -> list[dict]:
+    """Single changes, cheapest first; each is a dict of dotted config keys."""
+    d, out = args.distributed, []
+    if d.ac == "none":
+        out.append({"distributed.ac": "selective"})
+    if d.ac != "full":
+        out.append({"distributed.ac": "full"})
+    if larger_tp(args, world_size):
+        out.append(larger_tp(args, world_size))
+    if args.data.batch_size > 1 and args.data.batch_size % 2 == 0:
+        out.append({"data.batch_size": args.data.batch_size // 2, "grad_acc_steps": args.grad_acc_steps * 2})
+    return out
+
+
+def suggestions(base, spec: ModelSpec) -> list:
+    """[(overrides, Plan)] for every single change that is a valid config, then, if none of them fits, the changes
+    stacked one more at a time (full AC, larger TP, smaller micro-batch, again) until the plan fits."""
+    from lingua.plan.plan import replan
+
+    singles = [(c, replan(base, spec, c)) for c in candidates(base.args, base.world_size)]
+    singles = [(c, p) for c, p in singles if p is not None]
+    if any(p.fits for _, p in singles):
+        return singles
+    stacked, current = [], base
+    for _ in range(6):  # AC, then TP and the micro-batch halved, up to three times each
+        options = [c for c in candidates(current.args, current.world_size) if c.get("distributed.ac") != "selective"]
+        step = next(((c, p) for c in options if (p := replan(current, spec, c)) is not None), None)
+        if step is None:
+            break
+        change = {**(stacked[-1][0] if stacked else {}), **step[0]}
+        current = step[1]
+        stacked.append((change, current))
+        if current.fits:
+            break
+    return singles + stacked[-1:]
