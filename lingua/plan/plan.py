@@ -11,10 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from lingua.distributed.mesh import resolve_mesh_shape
+from lingua.errors import ConfigError, LinguaError
 from lingua.models.spec import ModelSpec
 from lingua.plan.estimate import StepTime, estimate_time
 from lingua.plan.gpus import GPU, get_gpu
 from lingua.plan.simulate import StepMeasure, simulate_step
+from lingua.plan.suggest import suggestions
 
 # The share of a GPU's memory the tracked peak may take: the CUDA context, NCCL's buffers and the caching allocator's
 # fragmentation take the rest (a few GiB on an 80 GB GPU).
@@ -95,8 +97,6 @@ def on_gpu(p: Plan, spec: ModelSpec, gpu: str) -> Plan:
 def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: bool = True) -> Plan:
     """Plan `args` (a TrainArgs of `spec`) on `world_size` GPUs of kind `gpu`; when it does not fit and `suggest`,
     re-plan the smallest changes that would make it fit (lingua.plan.suggest)."""
-    from lingua.errors import ConfigError
-
     target = get_gpu(gpu)
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
@@ -108,9 +108,7 @@ def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: boo
     result = Plan(spec.name, world_size, gpu.lower(), mesh, args,
                   [plan_role(args, spec, world_size, target, role, rank) for role, rank in roles(args, world_size)])
     if suggest and not result.fits:
-        from lingua.plan.suggest import suggestions
-
-        result.suggestions = suggestions(result, spec)
+        result.suggestions = suggestions(result, spec, replan)
     return result
 
 
@@ -140,8 +138,6 @@ def with_overrides(args, overrides: dict):
 
 def replan(base: Plan, spec: ModelSpec, overrides: dict) -> Plan | None:
     """`base` re-planned with `overrides`; None when the change itself is not a valid config."""
-    from lingua.errors import LinguaError
-
     try:
         return plan(with_overrides(base.args, overrides), spec, base.world_size, base.gpu_key, suggest=False)
     except LinguaError:

@@ -4,6 +4,8 @@ recompute), a larger tensor-parallel group (collectives on the critical path), a
 gradient accumulation (the same global batch, smaller matmuls). When no single change fits, they are stacked in that
 order until one does. Pipeline parallelism is not in lingua yet."""
 
+from typing import Callable
+
 from lingua.models.spec import ModelSpec
 
 MAX_TP = 8  # a tensor-parallel group stays inside one node (NVLink)
@@ -39,11 +41,10 @@ def candidates(args, world_size: int) -> list[dict]:
     return out
 
 
-def suggestions(base, spec: ModelSpec) -> list:
+def suggestions(base, spec: ModelSpec, replan: Callable) -> list:
     """[(overrides, Plan)] for every single change that is a valid config, then, if none of them fits, the changes
-    stacked one more at a time (full AC, larger TP, smaller micro-batch, again) until the plan fits."""
-    from lingua.plan.plan import replan
-
+    stacked one more at a time (full AC, larger TP, smaller micro-batch, again) until the plan fits. `replan(plan,
+    spec, overrides)` is lingua.plan.plan.replan: a new Plan, or None when the change is not a valid config."""
     singles = [(c, replan(base, spec, c)) for c in candidates(base.args, base.world_size)]
     singles = [(c, p) for c, p in singles if p is not None]
     if any(p.fits for _, p in singles):
