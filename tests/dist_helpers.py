@@ -11,8 +11,12 @@ DataLoader / build_model / checkpoint load (in this process only):
   --record DIR     writes DIR/rank<R>.json (dp/tp rank and size, pid, local parameter count, a hash per batch) and,
                    on rank 0, DIR/init.pt (the full model right after init) and DIR/loaded.pt (the full model and
                    optimizer right after a checkpoint was loaded), to compare layouts exactly.
-  --exit-at/--hang-at STEP with --fail-rank R: rank R dies (os._exit) or hangs (sleeps, sockets open) when it
-                   fetches the batch of step STEP.
+  --exit-at/--hang-at/--stop-at STEP with --fail-rank R: rank R dies (os._exit), hangs (sleeps, sockets open) or
+                   stops (SIGSTOP, the whole process frozen) when it fetches the batch of step STEP; under torchrun's
+                   --max-restarts only in the first attempt, so the restarted job runs through.
+  --exit-in-save STEP with --fail-rank R: rank R dies while checkpoint STEP is written (its shards are on disk, the
+                   checkpoint has no COMPLETE marker yet); first attempt only.
+  --slow-rank R --slow-ms MS: rank R sleeps MS before every batch (a slow GPU, a throttled host).
   --signal-at STEP with --fail-rank R: rank R alone receives SIGUSR2 (a preemption) when it fetches that batch.
 
 The tests-side launcher (`torchrun`, `free_port`) is here too.
@@ -41,10 +45,10 @@ def free_port() -> int:
 
 
 def torchrun_cmd(nproc: int, overrides: list[str], helper_flags=(), module="tests.dist_helpers", nnodes=1,
-                 node_rank=0, port=None) -> list[str]:
+                 node_rank=0, port=None, max_restarts=0) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
-           "--max_restarts=0", "-m", module]
+           f"--max_restarts={max_restarts}", "-m", module]
     return cmd + (list(helper_flags) + ["--"] if module == "tests.dist_helpers" else []) + list(overrides)
 
 
@@ -116,7 +120,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--exit-at", type=int)
     p.add_argument("--hang-at", type=int)
     p.add_argument("--signal-at", type=int)
+    p.add_argument("--stop-at", type=int)
+    p.add_argument("--exit-in-save", type=int)
     p.add_argument("--fail-rank", type=int, default=1)
+    p.add_argument("--slow-rank", type=int)
+    p.add_argument("--slow-ms", type=float, default=0.0)
     p.add_argument("--fake-world", type=int)
     p.add_argument("--spec", default="lingua.models.transformer.spec:TRANSFORMER_SPEC", help="the ModelSpec to train (module:attr)")
     opts = p.parse_args(flags)
@@ -136,6 +144,7 @@ def main(argv: list[str]) -> None:
     from lingua.models.spec import get_spec
 
     rank = int(os.environ.get("RANK", 0))
+    failing = rank == opts.fail_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     record = {"rank": rank, "pid": os.getpid(), "batches": []}
     out_dir = Path(opts.record) if opts.record else None
 
@@ -153,10 +162,15 @@ def main(argv: list[str]) -> None:
 
         def __next__(self):
             step = len(record["batches"]) + 1
-            if rank == opts.fail_rank and opts.exit_at == step:
+            if failing and opts.exit_at == step:
                 print(f"[test] rank {rank} exits at step {step}", flush=True)
                 os._exit(3)
-            if rank == opts.fail_rank and opts.hang_at == step:
+            if failing and opts.stop_at == step:
+                print(f"[test] rank {rank} stops at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            if rank == opts.slow_rank:
+                time.sleep(opts.slow_ms / 1000)
+            if failing and opts.hang_at == step:
                 print(f"[test] rank {rank} hangs at step {step}", flush=True)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's teardown must still kill it at once
                 while True:
@@ -187,8 +201,15 @@ def main(argv: list[str]) -> None:
                 torch.save({"model": msd, "optim": _flat(osd)}, out_dir / "loaded.pt")
         return states
 
-    orig_build, orig_load = loop.build_model, CheckpointManager.load
+    def finish(self, step, tmp, *a, **kw):
+        if failing and opts.exit_in_save == step:
+            print(f"[test] rank {rank} exits while saving step {step}", flush=True)
+            os._exit(3)
+        return orig_finish(self, step, tmp, *a, **kw)
+
+    orig_build, orig_load, orig_finish = loop.build_model, CheckpointManager.load, CheckpointManager._finish
     loop.DataLoader, loop.build_model, CheckpointManager.load = Loader, build_model, load
+    CheckpointManager._finish = finish
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"pid{rank}").write_text(str(os.getpid()))

@@ -154,6 +154,7 @@ class DistState:
     cp_rank: int = 0
     loss_parallel: bool = False  # TP keeps the logits sharded over the vocabulary: forward + backward in loss_context
     timeout_s: int = 600
+    store: Optional["dist.Store"] = None  # the process group's key-value store (this attempt's prefix)
 
     @property
     def rank(self) -> int:
@@ -255,6 +256,20 @@ def check_pipeline_args(args: DistributedArgs) -> None:
             raise ConfigError(f"distributed.{key} must be >= 0 (0: automatic), got {getattr(args, key)}")
 
 
+def attempt_store(env: DistEnv, timeout_s: int, environ=None) -> "dist.Store":
+    """The process group's store, under a key prefix of its own per launch attempt.
+
+    torchrun's workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE=True), which outlives a restart, and
+    torch adds no per-attempt prefix: the restarted ranks would read the dead ranks' gloo addresses, still in the store,
+    and fail with "Connection refused" (or hang on a stale barrier count). Elsewhere rank 0 hosts a fresh store."""
+    e = os.environ if environ is None else environ
+    agent = e.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr or "127.0.0.1", env.master_port or 29500, env.world_size,
+                          is_master=not agent and env.rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
+                          multi_tenant=not agent)
+    return dist.PrefixStore(f"lingua/attempt_{e.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 def init_distributed(args: DistributedArgs, environ=None) -> DistState:
     env = detect_env(environ)
     shape = resolve_mesh_shape(args, env.world_size)
@@ -266,9 +281,12 @@ def init_distributed(args: DistributedArgs, environ=None) -> DistState:
         return DistState(env, device, None, 0, 1, 1, timeout_s=args.timeout_s)
     os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(env.master_port or 29500))
+    store = None
     if not dist.is_initialized():
+        store = attempt_store(env, args.timeout_s, environ)
         dist.init_process_group(
             backend=pick_backend(device, args.backend),
+            store=store,
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=args.timeout_s),
@@ -283,4 +301,4 @@ def init_distributed(args: DistributedArgs, environ=None) -> DistState:
     return DistState(env, device, mesh, dp_rank, shape.dp_replicate * shape.dp_shard, shape.tp,
                      tp_rank=mesh.get_local_rank("tp"), pp_size=shape.pp, pp_rank=mesh.get_local_rank("pp"),
                      cp_size=shape.cp, cp_rank=mesh.get_local_rank("cp"),
-                     loss_parallel=shape.tp > 1 and args.loss_parallel, timeout_s=args.timeout_s)
+                     loss_parallel=shape.tp > 1 and args.loss_parallel, timeout_s=args.timeout_s, store=store)

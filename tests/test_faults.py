@@ -1,0 +1,61 @@
+"""Faults at scale, with real torchrun processes: a dead rank costs one restart (and resumes exactly), a hung rank is
+one error line, a slow rank is visible in metrics.jsonl, a loss spike can be skipped."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_same_weights, final_weights, read_jsonl, tiny_overrides
+from tests.dist_helpers import torchrun
+
+STEPS, EVERY = 8, 2
+
+
+def cfg(corpus, dump_dir, **extra) -> list[str]:
+    base = dict(steps=STEPS, checkpoint__dump__every=EVERY, optim__warmup=0, distributed__dp_shard=2)
+    return tiny_overrides(corpus, dump_dir, **{**base, **extra})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_corpus, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("faults") / "ref"
+    torchrun(2, cfg(tiny_corpus, d))
+    return d
+
+
+def assert_same_run(ref: Path, got: Path):
+    """Bit-identical final weights, and metrics.jsonl with every step once, each with the uninterrupted loss."""
+    rows, ref_rows = read_jsonl(got / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert_same_weights(final_weights(ref), final_weights(got))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--exit-at", "4"], ["--exit-in-save", "4"]], ids=["in_step", "in_save"])
+def test_killed_rank_restarts_every_rank_and_resumes_exactly(tiny_corpus, tmp_path, uninterrupted, flags):
+    d = tmp_path / "run"
+    out = torchrun(2, cfg(tiny_corpus, d), flags + ["--fail-rank", "1"], max_restarts=1, timeout=600)
+    assert "[test] rank 1 exits" in out.stdout
+    assert "resumed from" in out.stdout and "at step 2 " in out.stdout, out.stdout[-3000:]  # the save of step 4 died
+    assert_same_run(uninterrupted, d)
+
+
+def test_each_torchrun_attempt_gets_its_own_keys():
+    """The agent's store outlives a restart: attempt 1 must not see what attempt 0 wrote there (the dead ranks' gloo
+    addresses, which made restarted ranks fail with 'Connection refused')."""
+    import torch.distributed as dist
+
+    from lingua.distributed.mesh import DistEnv, attempt_store
+    from tests.dist_helpers import free_port
+
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    env = DistEnv("torchrun", 0, 2, 0, "127.0.0.1", port)
+    first = attempt_store(env, 10, {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
+    first.set("rank_1", "127.0.0.1:39823")
+    second = attempt_store(env, 10, {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert first.check(["rank_1"]) and not second.check(["rank_1"])
+    assert agent.num_keys() >= 1
