@@ -59,3 +59,16 @@ def test_each_torchrun_attempt_gets_its_own_keys():
     second = attempt_store(env, 10, {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "1"})
     assert first.check(["rank_1"]) and not second.check(["rank_1"])
     assert agent.num_keys() >= 1
+
+
+@pytest.mark.slow
+def test_stopped_rank_is_one_line_naming_step_phase_and_rank(tiny_corpus, tmp_path):
+    timeout_s = 10  # the stall the others wait out; torchrun then SIGKILLs the stopped rank (its SIGTERM is held)
+    out = torchrun(2, cfg(tiny_corpus, tmp_path / "stop", steps=50, distributed__timeout_s=timeout_s),
+                   ["--stop-at", "3", "--fail-rank", "1"], check=False, timeout=300)
+    assert out.returncode != 0 and "[test] rank 1 stops at step 3" in out.stdout
+    lines = [x for x in out.stdout.splitlines() if x.startswith("error: rank 0: ")]
+    assert len(lines) == 1, out.stdout[-3000:]
+    # rank 0 waits in its forward's all-gather; rank 1's last heartbeat may be from step 2 (one per second)
+    assert "at step 3 (forward); ranks that did not arrive: 1 (not responding, last seen at step " in lines[0], lines[0]
+    assert f"(distributed.timeout_s={timeout_s})" in lines[0], lines[0]

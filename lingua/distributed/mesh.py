@@ -155,6 +155,7 @@ class DistState:
     loss_parallel: bool = False  # TP keeps the logits sharded over the vocabulary: forward + backward in loss_context
     timeout_s: int = 600
     store: Optional["dist.Store"] = None  # the process group's key-value store (this attempt's prefix)
+    watchdog: Optional[object] = None  # lingua.distributed.watchdog.Watchdog, set by the train loop: names the laggards
 
     @property
     def rank(self) -> int:
@@ -196,10 +197,10 @@ class DistState:
             if self.world_size == 1 or not any(m in msg.lower() for m in PEER_FAILURE_MARKERS):
                 raise
             first = next((line.strip() for line in msg.splitlines() if line.strip()), type(e).__name__)
-            raise LinguaError(
-                f"rank {self.rank}: a collective failed, another rank died or hung "
-                f"(distributed.timeout_s={self.timeout_s}): {first[:300]}"
-            ) from None
+            what = "a collective failed, another rank died or hung"
+            if self.watchdog is not None:
+                raise LinguaError(f"{self.watchdog.describe(what)}: {first[:200]}") from None
+            raise LinguaError(f"rank {self.rank}: {what} (distributed.timeout_s={self.timeout_s}): {first[:300]}") from None
 
     def close(self):
         """Tear the process group down; safe to call twice and after a failed collective."""

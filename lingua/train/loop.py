@@ -39,6 +39,7 @@ from lingua.distributed.mesh import DistributedArgs, DistState, init_distributed
 from lingua.distributed.parallelize import resolve_compile
 from lingua.distributed.pipeline import PipelinedModel, build_pipeline, n_microbatches
 from lingua.distributed.precision import autocast_context, cpu_name, resolve_model_dtype
+from lingua.distributed.watchdog import Watchdog
 from lingua.errors import LinguaError
 from lingua.eval.bpb import EvalArgs, evaluate
 from lingua.kernels.attention import Placement, place_attention
@@ -230,33 +231,42 @@ class Trainer:
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.data_iter, self.dist, self.autocast, self.probe = iter(data), dist_state, autocast, probe
         self.after_optimizer_step = after_optimizer_step  # the spec's hook, e.g. MoE's load-balancing bias update
+        self.watchdog = dist_state.watchdog or Watchdog(None, dist_state.rank, 1, dist_state.timeout_s)
 
     def step(self, step: int) -> StepResult:
         """Run optimizer step number `step` (1-based). A probed step runs a compiled model eagerly: the probe's
         activation hooks would otherwise recompile the graph twice (with hooks, and without them again)."""
         if self.probe.is_probe_step(step):
             with torch.compiler.set_stance("force_eager"):
-                return self._step(step)
-        return self._step(step)
+                result = self._step(step)
+        else:
+            result = self._step(step)
+        self.watchdog.arm()  # the watchdog times steps from the second one of this process on: the first one compiles
+        self.watchdog.mark(step, "log")
+        return result
 
     def _step(self, step: int) -> StepResult:
         args, dist_state, device = self.args, self.dist, self.dist.device
         loss_sum, data_s = torch.zeros((), device=device), 0.0
         self.probe.before_step(step, self.model)  # off steps: one integer test, no hooks
         for micro in range(args.grad_acc_steps):
+            self.watchdog.mark(step, "data")
             t0 = time.perf_counter()
             batch = _to_device(next(self.data_iter), device)
             data_s += time.perf_counter() - t0
             _grad_sync(self.model, micro == args.grad_acc_steps - 1)
             with dist_state.loss_context():  # tensor parallel: the loss is computed on vocab-sharded logits
+                self.watchdog.mark(step, "forward")  # a pipeline's step runs forward and backward together
                 if isinstance(self.model, PipelinedModel):  # forward and backward of every pipeline microbatch
                     with self.autocast:
                         loss = self.model.step(batch["input"], batch["target"], batch["tok_idx"])
                 else:
                     with self.autocast:
                         loss = self.model(batch["input"], batch["target"], tok_idx=batch["tok_idx"])
+                    self.watchdog.mark(step, "backward")
                     (loss / args.grad_acc_steps).backward()
             loss_sum += _local(loss.detach())
+        self.watchdog.mark(step, "optimizer")
         self.probe.after_backward(step, self.model)
         # Only the last pipeline stage has the loss (the other stages add 0): each pipeline counts it pp_size times.
         loss_sum = loss_sum * dist_state.pp_size / (args.grad_acc_steps * dist_state.world_size)
@@ -378,6 +388,8 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size, args.grad_acc_steps))
     state = TrainState(scheduler, data)
+    dist_state.watchdog = Watchdog(dist_state.store, dist_state.rank, dist_state.world_size, dist_state.timeout_s)
+    stack.callback(dist_state.watchdog.close)
     checkpoints = CheckpointManager(args.checkpoint, args.dump_dir, spec.path)
     resume(state, checkpoints, model, optimizer, args, spec, dist_state)
     if dist_state.is_main:  # only now: a config that its checkpoint rejected must not replace the one that trained
@@ -429,7 +441,9 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
             extra = spec.step_metrics(getattr(model, "_orig_mod", model)) if spec.step_metrics else {}
             log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
+            trainer.watchdog.mark(state.step, "eval")
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
+        trainer.watchdog.mark(state.step, "checkpoint")
         if kinds:  # the final and preemption saves wait for their files
             checkpoints.save(state.step, model, optimizer, state.state_dict(dist_state.world_size),
                              config_to_dict(args), kinds, wait=last)
