@@ -72,3 +72,15 @@ def test_stopped_rank_is_one_line_naming_step_phase_and_rank(tiny_corpus, tmp_pa
     # rank 0 waits in its forward's all-gather; rank 1's last heartbeat may be from step 2 (one per second)
     assert "at step 3 (forward); ranks that did not arrive: 1 (not responding, last seen at step " in lines[0], lines[0]
     assert f"(distributed.timeout_s={timeout_s})" in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_slow_rank_is_named_in_metrics_and_warned_about(tiny_corpus, tmp_path):
+    d = tmp_path / "slow"
+    slow_ms = 300  # far above a tiny step's own time (a few ms), so no load on the machine can reverse the order
+    out = torchrun(2, cfg(tiny_corpus, d, steps=5, checkpoint__dump__every=0, checkpoint__save_at_end=False),
+                   ["--slow-rank", "1", "--slow-ms", str(slow_ms)])
+    rows = read_jsonl(d / "metrics.jsonl")
+    assert [r["slowest_rank"] for r in rows] == [1] * 5
+    assert all(r["rank_ms_max"] >= slow_ms > r["rank_ms_min"] for r in rows), rows
+    assert "rank 1 is slow" in out.stdout and "up to step 3 (logging.slow_rank_factor=2)" in out.stdout

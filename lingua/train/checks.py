@@ -13,7 +13,8 @@ logger = logging.getLogger("lingua")
 # model's args check themselves when they are built (lingua.models.decoder.DecoderArgs).
 MINIMUMS = (("steps", 1), ("grad_acc_steps", 1), ("data.batch_size", 1), ("data.seq_len", 1), ("logging.freq", 1),
             ("optim.lr", 0.0), ("optim.warmup", 0), ("optim.weight_decay", 0.0),
-            ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0), ("eval.every", 0), ("eval.batch_size", 1))
+            ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0), ("eval.every", 0), ("eval.batch_size", 1),
+            ("logging.slow_rank_factor", 0.0))
 
 
 def _get(args, dotted: str):

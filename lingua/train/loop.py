@@ -66,6 +66,7 @@ from lingua.train.optim import (
 from lingua.train.preemption import Preemption
 from lingua.train.probe import Probe, ProbeArgs
 from lingua.train.profiling import ProfilerArgs, maybe_profile
+from lingua.train.stragglers import SlowRankMonitor, gather_rank_times
 
 logger = logging.getLogger("lingua")
 
@@ -212,6 +213,7 @@ class StepResult:
 
     stats: torch.Tensor  # [mean loss over micro-batches and ranks, grad norm before clipping]
     data_s: float  # time spent waiting for batches
+    own_s: float  # data_s + CPU time of forward, backward and update: this rank's own share (stragglers.py)
     loss: float = float("nan")  # filled in by read()
     grad_norm: float = float("nan")
     stop: bool = False  # some rank was asked to stop (preemption; a host flag, lingua/train/preemption.py)
@@ -247,13 +249,14 @@ class Trainer:
 
     def _step(self, step: int) -> StepResult:
         args, dist_state, device = self.args, self.dist, self.dist.device
-        loss_sum, data_s = torch.zeros((), device=device), 0.0
+        loss_sum, data_s, cpu_s = torch.zeros((), device=device), 0.0, 0.0
         self.probe.before_step(step, self.model)  # off steps: one integer test, no hooks
         for micro in range(args.grad_acc_steps):
             self.watchdog.mark(step, "data")
             t0 = time.perf_counter()
             batch = _to_device(next(self.data_iter), device)
             data_s += time.perf_counter() - t0
+            c0 = time.thread_time()  # CPU, not wall: a wait for other ranks in a collective takes none
             _grad_sync(self.model, micro == args.grad_acc_steps - 1)
             with dist_state.loss_context():  # tensor parallel: the loss is computed on vocab-sharded logits
                 self.watchdog.mark(step, "forward")  # a pipeline's step runs forward and backward together
@@ -266,7 +269,9 @@ class Trainer:
                     self.watchdog.mark(step, "backward")
                     (loss / args.grad_acc_steps).backward()
             loss_sum += _local(loss.detach())
+            cpu_s += time.thread_time() - c0
         self.watchdog.mark(step, "optimizer")
+        c0 = time.thread_time()
         self.probe.after_backward(step, self.model)
         # Only the last pipeline stage has the loss (the other stages add 0): each pipeline counts it pp_size times.
         loss_sum = loss_sum * dist_state.pp_size / (args.grad_acc_steps * dist_state.world_size)
@@ -278,7 +283,8 @@ class Trainer:
             self.after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(torch.stack([loss_mean, grad_norm.to(loss_mean.device, loss_mean.dtype)]), data_s)
+        own_s = data_s + cpu_s + time.thread_time() - c0
+        return StepResult(torch.stack([loss_mean, grad_norm.to(loss_mean.device, loss_mean.dtype)]), data_s, own_s)
 
 
 class ThroughputWindow:
@@ -417,6 +423,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, probe,
                       spec.after_optimizer_step)
     status, result, last_read = "done", None, None
+    slow_ranks = SlowRankMonitor(args.logging.slow_rank_factor)
     syncs = HostSyncDetector(dist_state.device.type == "cpu") if args.logging.check_host_syncs else None
     model.train()
     while state.step < args.steps:
@@ -439,6 +446,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
         if logging_step or result.stop:
             extra = spec.step_metrics(getattr(model, "_orig_mod", model)) if spec.step_metrics else {}
+            extra.update(slow_ranks.metrics(state.step, gather_rank_times(1000 * result.own_s, dist_state.device)))
             log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
             trainer.watchdog.mark(state.step, "eval")

@@ -37,6 +37,9 @@ class LoggingArgs:
     # debugging: fail a step other than a logging/save step that makes the host wait for the device (.item(),
     # nonzero, ...; lingua/train/host_sync.py). Slow (every op is inspected); on CPU, tensors stand in for the GPU's
     check_host_syncs: bool = False
+    # warn when one rank's own step time (lingua/train/stragglers.py) is this many times the other ranks' median at 3
+    # logging steps in a row; 0 never warns (the rank_ms_max/min and slowest_rank metrics are logged either way)
+    slow_rank_factor: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------------------
