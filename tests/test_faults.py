@@ -1,6 +1,7 @@
 """Faults at scale, with real torchrun processes: a dead rank costs one restart (and resumes exactly), a hung rank is
 one error line, a slow rank is visible in metrics.jsonl, a loss spike can be skipped."""
 
+import json
 import os
 import time
 from pathlib import Path
@@ -25,10 +26,10 @@ def uninterrupted(tiny_corpus, tmp_path_factory) -> Path:
     return d
 
 
-def assert_same_run(ref: Path, got: Path):
+def assert_same_run(ref: Path, got: Path, steps=STEPS):
     """Bit-identical final weights, and metrics.jsonl with every step once, each with the uninterrupted loss."""
     rows, ref_rows = read_jsonl(got / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
     assert_same_weights(final_weights(ref), final_weights(got))
 
@@ -84,3 +85,22 @@ def test_slow_rank_is_named_in_metrics_and_warned_about(tiny_corpus, tmp_path):
     assert [r["slowest_rank"] for r in rows] == [1] * 5
     assert all(r["rank_ms_max"] >= slow_ms > r["rank_ms_min"] for r in rows), rows
     assert "rank 1 is slow" in out.stdout and "up to step 3 (logging.slow_rank_factor=2)" in out.stdout
+
+
+@pytest.mark.slow
+def test_loss_spike_skips_resume_exactly_and_agree_on_every_rank(tiny_corpus, tmp_path):
+    # factor 1 over a window of 2 skips a step whose loss is above the mean of the last two: steps 11 and 12 here
+    steps = 12
+    spikes = dict(steps=steps, optim__spike_factor=1.0, optim__spike_window=2, optim__lr=3e-2,
+                  checkpoint__dump__every=5)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    torchrun(2, cfg(tiny_corpus, ref, **spikes))
+    torchrun(2, cfg(tiny_corpus, run, **spikes), ["--exit-at", "11", "--fail-rank", "1"], max_restarts=1)
+    rows = read_jsonl(ref / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0] * 10 + [1, 2]
+    assert [r["skipped_steps"] for r in read_jsonl(run / "metrics.jsonl")] == [r["skipped_steps"] for r in rows]
+    assert_same_run(ref, run, steps)  # step 11 is judged by the window of steps 9-10, from the checkpoint of step 10
+    for d in (ref, run):  # every rank judged the same global loss the same way
+        ckpt = d / "checkpoints" / f"{steps:010d}"
+        states = [json.loads((ckpt / f"train_state_{r:05d}.json").read_text())["spikes"] for r in (0, 1)]
+        assert states[0] == states[1] and states[0]["skipped"] == rows[-1]["skipped_steps"]

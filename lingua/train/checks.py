@@ -14,7 +14,8 @@ logger = logging.getLogger("lingua")
 MINIMUMS = (("steps", 1), ("grad_acc_steps", 1), ("data.batch_size", 1), ("data.seq_len", 1), ("logging.freq", 1),
             ("optim.lr", 0.0), ("optim.warmup", 0), ("optim.weight_decay", 0.0),
             ("checkpoint.dump.every", 0), ("checkpoint.eval.every", 0), ("eval.every", 0), ("eval.batch_size", 1),
-            ("logging.slow_rank_factor", 0.0))
+            ("logging.slow_rank_factor", 0.0),
+            ("optim.spike_factor", 0.0), ("optim.spike_window", 1))
 
 
 def _get(args, dotted: str):
@@ -52,6 +53,8 @@ def validate_args(args, spec, tokenizer) -> None:
     if args.data.seq_len > args.model.max_seqlen:
         raise ConfigError(f"data.seq_len={args.data.seq_len} is above model.max_seqlen={args.model.max_seqlen}")
     check_context_parallel(args)
+    if 0 < args.optim.spike_factor < 1:  # below 1 a run whose loss stops falling would skip every update from then on
+        raise ConfigError(f"optim.spike_factor must be 0 (off) or >= 1, got {args.optim.spike_factor}")
     if spec.check_train_args is not None:
         spec.check_train_args(args)
     warn_unlikely(args)

@@ -66,6 +66,7 @@ from lingua.train.optim import (
 from lingua.train.preemption import Preemption
 from lingua.train.probe import Probe, ProbeArgs
 from lingua.train.profiling import ProfilerArgs, maybe_profile
+from lingua.train.spikes import SpikeGuard
 from lingua.train.stragglers import SlowRankMonitor, gather_rank_times
 
 logger = logging.getLogger("lingua")
@@ -154,6 +155,7 @@ class TrainState:
 
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: DataLoader
+    spikes: SpikeGuard = field(default_factory=SpikeGuard)
     step: int = 0
     tokens_seen: int = 0
     train_s: float = 0.0  # wall time spent in training steps (not in evaluation or saving), over every resume
@@ -161,7 +163,7 @@ class TrainState:
     def state_dict(self, world_size: int) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "train_s": self.train_s,
                 "scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": rng_state(),
-                "world_size": world_size}
+                "spikes": self.spikes.state_dict(), "world_size": world_size}
 
     def load_state_dicts(self, states: list[dict], rank: int, world_size: int) -> None:
         """Every saving rank's state; a run resumed on another world size takes the loop position from any rank
@@ -172,6 +174,7 @@ class TrainState:
         self.step, self.tokens_seen, self.train_s = mine["step"], mine["tokens_seen"], mine.get("train_s", 0.0)
         self.scheduler.load_state_dict(mine["scheduler"])
         sync_scheduler(self.scheduler)
+        self.spikes.load_state_dict(mine.get("spikes", {}))  # the global loss's window: the same on every rank
         if same_world:
             set_rng_state(mine["rng"])
         self.data.load_state_dicts([s["data"] for s in states])  # any old layout: each rank takes its streams
@@ -229,10 +232,11 @@ class Trainer:
     step's numbers (and checks the loss is finite) only where it needs them, at logging and checkpoint steps."""
 
     def __init__(self, args: TrainArgs, model, optimizer, scheduler, data, dist_state: DistState, autocast,
-                 probe: Probe, after_optimizer_step=None):
+                 probe: Probe, after_optimizer_step=None, spikes: SpikeGuard = None):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.data_iter, self.dist, self.autocast, self.probe = iter(data), dist_state, autocast, probe
         self.after_optimizer_step = after_optimizer_step  # the spec's hook, e.g. MoE's load-balancing bias update
+        self.spikes = spikes or SpikeGuard()
         self.watchdog = dist_state.watchdog or Watchdog(None, dist_state.rank, 1, dist_state.timeout_s)
 
     def step(self, step: int) -> StepResult:
@@ -278,9 +282,10 @@ class Trainer:
         loss_mean = dist_state.all_reduce(loss_sum)
         pp_group = self.model.pp_group if isinstance(self.model, PipelinedModel) else None
         grad_norm = clip_grad_norm_(self.model, args.optim.clip, pp_group=pp_group)
-        self.optimizer.step()
-        if self.after_optimizer_step is not None:  # the spec's hook (MoE: the load-balancing bias update)
-            self.after_optimizer_step(self.model)
+        if not self.spikes.skip(loss_mean):  # the global loss: every rank decides alike
+            self.optimizer.step()
+            if self.after_optimizer_step is not None:  # the spec's hook (MoE: the load-balancing bias update)
+                self.after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         own_s = data_s + cpu_s + time.thread_time() - c0
@@ -335,6 +340,8 @@ def log_step(metrics: MetricLogger, progress: Progress, window: ThroughputWindow
              "lr": state.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **window.metrics(),
              "step_ms": 1000 * (time.perf_counter() - step_start), "data_ms": 1000 * result.data_s,
              **memory_window(device), **extra}
+    if state.spikes.enabled:
+        entry["skipped_steps"] = state.spikes.skipped
     metrics.log(entry)
     if progress.enabled:
         progress.write(format_console_line(entry))
@@ -393,7 +400,7 @@ def _setup(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         logger.info("attention kernels:\n" + spec.describe(args.model, dist_state.device, dtype, args.data.seq_len))
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     data = stack.enter_context(DataLoader(args.data, dist_state.dp_rank, dist_state.dp_size, args.grad_acc_steps))
-    state = TrainState(scheduler, data)
+    state = TrainState(scheduler, data, SpikeGuard(args.optim.spike_factor, args.optim.spike_window))
     dist_state.watchdog = Watchdog(dist_state.store, dist_state.rank, dist_state.world_size, dist_state.timeout_s)
     stack.callback(dist_state.watchdog.close)
     checkpoints = CheckpointManager(args.checkpoint, args.dump_dir, spec.path)
@@ -421,7 +428,7 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
                                             enabled=dist_state.is_main and args.logging.progress))
     autocast = autocast_context(dist_state.device, dtype)
     trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, probe,
-                      spec.after_optimizer_step)
+                      spec.after_optimizer_step, state.spikes)
     status, result, last_read = "done", None, None
     slow_ranks = SlowRankMonitor(args.logging.slow_rank_factor)
     syncs = HostSyncDetector(dist_state.device.type == "cpu") if args.logging.check_host_syncs else None

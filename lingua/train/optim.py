@@ -48,6 +48,10 @@ class OptimArgs:
     beta1: float = 0.9  # AdamW decay of the first moment
     beta2: float = 0.95  # AdamW decay of the second moment
     clip: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still computed)
+    # skip the update of a step whose loss exceeds spike_factor x the median of the last spike_window step losses
+    # (lingua/train/spikes.py; skipped steps are counted in metrics.jsonl); 0 never skips
+    spike_factor: float = 0.0
+    spike_window: int = 100
 
     scheduler: str = "cosine"  # constant | linear | inv_sqrt | cosine | wsd
     warmup: int = 2000  # steps of linear warmup from 0
