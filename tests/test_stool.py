@@ -356,3 +356,22 @@ def test_cpus_per_task_come_from_the_node():
     assert min_node_cpus("128\n96+\n") == 96
     with pytest.raises(LinguaError, match="set ncpu"):
         min_node_cpus("")
+
+
+@pytest.mark.parametrize("codes, calls, status", [([1, 137, 0], 3, 0), ([1, 1, 1, 1], 3, 1), ([2], 1, 2)],
+                         ids=["recovers", "gives_up", "config_error"])
+def test_a_failed_job_step_is_launched_again_up_to_max_restarts(project, tmp_path, codes, calls, status):
+    """The batch script's loop with srun replaced by a script that exits with `codes`, one per launch."""
+    dump = tmp_path / "run"
+    assert run(f"script={FAKE}", "config=config.yaml", f"dump_dir={dump}", *CPU, "tasks_per_node=2",
+               "max_restarts=2", "dry_run=true") == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho x >> {tmp_path}/calls\n'
+                                  f'codes=({" ".join(map(str, codes))}); exit ${{codes[$(( $(wc -l < {tmp_path}/calls) - 1 ))]}}\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(dump / "submit.slurm")], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert len((tmp_path / "calls").read_text().split()) == calls
+    assert out.stderr.count("[stool] job step failed") == calls - 1

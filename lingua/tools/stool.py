@@ -64,6 +64,9 @@ class StoolArgs:
     anaconda: str = ""  # conda env (name or path) to activate; with neither, the job uses the python running stool
     launcher: str = "sbatch"  # sbatch | bash (run submit.slurm here, in the foreground, without SLURM)
     signal_grace: int = 120  # seconds before the time limit at which SLURM sends SIGUSR2; 0 = none
+    # a failed job step (a dead or hung rank) is launched again this many times, every rank resuming from the last
+    # complete checkpoint (torchrun's --max-restarts for launcher=bash); a config error (exit 2) never is
+    max_restarts: int = 2
     copy_code: bool = True  # snapshot the code into <dump_dir>/code and run from there
     dirs_exists_ok: bool = False  # reuse an existing, non-empty dump_dir (config, code and script are rewritten)
     override: bool = False  # delete an existing dump_dir first (asks for confirmation unless yes=true)
@@ -188,7 +191,7 @@ def validate(args: StoolArgs) -> None:
         raise ConfigError(f"script must be a python module name like apps.main.train, got {args.script!r}")
     if args.nodes < 1:
         raise ConfigError(f"nodes must be >= 1, got {args.nodes}")
-    for key in ("ngpu", "ncpu", "tasks_per_node", "signal_grace"):
+    for key in ("ngpu", "ncpu", "tasks_per_node", "signal_grace", "max_restarts"):
         if getattr(args, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(args, key)}")
     if args.time == 0 or args.time < -1:
@@ -286,7 +289,7 @@ def render_submit_script(args: StoolArgs, python: str, code_dir: str) -> str:
         local = f'"$PYTHON" -u -m {q(args.script)} config={config}'
     else:
         local = (f'"$PYTHON" -u -m torch.distributed.run --standalone --nproc-per-node={ntasks} '
-                 f"-m {q(args.script)} config={config}")
+                 f"--max-restarts={args.max_restarts} -m {q(args.script)} config={config}")
     body = f"""
 set -eo pipefail
 DUMP_DIR={q(args.dump_dir)}
@@ -304,11 +307,19 @@ fi
 # SIGUSR2 sent to this batch shell (scancel --batch --signal=USR2) goes on to the training processes, which
 # checkpoint and requeue the job (scontrol requeue $SLURM_JOB_ID).
 trap 'echo "[stool] SIGUSR2: forwarding to the job step" >&2; kill -USR2 "$step" 2>/dev/null || true' USR2
-{srun} &
-step=$!
+restarts=0
 while :; do
-  wait "$step" && status=0 || status=$?
-  kill -0 "$step" 2>/dev/null || break  # still running: wait was interrupted by the trap
+  {srun} &
+  step=$!
+  while :; do
+    wait "$step" && status=0 || status=$?
+    kill -0 "$step" 2>/dev/null || break  # still running: wait was interrupted by the trap
+  done
+  # a dead or hung rank ended the step (--kill-on-bad-exit stopped the others): launch every rank again, they resume
+  # from the last complete checkpoint; a config error (2) would only fail again
+  if [ "$status" = 0 ] || [ "$status" = 2 ] || [ "$restarts" -ge {args.max_restarts} ]; then break; fi
+  restarts=$((restarts + 1))
+  echo "[stool] job step failed (exit $status): restart $restarts of {args.max_restarts}" >&2
 done
 exit "$status"
 """
