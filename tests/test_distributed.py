@@ -391,7 +391,7 @@ def test_hung_rank_makes_the_others_fail_within_the_timeout(tiny_corpus, tmp_pat
     elapsed = time.time() - t0
     assert out.returncode != 0
     assert "[test] rank 1 hangs at step 3" in out.stdout
-    # the line names the step, the phase rank 0 waited in and the rank that kept it waiting (lingua/distributed/watchdog.py)
+    # the line names the step, the phase rank 0 waited in and the rank that kept it waiting (distributed/watchdog.py)
     line = next((x for x in out.stdout.splitlines() if x.startswith("error: rank 0: ")), out.stdout[-3000:])
     assert "at step 3 (" in line and "ranks that did not arrive: 1 (step 3 data)" in line, line  # alive: it beats
     assert f"(distributed.timeout_s={timeout_s})" in line, line

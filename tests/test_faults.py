@@ -2,14 +2,16 @@
 one error line, a slow rank is visible in metrics.jsonl, a loss spike can be skipped."""
 
 import json
-import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from lingua.distributed.mesh import DistEnv, attempt_store
 from tests.conftest import assert_same_weights, final_weights, read_jsonl, tiny_overrides
-from tests.dist_helpers import torchrun
+from tests.dist_helpers import free_port, torchrun
 
 STEPS, EVERY = 8, 2
 
@@ -44,22 +46,25 @@ def test_killed_rank_restarts_every_rank_and_resumes_exactly(tiny_corpus, tmp_pa
     assert_same_run(uninterrupted, d)
 
 
-def test_each_torchrun_attempt_gets_its_own_keys():
-    """The agent's store outlives a restart: attempt 1 must not see what attempt 0 wrote there (the dead ranks' gloo
-    addresses, which made restarted ranks fail with 'Connection refused')."""
-    import torch.distributed as dist
-
-    from lingua.distributed.mesh import DistEnv, attempt_store
-    from tests.dist_helpers import free_port
-
+def test_each_launch_gets_a_key_prefix_of_its_own():
+    """torchrun's agent store outlives a restart: a restarted rank must not see what the last launch wrote there (the
+    dead ranks' gloo addresses, which made restarted ranks fail with 'Connection refused'), and every rank of one
+    launch must agree on the prefix whichever starts first, whatever torchrun's per-node restart counts say."""
     port = free_port()
-    agent = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
-    env = DistEnv("torchrun", 0, 2, 0, "127.0.0.1", port)
-    first = attempt_store(env, 10, {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
-    first.set("rank_1", "127.0.0.1:39823")
-    second = attempt_store(env, 10, {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "1"})
-    assert first.check(["rank_1"]) and not second.check(["rank_1"])
-    assert agent.num_keys() >= 1
+    agent = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)  # noqa: F841 (the server)
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    first = [attempt_store(DistEnv("torchrun", r, 2, 0, "127.0.0.1", port), 10, env) for r in (0, 1)]
+    first[1].set("rank_1", "127.0.0.1:39823")
+    got = {}
+    late = threading.Thread(target=lambda: got.update(rank1=attempt_store(
+        DistEnv("torchrun", 1, 2, 0, "127.0.0.1", port), 30, env)))
+    late.start()  # rank 1 of the second launch usually asks before its rank 0 drew a number: it must wait for it
+    time.sleep(0.2)
+    second0 = attempt_store(DistEnv("torchrun", 0, 2, 0, "127.0.0.1", port), 10, env)
+    late.join()
+    second0.set("probe", "x")
+    assert got["rank1"].check(["probe"]) and not first[0].check(["probe"])
+    assert first[0].check(["rank_1"]) and not second0.check(["rank_1"])
 
 
 @pytest.mark.slow

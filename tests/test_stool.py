@@ -367,11 +367,12 @@ def test_a_failed_job_step_is_launched_again_up_to_max_restarts(project, tmp_pat
                "max_restarts=2", "dry_run=true") == 0
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\necho x >> {tmp_path}/calls\n'
-                                  f'codes=({" ".join(map(str, codes))}); exit ${{codes[$(( $(wc -l < {tmp_path}/calls) - 1 ))]}}\n')
+    launches = tmp_path / "launches"
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho x >> {launches}\ncodes=({" ".join(map(str, codes))})\n'
+                                  f'exit ${{codes[$(( $(wc -l < {launches}) - 1 ))]}}\n')
     (bin_dir / "srun").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "HOME": str(tmp_path)}
     out = subprocess.run(["bash", str(dump / "submit.slurm")], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == status, out.stderr
-    assert len((tmp_path / "calls").read_text().split()) == calls
+    assert len(launches.read_text().split()) == calls
     assert out.stderr.count("[stool] job step failed") == calls - 1

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -200,7 +201,8 @@ class DistState:
             what = "a collective failed, another rank died or hung"
             if self.watchdog is not None:
                 raise LinguaError(f"{self.watchdog.describe(what)}: {first[:200]}") from None
-            raise LinguaError(f"rank {self.rank}: {what} (distributed.timeout_s={self.timeout_s}): {first[:300]}") from None
+            raise LinguaError(f"rank {self.rank}: {what} (distributed.timeout_s={self.timeout_s}): "
+                              f"{first[:300]}") from None
 
     def close(self):
         """Tear the process group down; safe to call twice and after a failed collective."""
@@ -258,17 +260,38 @@ def check_pipeline_args(args: DistributedArgs) -> None:
 
 
 def attempt_store(env: DistEnv, timeout_s: int, environ=None) -> "dist.Store":
-    """The process group's store, under a key prefix of its own per launch attempt.
+    """The process group's store, under a key prefix of its own per launch of the job (`lingua/gen_<n>/`).
 
     torchrun's workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE=True), which outlives a restart, and
-    torch adds no per-attempt prefix: the restarted ranks would read the dead ranks' gloo addresses, still in the store,
-    and fail with "Connection refused" (or hang on a stale barrier count). Elsewhere rank 0 hosts a fresh store."""
+    torch adds no per-attempt prefix: restarted ranks read the dead ranks' gloo addresses, still in the store, and
+    fail with "Connection refused" (or hang on a stale barrier count). Elsewhere rank 0 hosts a fresh store."""
     e = os.environ if environ is None else environ
     agent = e.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(env.master_addr or "127.0.0.1", env.master_port or 29500, env.world_size,
                           is_master=not agent and env.rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
                           multi_tenant=not agent)
-    return dist.PrefixStore(f"lingua/attempt_{e.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    return dist.PrefixStore(f"lingua/gen_{agree_generation(store, env.rank, timeout_s)}/", store)
+
+
+def agree_generation(store: "dist.Store", rank: int, timeout_s: float) -> int:
+    """A number every rank of this launch agrees on and no earlier launch used: rank 0 draws the next one, the others
+    wait for one above the number their own predecessor (same rank, earlier launch) used. torchrun's restart count
+    would not do: a node whose workers looked alive to its agent restarts without counting, and the counts then
+    differ between nodes. A rank whose predecessor died before it got its number may take the last launch's: its
+    init then fails at once (stale addresses), and the next launch agrees."""
+    used = f"lingua/rank_gen/{rank}"
+    before = int(store.get(used)) if store.check([used]) else 0
+    if rank == 0:
+        gen = store.add("lingua/generation", 1)
+        store.set("lingua/current", str(gen))
+    else:
+        deadline = time.monotonic() + timeout_s
+        while (gen := int(store.get("lingua/current")) if store.check(["lingua/current"]) else 0) <= before:
+            if time.monotonic() > deadline:
+                raise LinguaError(f"rank {rank}: rank 0 did not start within distributed.timeout_s={timeout_s}")
+            time.sleep(0.01)
+    store.set(used, str(gen))
+    return gen
 
 
 def init_distributed(args: DistributedArgs, environ=None) -> DistState:

@@ -8,8 +8,9 @@ phase has not changed for `distributed.timeout_s` it reads every rank's record a
     step 3 data) (distributed.timeout_s=10)
 
 A rank "did not arrive" when it is at an earlier step or phase, or its heartbeat stopped (a SIGSTOPped or dead
-process: its record is then up to one period old). The exit is non-zero, so torchrun (--max-restarts) or SLURM restarts the job from its last checkpoint. A
-collective that the backend itself times out or breaks gets the same line (`describe`, from DistState).
+process: its record is then up to one period old). The exit is non-zero, so torchrun (--max-restarts) or stool's
+batch script (max_restarts) restarts the job from its last checkpoint. A collective that the backend itself times out
+or breaks gets the same line (`describe`, from DistState).
 
 Only the phases of a train step are timed: evaluation and checkpoint writes may legitimately take longer than
 timeout_s, and the backend's own timeout still covers their collectives. The first step of a process (compilation) is
