@@ -237,6 +237,7 @@ class Trainer:
         self.data_iter, self.dist, self.autocast, self.probe = iter(data), dist_state, autocast, probe
         self.after_optimizer_step = after_optimizer_step  # the spec's hook, e.g. MoE's load-balancing bias update
         self.spikes = spikes or SpikeGuard()
+        self.slow_ranks = SlowRankMonitor(args.logging.slow_rank_factor)
         self.watchdog = dist_state.watchdog or Watchdog(None, dist_state.rank, 1, dist_state.timeout_s)
 
     def step(self, step: int) -> StepResult:
@@ -250,6 +251,10 @@ class Trainer:
         self.watchdog.arm()  # the watchdog times steps from the second one of this process on: the first one compiles
         self.watchdog.mark(step, "log")
         return result
+
+    def rank_times(self, step: int, result: StepResult) -> dict:
+        """Every rank's own time of this step (one small all-gather: call it on every rank, at logging steps only)."""
+        return self.slow_ranks.metrics(step, gather_rank_times(1000 * result.own_s, self.dist.device))
 
     def _step(self, step: int) -> StepResult:
         args, dist_state, device = self.args, self.dist, self.dist.device
@@ -355,6 +360,8 @@ def run_eval(model, args: TrainArgs, tokenizer, dist_state: DistState, autocast,
     if dist_state.pp_size > 1:
         logger.warning("evaluation is skipped under pipeline parallelism: evaluate the checkpoint (apps/main/eval.py)")
         return
+    if dist_state.watchdog is not None:  # evaluation is not timed (it may take longer than a step), only named
+        dist_state.watchdog.mark(state.step, "eval")
     results = evaluate(model, args.data, args.eval, tokenizer, dist_state, autocast, progress=args.logging.progress)
     if results:
         metrics.log_eval({"step": state.step, "tokens_seen": state.tokens_seen, "train_s": state.train_s, **results})
@@ -430,7 +437,6 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
     trainer = Trainer(args, model, optimizer, state.scheduler, state.data, dist_state, autocast, probe,
                       spec.after_optimizer_step, state.spikes)
     status, result, last_read = "done", None, None
-    slow_ranks = SlowRankMonitor(args.logging.slow_rank_factor)
     syncs = HostSyncDetector(dist_state.device.type == "cpu") if args.logging.check_host_syncs else None
     model.train()
     while state.step < args.steps:
@@ -453,10 +459,9 @@ def _train(args: TrainArgs, spec: ModelSpec, dist_state: DistState, stack: conte
         progress.update(state.step, f"loss {last_read.loss:.4f}" if last_read else "")
         if logging_step or result.stop:
             extra = spec.step_metrics(getattr(model, "_orig_mod", model)) if spec.step_metrics else {}
-            extra.update(slow_ranks.metrics(state.step, gather_rank_times(1000 * result.own_s, dist_state.device)))
+            extra.update(trainer.rank_times(state.step, result))
             log_step(metrics, progress, window, state, result, step_start, dist_state.device, extra)
         if args.eval.every and state.step % args.eval.every == 0 and state.step != args.steps:
-            trainer.watchdog.mark(state.step, "eval")
             run_eval(model, args, tokenizer, dist_state, autocast, metrics, state)
         trainer.watchdog.mark(state.step, "checkpoint")
         if kinds:  # the final and preemption saves wait for their files
