@@ -51,7 +51,7 @@ class OptimArgs:
     # skip the update of a step whose loss exceeds spike_factor x the median of the last spike_window step losses
     # (lingua/train/spikes.py; skipped steps are counted in metrics.jsonl); 0 never skips
     spike_factor: float = 0.0
-    spike_window: int = 100
+    spike_window: int = 100  # step losses in the running median that spike_factor compares against
 
     scheduler: str = "cosine"  # constant | linear | inv_sqrt | cosine | wsd
     warmup: int = 2000  # steps of linear warmup from 0
