@@ -1,15 +1,6 @@
 """Expert-parallel dispatch for apps/moe: each of the `ep` ranks of a group holds n_experts / ep experts; tokens
 travel to their experts' rank and back with two all-to-alls (torch.distributed, gloo and nccl alike). How the experts
-are sharded is apps/moe/parallelize.py.
-
-    ranks (tp_size = 1):  the data-parallel world, viewed as a (dp_mod_ep, ep) mesh
-    expert weights:       DTensors [n_experts, ...] Shard(0) over `ep` (a checkpoint holds the whole tensor, so DCP
-                          reshards it between EP sizes), then FSDP over `dp_mod_ep` (the ranks that hold the same
-                          experts); every other weight is FSDP over the whole world as in any app
-
-An expert's gradient arrives summed over the tokens of the whole ep group, where every other weight's is a mean over
-data-parallel ranks: the experts' FSDP group divides by the world size instead of its own size, so both are the
-gradient of the global mean loss.
+are sharded is apps/moe/parallelize.py. The layout and the gradient scaling are described there.
 """
 
 import torch
