@@ -5,6 +5,7 @@ evaluates and generates through apps/main's entry points."""
 
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -123,6 +124,22 @@ def test_aux_loss_survives_activation_checkpointing(selective):
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("logits, expected", [
+    ([0.0, 0.0, 0.0, 0.0], 1.0),  # uniform probs: E * sum f_i / E = 1 whatever the choice
+    # probs [3, 1, 1, 1] / 6; top-2 is experts 0 and 1 (ties: the lower index): 4 * (1/2 * 1/2 + 1/2 * 1/6) = 4/3
+    ([math.log(3), 0.0, 0.0, 0.0], 4 / 3),
+])
+def test_aux_loss_is_the_switch_loss_of_the_routing(logits, expected):
+    args = MoEArgs(**SMALL, aux_loss_coef=0.5, z_loss_coef=0.0)
+    moe = MoETransformer.build(args, seed=0).layers[0].feed_forward
+    with torch.no_grad():  # every token the same (all ones), so router row e / dim gives logit e to all of them
+        moe.router.weight.copy_(torch.tensor(logits)[:, None].expand(4, 32) / 32)
+    _, weighted = moe(torch.ones(2, 8, 32))
+    # float32 rounding of the softmax and the means only
+    assert moe.last_losses[0].item() == pytest.approx(expected, rel=1e-6)
+    assert weighted.item() == pytest.approx(0.5 * expected, rel=1e-6)
 
 
 def test_bias_update_moves_selection_towards_balance():
