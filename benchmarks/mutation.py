@@ -47,8 +47,8 @@ MUTATIONS = [
     # ---- lr schedules
     M("linear_swapped", OPT, "return s * min_ratio + (1 - s)", "return s + (1 - s) * min_ratio",
       [T + "test_optim.py::test_linear_closed_form"]),
-    M("inv_sqrt_inverted", OPT, "(max(warmup, 1) / max(step, 1)) ** exp_factor",
-      "(max(step, 1) / max(warmup, 1)) ** -exp_factor", [T + "test_optim.py::test_inv_sqrt_closed_form"]),
+    M("inv_sqrt_off_by_one", OPT, "(max(warmup, 1) / max(step, 1)) ** exp_factor",
+      "(max(warmup, 1) / max(step + 1, 1)) ** exp_factor", [T + "test_optim.py::test_inv_sqrt_closed_form"]),
     M("inv_sqrt_no_floor", OPT, "** exp_factor, min_ratio)", "** exp_factor, 0.0)",
       [T + "test_optim.py -k inv_sqrt or floor"]),
     M("cosine_cycle_times", OPT, "s**theta / cycle_length", "s**theta * cycle_length",
