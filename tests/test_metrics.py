@@ -21,6 +21,7 @@ from lingua.train.metrics import (
     mfu,
     peak_flops,
 )
+from tests.conftest import read_jsonl
 
 
 def _row(step):
@@ -84,7 +85,11 @@ def test_optional_backends(tmp_path, monkeypatch, backend):
         for step in (1, 2, 3):
             logger.log(_row(step))
         logger.log_eval({"step": 3, "alpha/bpb": 2.0, "alpha/tokens": 100, "alpha/bytes": 300})
-    assert (tmp_path / "metrics.jsonl").exists()
+    # the JSON files are written alongside the backend, as plain numbers
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
+        (s, pytest.approx(3.5 - 0.01 * s, rel=1e-6)) for s in (1, 2, 3)]  # the loss is a float32 tensor
+    assert read_jsonl(tmp_path / "metrics.eval.jsonl") == [{"step": 3, "alpha/bpb": 2.0, "alpha/tokens": 100,
+                                                            "alpha/bytes": 300}]
     series = _read_wandb(tmp_path) if backend == "wandb" else _read_tensorboard(tmp_path / "tensorboard")
     for key in ("loss", "lr", "tok_per_s"):
         assert series[key] == [(s, pytest.approx(float(_row(s)[key]), rel=1e-6)) for s in (1, 2, 3)], key
