@@ -100,4 +100,5 @@ def test_a_compiled_bf16_model_trains_the_same_with_either_backward():
             opt.zero_grad()
             curves[choice].append(loss.item())
     assert curves["matmul"][-1] < curves["matmul"][0] - 0.5  # it learns
-    torch.testing.assert_close(curves["matmul"], curves["aten"], atol=0.05, rtol=0.02)
+    # the two backwards round their bf16 gradients differently: measured at most 0.1% apart over these 6 steps
+    torch.testing.assert_close(curves["matmul"], curves["aten"], atol=0, rtol=5e-3)
