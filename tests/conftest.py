@@ -3,6 +3,7 @@
 import atexit
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -166,3 +167,13 @@ def hf_offline_env() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def assert_bits_per_byte(row: dict, corpus: Path, source: str, max_docs: int):
+    """An eval row's bpb is its mean NLL in bits times tokens per byte, over the UTF-8 bytes of the first max_docs
+    documents of the val file (lingua/eval/bpb.py computes it from sums, this from the logged means)."""
+    with open(Path(corpus) / source / f"{source}.val.jsonl") as f:
+        n_bytes = sum(len(json.loads(line)["text"].encode()) for line in f.readlines()[:max_docs])
+    assert row[f"{source}/bytes"] == n_bytes
+    bits = row[f"{source}/nll"] * row[f"{source}/tokens"] / math.log(2)
+    assert row[f"{source}/bpb"] == pytest.approx(bits / n_bytes, rel=1e-9)  # float64 sums, rounded differently

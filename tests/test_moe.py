@@ -32,7 +32,7 @@ from lingua.eval.load import load_model
 from lingua.models.spec import spec_for_params
 from lingua.models.transformer.model import flops_per_token as transformer_flops
 from lingua.train.loop import train, train_args_cls
-from tests.conftest import final_weights, losses, read_jsonl, tiny_overrides
+from tests.conftest import assert_bits_per_byte, final_weights, losses, read_jsonl, tiny_overrides
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=32, multiple_of=16, n_experts=4, top_k=2)
 MoETrainArgs = train_args_cls(MOE_SPEC)
@@ -172,7 +172,7 @@ def test_trains_through_the_shared_loop_and_resumes_exactly(trained, tiny_corpus
     weights = final_weights(trained)
     assert weights["layers.0.feed_forward.experts.w1"].shape == (4, 32, 48)  # [n_experts, dim, 96 // top_k]
     assert weights["layers.0.feed_forward.expert_bias"].abs().sum() > 0  # the bias moved, and is saved
-    assert read_jsonl(trained / "metrics.eval.jsonl")[-1]["alpha/bpb"] > 0
+    assert_bits_per_byte(read_jsonl(trained / "metrics.eval.jsonl")[-1], tiny_corpus, "alpha", max_docs=4)
     # interrupt after step 4, run the same command: the same losses and weights, the bias included
     cut = tmp_path / "cut"
     shutil.copytree(trained, cut, ignore=shutil.ignore_patterns("consolidated"))
