@@ -15,7 +15,7 @@ from lingua.checkpoint.manager import list_checkpoints
 from lingua.errors import LinguaError
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs, train
-from tests.conftest import ROOT, assert_same_weights, final_weights, losses, read_jsonl, tiny_overrides
+from tests.conftest import ROOT, assert_bits_per_byte, assert_same_weights, final_weights, losses, read_jsonl, tiny_overrides
 
 
 def run(corpus, dump_dir, **extra):
@@ -36,7 +36,8 @@ def test_loss_decreases_and_metrics_are_logged(tiny_corpus, tmp_path):
     assert last < first - 1.0, (first, last)  # bytes start at ln(258) = 5.55 nats
     assert rows[-1]["tokens_seen"] == 40 * 4 * 32
     evals = read_jsonl(tmp_path / "metrics.eval.jsonl")
-    assert evals[-1]["step"] == 40 and 0 < evals[-1]["alpha/bpb"] < 8
+    assert evals[-1]["step"] == 40
+    assert_bits_per_byte(evals[-1], tiny_corpus, "alpha", max_docs=4)
     assert (tmp_path / "config.yaml").is_file()
     # the last step always leaves a checkpoint, even with dump.every=0
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["0000000040"]
