@@ -264,11 +264,13 @@ def test_the_defaults_are_a_valid_model():
     assert TransformerArgs(dim=32).heads == (1, 1, 32)  # narrower than one head: one head of dim
 
 
-@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
-def test_fused_loss_equals_the_loss_through_the_logits(dtype, compiled):
+@pytest.mark.parametrize("dtype,compiled,softcap", [(torch.float32, False, None), (torch.bfloat16, False, None),
+                                                    (torch.float32, True, None), (torch.float32, False, 3.0)])
+def test_fused_loss_equals_the_loss_through_the_logits(dtype, compiled, softcap):
     """model.fused_loss: the chunked loss with its gradient computed in the forward gives the plain loss and the plain
     gradients (bf16: as nn.Linear under autocast would), also over several chunks and ignored targets; compiled, its
-    gradient is one fused expression instead of the eager in-place one, with the same numbers."""
+    gradient is one fused expression instead of the eager in-place one, with the same numbers. With a soft cap c,
+    the plain loss is of c * tanh(logits / c) (the logits here reach ~3 c, where the tanh's slope matters)."""
     from lingua.kernels.loss import cross_entropy, linear_cross_entropy
 
     if compiled:
@@ -280,8 +282,9 @@ def test_fused_loss_equals_the_loss_through_the_logits(dtype, compiled):
     target = torch.randint(0, 70, (3, 50))
     target[0, :5] = -1  # ignored, as evaluation pads
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        fused = linear_cross_entropy(h, w, target, chunk=32)
-        plain = cross_entropy(torch.nn.functional.linear(h, w), target)
+        fused = linear_cross_entropy(h, w, target, chunk=32, softcap=softcap)
+        logits = torch.nn.functional.linear(h, w)
+        plain = cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), target)
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
     for a, b in zip(torch.autograd.grad(3 * fused, (h, w)), torch.autograd.grad(3 * plain, (h, w))):
