@@ -2,16 +2,21 @@
 and init_ckpt_path; a corrupt one stops the run in one line, or is set aside (never deleted) when asked."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lingua.args import load_config
-from lingua.checkpoint.integrity import CorruptCheckpoint
+from lingua.checkpoint.integrity import CorruptCheckpoint, file_sha256, verify, write_complete
 from lingua.checkpoint.manager import consolidate, list_checkpoints, load_model_weights
 from lingua.errors import LinguaError
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs, train
 from tests.conftest import read_jsonl, tiny_overrides
+from tests.dist_helpers import free_port
 
 
 def _run(corpus, dump_dir, **extra):
@@ -108,3 +113,28 @@ def test_a_file_listed_in_complete_but_missing_is_refused_by_name(tiny_corpus, t
             verify(ckpt)
         (ckpt / name).write_bytes(data)
     assert verify(ckpt) is True
+
+
+def _verify_on(rank: int, size: int, port: int, folder: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        verify(Path(folder))
+        out[rank] = "verified"
+    except CorruptCheckpoint as e:
+        out[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_refuses_a_file_that_only_another_rank_hashed(tmp_path):
+    """Under a process group rank r hashes the sorted names[r::world]: a bad file in rank 1's share stops rank 0 too."""
+    names = ["a.distcp", "b.distcp", "c.distcp", "d.distcp"]
+    for n in names:
+        (tmp_path / n).write_bytes(n.encode() * 100)
+    write_complete(tmp_path, 5, {n: file_sha256(tmp_path / n) for n in names})
+    (tmp_path / "b.distcp").write_bytes(b"garbage")  # names[1::2] = b, d: rank 1's share
+    out = mp.Manager().dict()
+    mp.spawn(_verify_on, args=(2, free_port(), str(tmp_path), out), nprocs=2)
+    msg = f"corrupt checkpoint: {tmp_path / 'b.distcp'} does not match the checksum recorded when it was saved"
+    assert dict(out) == {0: msg, 1: msg}
