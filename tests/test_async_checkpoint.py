@@ -90,4 +90,8 @@ def test_async_save_hashes_its_shards_off_the_training_thread(tmp_path):
     assert all(hashed[n] == file_sha256(pending.tmp / n) for n in shards)
     assert any(t.name.startswith("ckpt-hash") for t in threading.enumerate())
     mgr.wait()
-    assert verify(list_checkpoints(tmp_path / "checkpoints")[-1])
+    done = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert verify(done)
+    # every file of the checkpoint is checksummed, the shards hashed off the thread included
+    recorded = json.loads((done / "COMPLETE").read_text())["sha256"]
+    assert sorted(recorded) == sorted(p.name for p in done.iterdir() if p.name != "COMPLETE")
