@@ -95,3 +95,19 @@ def test_async_save_hashes_its_shards_off_the_training_thread(tmp_path):
     # every file of the checkpoint is checksummed, the shards hashed off the thread included
     recorded = json.loads((done / "COMPLETE").read_text())["sha256"]
     assert sorted(recorded) == sorted(p.name for p in done.iterdir() if p.name != "COMPLETE")
+
+
+def test_a_second_async_save_completes_the_first_before_it_starts(tmp_path):
+    """At most one save in flight: a save while another is written first finishes that one (its COMPLETE)."""
+    from lingua.checkpoint.manager import CheckpointArgs, CheckpointManager
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(CheckpointArgs(async_save=True), str(tmp_path))
+    mgr.save(1, model, opt, {"step": 1}, {}, wait=False)
+    mgr.save(2, model, opt, {"step": 2}, {}, wait=False)
+    mgr.wait()
+    done = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in done] == ["0000000001", "0000000002"] and all(verify(p) for p in done)
