@@ -273,7 +273,7 @@ def main(argv=None) -> int:
             print(f"{m.name:32} {outcome:18} {time.time() - t:6.0f} s  {m.file}", flush=True)
     counted = [o for _, o, _ in results if o.startswith(("killed", "SURVIVED"))]
     killed = sum(o.startswith("killed") for o in counted)
-    print(f"\n| mutation | file | outcome |\n|---|---|---|")
+    print("\n| mutation | file | outcome |\n|---|---|---|")
     for m, o, _ in results:
         print(f"| {m.name} | {m.file} | {o} |")
     print(f"\nkilled {killed}/{len(counted)} ({100 * killed / max(1, len(counted)):.0f}%), "

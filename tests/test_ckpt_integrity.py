@@ -10,7 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lingua.args import load_config
-from lingua.checkpoint.integrity import CorruptCheckpoint, file_sha256, verify, write_complete
+from lingua.checkpoint.integrity import (
+    CorruptCheckpoint,
+    file_sha256,
+    verify,
+    write_complete,
+)
 from lingua.checkpoint.manager import consolidate, list_checkpoints, load_model_weights
 from lingua.errors import LinguaError
 from lingua.models.transformer.spec import TRANSFORMER_SPEC

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from lingua.data.batches import DataArgs
 from lingua.data.tokenizer import TokenizerArgs, build_tokenizer

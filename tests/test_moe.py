@@ -32,7 +32,13 @@ from lingua.eval.load import load_model
 from lingua.models.spec import spec_for_params
 from lingua.models.transformer.model import flops_per_token as transformer_flops
 from lingua.train.loop import train, train_args_cls
-from tests.conftest import assert_bits_per_byte, final_weights, losses, read_jsonl, tiny_overrides
+from tests.conftest import (
+    assert_bits_per_byte,
+    final_weights,
+    losses,
+    read_jsonl,
+    tiny_overrides,
+)
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=32, multiple_of=16, n_experts=4, top_k=2)
 MoETrainArgs = train_args_cls(MOE_SPEC)

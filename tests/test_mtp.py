@@ -26,7 +26,13 @@ from lingua.models.transformer.model import Transformer, TransformerArgs
 from lingua.models.transformer.model import flops_per_token as transformer_flops
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs, train, train_args_cls
-from tests.conftest import assert_bits_per_byte, final_weights, losses, read_jsonl, tiny_overrides
+from tests.conftest import (
+    assert_bits_per_byte,
+    final_weights,
+    losses,
+    read_jsonl,
+    tiny_overrides,
+)
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seqlen=32, mask="block_causal")
 

@@ -15,7 +15,15 @@ from lingua.checkpoint.manager import list_checkpoints
 from lingua.errors import LinguaError
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs, TrainState, train
-from tests.conftest import ROOT, assert_bits_per_byte, assert_same_weights, final_weights, losses, read_jsonl, tiny_overrides
+from tests.conftest import (
+    ROOT,
+    assert_bits_per_byte,
+    assert_same_weights,
+    final_weights,
+    losses,
+    read_jsonl,
+    tiny_overrides,
+)
 
 
 def run(corpus, dump_dir, **extra):
