@@ -231,6 +231,20 @@ def test_exact_resume_sync(corpus, stop_at):
         assert same(take(loader, 8), reference[stop_at:])
 
 
+def test_exact_resume_between_the_micro_batches_of_a_step(corpus):
+    """5 micro-batches of 2 per step, mid-fill: the two row groups stand at different rows (3 and 2), and the next
+    micro-batch is the second group's; the loader finds it from the rows each stream yielded (fill and row)."""
+    args = args_for(corpus, sources={"a": 1.0, "b": 0.5})
+    with DataLoader(args, 0, 1, 2) as loader:
+        reference = take(loader, 13)
+    with DataLoader(args, 0, 1, 2) as loader:
+        take(loader, 5)
+        state = json.loads(json.dumps(loader.state_dict()))
+    with DataLoader(args, 0, 1, 2) as loader:
+        loader.load_state_dict(state)
+        assert same(take(loader, 8), reference[5:])
+
+
 def test_exact_resume_across_epochs(tmp_path):
     write_source(tmp_path, "tiny", [2, 1])  # a few hundred tokens per stream: 20 batches cycle through it many times
     write_source(tmp_path, "a", [4])
