@@ -10,8 +10,9 @@ of the tree (the tracked files, with data/ and tokenizers/ linked), never to the
 exactly once: in its file, or, if the file moved or no longer holds it, in exactly one file of lingua/ or apps/. A
 snippet found nowhere is STALE (the code changed: rewrite the mutation), never counted as killed.
 
-A mutation is killed when a test fails (pytest's exit status 1); an exit status that is not a test failure (no test
-collected, a usage error) is reported as an ERROR so that a renamed test cannot pass for a kill.
+A mutation is killed when a test fails (pytest's exit status 1) that passes on the unmutated copy (checked once per
+selection of tests; otherwise it is BROKEN, not killed); an exit status that is not a test failure (a usage error,
+no test collected by any entry of the fast list) is an ERROR, so that a renamed test cannot pass for a kill.
 """
 
 import argparse
@@ -231,26 +232,36 @@ def pytest(tree: Path, tests: tuple, marker: str) -> int:
     return 0 if collected or not tests else 5
 
 
+_CLEAN: dict = {}  # (tests, marker) -> pytest's exit status on the unmutated tree
+
+
+def clean_rc(tree: Path, tests: tuple, marker: str) -> int:
+    """A kill counts only if the same tests pass without the mutation (a test broken on its own kills nothing)."""
+    if (tests, marker) not in _CLEAN:
+        _CLEAN[tests, marker] = pytest(tree, tests, marker)
+    return _CLEAN[tests, marker]
+
+
 def run_one(tree: Path, m: Mutation, fast_only: bool) -> str:
     path = locate(tree, m)
     if path is None:
         return "STALE"
     original = path.read_text()
-    path.write_text(original.replace(m.snippet, m.replacement))
-    try:
-        rc = pytest(tree, m.fast, "not slow")
+
+    def verdict(tests: tuple, marker: str, killed: str):
+        path.write_text(original.replace(m.snippet, m.replacement))
+        try:
+            rc = pytest(tree, tests, marker)
+        finally:
+            path.write_text(original)
         if rc == 1:
-            return "killed (fast)"
-        if rc != 0:
-            return f"ERROR (pytest exit {rc})"
-        if fast_only or not m.slow:
-            return "SURVIVED"
-        rc = pytest(tree, m.slow, "slow")
-        if rc == 5:
-            return "SURVIVED"  # no slow test among them (the fast run already checked the selection)
-        return "killed (slow)" if rc == 1 else "SURVIVED" if rc == 0 else f"ERROR (pytest exit {rc})"
-    finally:
-        path.write_text(original)
+            return killed if clean_rc(tree, tests, marker) in (0, 5) else "BROKEN (the tests fail without it)"
+        return None if rc == 0 or (rc == 5 and marker == "slow") else f"ERROR (pytest exit {rc})"
+
+    out = verdict(m.fast, "not slow", "killed (fast)")
+    if out is None and not fast_only and m.slow:
+        out = verdict(m.slow, "slow", "killed (slow)")
+    return out or "SURVIVED"
 
 
 def cpu_name() -> str:
@@ -294,7 +305,7 @@ def main(argv=None) -> int:
         print(f"| {m.name} | {m.file} | {o} |")
     print(f"\nkilled {killed}/{len(counted)} ({100 * killed / max(1, len(counted)):.0f}%), "
           f"{sum(o == 'STALE' for _, o, _ in results)} stale, {sum(o.startswith('ERROR') for _, o, _ in results)} "
-          f"errors; {time.time() - t0:.0f} s on {cpu_name()}{' (fast tests only)' if args.fast_only else ''}")
+          f"errors, {sum(o.startswith('BROKEN') for _, o, _ in results)} broken; {time.time() - t0:.0f} s on {cpu_name()}{' (fast tests only)' if args.fast_only else ''}")
     return 0 if killed == len(counted) and len(counted) == len(results) else 1
 
 
