@@ -254,3 +254,14 @@ def test_cp2_x_tp2_matches_one_process(short_docs, ref, tmp_path):
     torchrun(4, cfg(short_docs, tmp_path / "cp2tp2", distributed__cp_size=2, distributed__tp_size=2,
                     checkpoint__dump__every=0, eval__at_end=False), ["--global-batch"])
     assert_same_curve(curve(ref("block_causal")), curve(tmp_path / "cp2tp2"))
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_every_rank_holds_an_equal_share_of_the_causal_triangle(cp):
+    # load balance: rank r holds chunks r and 2cp-1-r, so each rank's query rows see the same number of causal keys
+    # (chunk c of 2cp attends to c + 1 chunks, counting its own diagonal one as a whole)
+    from lingua.kernels.attention.ring import chunk_ids
+
+    held = [chunk_ids(r, cp) for r in range(cp)]
+    assert sorted(c for pair in held for c in pair) == list(range(2 * cp))  # every chunk once
+    assert {sum(c + 1 for c in pair) for pair in held} == {2 * cp + 1}
