@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 DIM=2048 LAYERS=25 HEADS=16 SEQ=4096 BATCH=4
 if [ "${SMOKE:-0}" = 1 ]; then DIM=256 LAYERS=2 HEADS=4 SEQ=256 BATCH=2; fi
 MODEL=(model.dim=$DIM model.n_layers=$LAYERS model.n_heads=$HEADS model.rope_theta=100000.0 model.max_seqlen=$SEQ
-       model.mlp=swiglu model.weight_tying=false model.qk_norm=false model.zero_init_proj=false)
+       model.mlp=swiglu model.weight_tying=false model.qk_norm=false model.init_std_factor=disabled)
 DATA=(data.seq_len=$SEQ data.batch_size=$BATCH)
 
 # the kernels lingua runs for the shipped block-causal configs: flex for training, SDPA through the KV cache
