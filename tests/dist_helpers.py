@@ -98,7 +98,7 @@ def fake_world_build(world: int, overrides: list[str]) -> None:
 
     args = load_config(TrainArgs, overrides + [f"distributed.dp_shard={world}"])
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    mesh = init_device_mesh("cpu", (1, world, 1), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    mesh = init_device_mesh("cpu", (1, 1, world, 1, 1), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "cp", "tp"))
     state = DistState(DistEnv("torchrun", 0, world), torch.device("cpu"), mesh, 0, world, 1)
     before = rss_mb()
     model = build_model(args, TRANSFORMER_SPEC, state, torch.float32)

@@ -314,7 +314,7 @@ def test_tensor_parallel_is_refused_with_a_clear_message():
     with torch.device("meta"):
         model = MAMBA_SPEC.build(MAMBA_SPEC.args_cls(dim=32, n_layers=1, d_state=8, head_dim=16, vocab_size=64))
     with pytest.raises(ConfigError, match="^Mamba has no tensor-parallel plan: set distributed.tp_size=1"):
-        MAMBA_SPEC.parallelize(model, {"tp": _Size(2)}, DistributedArgs(tp_size=2))
+        MAMBA_SPEC.parallelize(model, {"tp": _Size(2), "cp": _Size(1)}, DistributedArgs(tp_size=2))
 
 
 class _Size:
