@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lingua.checkpoint.manager import consolidate, list_checkpoints  # noqa: E402
+from lingua.checkpoint.manager import list_checkpoints  # noqa: E402
+from lingua.checkpoint.weights import consolidate  # noqa: E402
 
 # Tests run many tiny models: one thread each keeps them fast and deterministic on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

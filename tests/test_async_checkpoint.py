@@ -11,7 +11,8 @@ import torch
 
 from lingua.args import load_config
 from lingua.checkpoint.integrity import verify
-from lingua.checkpoint.manager import consolidate, list_checkpoints
+from lingua.checkpoint.manager import list_checkpoints
+from lingua.checkpoint.weights import consolidate
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs, train
 from tests.conftest import ROOT, assert_same_weights, losses, tiny_overrides

@@ -16,7 +16,8 @@ from lingua.checkpoint.integrity import (
     verify,
     write_complete,
 )
-from lingua.checkpoint.manager import consolidate, list_checkpoints, load_model_weights
+from lingua.checkpoint.manager import list_checkpoints
+from lingua.checkpoint.weights import consolidate, load_model_weights
 from lingua.errors import LinguaError
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.train.loop import TrainArgs, train

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from apps.main.eval import EvalAppArgs
 from apps.main.eval import main as eval_main
 from lingua.args import load_config
-from lingua.checkpoint.manager import consolidate
+from lingua.checkpoint.weights import consolidate
 from lingua.data.tokenizer import ByteTokenizer
 from lingua.errors import ConfigError, LinguaError
 from lingua.eval.load import TokenizerOverride, load_model

@@ -25,7 +25,8 @@ except ImportError as e:
 
 from apps.main import export_hf as export_app  # noqa: E402
 from lingua.args import load_config  # noqa: E402
-from lingua.checkpoint.manager import consolidate, list_checkpoints, load_model_weights  # noqa: E402
+from lingua.checkpoint.manager import list_checkpoints  # noqa: E402
+from lingua.checkpoint.weights import consolidate, load_model_weights  # noqa: E402
 from lingua.data.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
 from lingua.errors import LinguaError  # noqa: E402
 from lingua.hf import io as hf

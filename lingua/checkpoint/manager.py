@@ -15,15 +15,12 @@ COMPLETE is written only once every rank's write finished (`poll`/`wait`).
 
 import base64
 import concurrent.futures
-import contextlib
 import copy
 import errno
 import json
 import logging
 import os
 import shutil
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -34,10 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 
@@ -50,14 +44,18 @@ from lingua.checkpoint.integrity import (
     verify,
     write_complete,
 )
-from lingua.errors import ConfigError, LinguaError, exit_on_error
-from lingua.files import read_json, write_atomic, write_json_atomic
-from lingua.hf.io import load_hf_weights
+from lingua.checkpoint.weights import (
+    check_dcp_shapes,
+    dcp_load,
+    last_line,
+    single_process_is_fine,
+)
+from lingua.errors import LinguaError
+from lingua.files import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 CKPT_NAME = "{:010d}"
-CONSOLIDATED = "consolidated.pth"
 
 
 @dataclass
@@ -186,7 +184,7 @@ class CheckpointManager:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             if not self.args.async_save:
-                with _single_process_is_fine():
+                with single_process_is_fine():
                     dcp.save(state, checkpoint_id=str(tmp))
                 return self._finish(step, tmp, train_state, config, kinds)
             written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
@@ -204,7 +202,10 @@ class CheckpointManager:
         """DCP's stager with pinned host memory and non-blocking device-to-host copies where CUDA is (torch's default
         copies into pageable memory, synchronously); kept, so the pinned buffers are reused by every save."""
         if self._staging is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            from torch.distributed.checkpoint.staging import (
+                DefaultStager,
+                StagingOptions,
+            )
 
             cuda = torch.cuda.is_available()
             self._staging = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
@@ -267,7 +268,7 @@ class CheckpointManager:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = self.latest()
-        why = f"no space left on device in {self.folder}" if full else f"cannot write {tmp}: {_last_line(e)}"
+        why = f"no space left on device in {self.folder}" if full else f"cannot write {tmp}: {last_line(e)}"
         return LinguaError(f"checkpoint step {step}: {why}; the last complete checkpoint is "
                            f"{int(latest.name) if latest else 'none'}")
 
@@ -288,7 +289,7 @@ class CheckpointManager:
     def load(self, path: Path, model: nn.Module, optimizer) -> list[dict]:
         """Restore model + optimizer into whatever layout they have now; returns every rank's saved train state."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        meta = _check_dcp_shapes(model_sd, path)
+        meta = check_dcp_shapes(model_sd, path)
         state = {"model": model_sd, "optim": optim_sd}
         if not _same_param_groups(meta, optim_sd):
             # e.g. a checkpoint from before the param groups split (lingua/train/optim.py): its moments load by parameter
@@ -297,7 +298,7 @@ class CheckpointManager:
                            "per parameter, group settings from the config")
             state["optim"] = {"state": optim_sd["state"]}
         ours = copy.deepcopy(optim_sd["param_groups"])
-        _dcp_load(state, path)
+        dcp_load(state, path)
         if [g["params"] for g in optim_sd["param_groups"]] != [g["params"] for g in ours]:
             optim_sd["param_groups"] = ours  # saved by a rank that holds other parameters (another pipeline stage)
         set_state_dict(model, optimizer, model_state_dict=model_sd,
@@ -326,11 +327,6 @@ def _hash_when_written(written, folder: Path, rank: int) -> dict[str, str]:
     return hash_own_files(folder, rank)
 
 
-def _last_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def _disk_full(path: Path, e: BaseException) -> bool:
     """torch's zip writer reports a full disk as 'unexpected pos', without the errno: ask the file system too."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
@@ -357,115 +353,9 @@ def _read_train_state(path: Path) -> dict:
     return state
 
 
-@contextlib.contextmanager
-def _single_process_is_fine():
-    """DCP warns on every save/load without a process group; one process is a supported layout here, not a mistake."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _dcp_load(state: dict, path: Path) -> None:
-    """dcp.load with a one-line error for a corrupt checkpoint or one from another model."""
-    try:
-        with _single_process_is_fine():
-            dcp.load(state, checkpoint_id=str(path))
-    except (Exception, dcp.api.CheckpointException) as e:  # DCP wraps per-rank failures (a BaseException)
-        msg = str(e)
-        for line in msg.splitlines():
-            if "size mismatch" in line or "Missing key" in line or "missing" in line.lower() or "shape" in line:
-                msg = line.strip()
-                break
-        else:
-            msg = msg.splitlines()[-1].strip() if msg.strip() else type(e).__name__
-        raise LinguaError(f"cannot load checkpoint '{path}': {msg}") from None
-
-
-def load_model_weights(path: str, model: nn.Module, hf_mapping=None) -> None:
-    """Load weights only (no optimizer) into any layout, from a DCP checkpoint dir, a consolidated dir, or a Hugging
-    Face dir read through `hf_mapping` (the model's ModelSpec.hf)."""
-    p = Path(path)
-    if not p.exists():
-        raise LinguaError(f"checkpoint path '{path}' does not exist")
-    if (p / CONSOLIDATED).is_file():
-        sd = torch.load(p / CONSOLIDATED, map_location="cpu", weights_only=True)["model"]
-        _check_shapes(sd, model, path)
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
-        return
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
-        load_hf_weights(p, model, hf_mapping)
-        return
-    if not (p / ".metadata").is_file():
-        raise LinguaError(f"'{path}' is not a checkpoint (no .metadata, {CONSOLIDATED} or Hugging Face config.json)")
-    verify(p)
-    sd = get_model_state_dict(model)
-    _check_dcp_shapes(sd, p)
-    state = {"model": sd}
-    _dcp_load(state, p)
-    set_model_state_dict(model, state["model"])
-
-
-def _check_shapes(sd: dict, model: nn.Module, path) -> None:
-    want = get_model_state_dict(model)
-    for k, v in want.items():
-        if k not in sd:
-            raise LinguaError(f"checkpoint '{path}' is from another model: parameter '{k}' is missing")
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(sd[k].shape)}, the model has {tuple(v.shape)}")
-
-
 def _same_param_groups(meta, optim_sd: dict) -> bool:
     """Whether the checkpoint's optimizer param groups have the keys (group count and settings) the optimizer has."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
     want = set(flatten_state_dict({"optim": {"param_groups": optim_sd["param_groups"]}})[0])
     return want == {k for k in meta.state_dict_metadata if k.startswith("optim.param_groups.")}
-
-
-def _check_dcp_shapes(sd: dict, path: Path):
-    """Name the mismatched parameter before DCP fails with a less readable error; returns the DCP metadata."""
-    try:
-        meta = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise LinguaError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}") from None
-    for k, v in sd.items():
-        item = meta.state_dict_metadata.get(f"model.{k}")
-        if item is None:
-            raise LinguaError(f"checkpoint '{path}' is from another model: parameter '{k}' is missing")
-        if hasattr(item, "size") and tuple(item.size) != tuple(v.shape):
-            raise LinguaError(f"checkpoint '{path}' is from another model: '{k}' has shape {tuple(item.size)}, the model has {tuple(v.shape)}")
-    return meta
-
-
-def consolidate(ckpt_dir: str, out_dir: str) -> Path:
-    """DCP -> one `consolidated.pth` holding {"model": state_dict} plus params.json, via DCP's own conversion."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    src, out = Path(ckpt_dir), Path(out_dir)
-    if not (src / ".metadata").is_file():
-        raise LinguaError(f"'{ckpt_dir}' is not a DCP checkpoint (no .metadata)")
-    verify(src)
-    out.mkdir(parents=True, exist_ok=True)
-    full = out / "full.pth.tmp"
-    try:
-        dcp_to_torch_save(str(src), str(full))
-    except (Exception, dcp.api.CheckpointException) as e:  # a truncated shard fails deep in DCP's stream reader
-        full.unlink(missing_ok=True)
-        raise LinguaError(f"cannot read checkpoint '{ckpt_dir}' (truncated or damaged?): {_last_line(e)}") from None
-    sd = torch.load(full, map_location="cpu", weights_only=True)
-    full.unlink()
-    write_atomic(out / CONSOLIDATED, lambda tmp: torch.save({"model": sd["model"]}, tmp))
-    if (src / "params.json").is_file():
-        shutil.copy(src / "params.json", out / "params.json")
-    return out / CONSOLIDATED
-
-
-@exit_on_error
-def main(argv: list[str]) -> None:
-    if len(argv) != 3 or argv[0] != "consolidate":
-        raise ConfigError("usage: python -m lingua.checkpoint consolidate <ckpt_dir> <out_dir>")
-    print(f"wrote {consolidate(argv[1], argv[2])}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

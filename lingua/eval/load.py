@@ -25,7 +25,8 @@ from typing import Optional, Union
 import torch
 
 from lingua.checkpoint.integrity import file_sha256
-from lingua.checkpoint.manager import CONSOLIDATED, list_checkpoints, load_model_weights
+from lingua.checkpoint.manager import list_checkpoints
+from lingua.checkpoint.weights import CONSOLIDATED, load_model_weights
 from lingua.data.tokenizer import build_tokenizer, check_vocab_size
 from lingua.distributed.mesh import pick_device as _pick_device
 from lingua.distributed.precision import cpu_name, inference_dtype, parse_dtype

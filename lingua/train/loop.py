@@ -26,13 +26,8 @@ from torch import nn
 
 from lingua.args import config_to_dict, dump_config, run_cli
 from lingua.checkpoint.lock import RunLock
-from lingua.checkpoint.manager import (
-    CheckpointArgs,
-    CheckpointManager,
-    load_model_weights,
-    rng_state,
-    set_rng_state,
-)
+from lingua.checkpoint.manager import CheckpointArgs, CheckpointManager, rng_state, set_rng_state
+from lingua.checkpoint.weights import load_model_weights
 from lingua.data.loader import DataArgs, DataLoader
 from lingua.data.tokenizer import build_tokenizer
 from lingua.distributed.mesh import DistributedArgs, DistState, init_distributed
