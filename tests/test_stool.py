@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from lingua.errors import ConfigError, LinguaError
 from lingua.tools import stool
-from lingua.tools.stool import StoolArgs, parse_args, sbatch_quote, snapshot_code
+from lingua.tools.snapshot import snapshot_code
+from lingua.tools.stool import StoolArgs, parse_args, sbatch_quote
 from tests.slurm_helpers import ROOT
 
 FAKE = "tests.slurm_fake_train"
