@@ -71,13 +71,13 @@ MUTATIONS = [
       "torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)",
       "sum(n.to(device) for n in norms)", [T + "test_optim.py -k clip"]),
     # ---- grad accumulation, loss averaging
-    M("grad_acc_unscaled", "lingua/train/loop.py", "(loss / args.grad_acc_steps).backward()", "loss.backward()",
+    M("grad_acc_unscaled", "lingua/train/step.py", "(loss / args.grad_acc_steps).backward()", "loss.backward()",
       [T + "test_train.py::test_grad_accumulation_matches_one_big_batch"]),
-    M("loss_mean_over_ranks", "lingua/train/loop.py",
+    M("loss_mean_over_ranks", "lingua/train/step.py",
       "loss_sum * dist_state.pp_size / (args.grad_acc_steps * dist_state.world_size)",
       "loss_sum * dist_state.pp_size / args.grad_acc_steps", [T + "test_distributed.py -k two_processes_match_one"]),
     # ---- pipeline and context parallelism
-    M("pp_loss_not_per_pipeline", "lingua/train/loop.py",
+    M("pp_loss_not_per_pipeline", "lingua/train/step.py",
       "loss_sum * dist_state.pp_size / (args.grad_acc_steps * dist_state.world_size)",
       "loss_sum / (args.grad_acc_steps * dist_state.world_size)", [], [T + "test_pipeline.py -k schedule_matches"]),
     M("pp_uneven_split_last_stage", "lingua/distributed/pipeline.py", "(s < n_layers % n_stages)",

@@ -1,6 +1,6 @@
 """One training step of one rank of an N-rank job, simulated in this process: the app's real build and
 `spec.parallelize` on a fake process group (every collective a no-op), then the real train step
-(lingua.train.loop.Trainer) on fake tensors, so nothing the size of the model is ever allocated.
+(lingua.train.step.Trainer) on fake tensors, so nothing the size of the model is ever allocated.
 
 Parallelization runs on the meta device outside FakeTensorMode (fully_shard inside it fails in torch 2.13:
 DeviceMesh._concatenate reaches aten.nonzero); materialization, the optimizer and the steps run inside it. The step
@@ -166,7 +166,7 @@ def make_trainer(args, spec: ModelSpec, model: nn.Module, state: DistState, dtyp
     """The train loop's own Trainer (forward/backward per micro-batch, the loss all-reduce, clipping, the optimizer
     step, the spec's after-step hook) over fake batches."""
     from lingua.distributed.precision import autocast_context
-    from lingua.train.loop import Trainer
+    from lingua.train.step import Trainer
     from lingua.train.optim import build_optimizer
     from lingua.train.probe import Probe, ProbeArgs
 
