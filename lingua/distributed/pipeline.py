@@ -141,8 +141,20 @@ def build_pipeline(spec, model: nn.Module, mesh, pp_rank: int, args: Distributed
                    device: torch.device, seed: int, microbatches: int) -> PipelinedModel:
     """This rank's stages of `model` (`spec`'s, on the meta device), parallelized, materialized, initialised, and
     their schedule."""
-    from torch.distributed.pipelining import PipelineStage
+    ids, n_stages, modules = stage_modules(spec, model, mesh, pp_rank, args, param_dtype, device)
+    for m in modules:
+        m.to_empty(device=device)
+    with torch.no_grad():  # the whole model's init order; only the weights this rank materialized are written
+        torch.manual_seed(seed)
+        model.init_weights()
+        for m in modules:
+            m.init_buffers()
+    return pipelined_model(modules, ids, n_stages, mesh, args, device, microbatches)
 
+
+def stage_modules(spec, model: nn.Module, mesh, pp_rank: int, args: DistributedArgs, param_dtype: torch.dtype,
+                  device: torch.device) -> tuple[list[int], int, list[nn.Module]]:
+    """(this rank's stage ids, the number of stages, its stage modules parallelized on the meta device)."""
     if model.args.weight_tying:
         raise ConfigError("model.weight_tying=true cannot be combined with distributed.pp_size > 1 (the embeddings "
                           "and the output projection live on different stages)")
@@ -154,16 +166,19 @@ def build_pipeline(spec, model: nn.Module, mesh, pp_rank: int, args: Distributed
     stage_args = dataclasses.replace(args, fsdp_reshard_after_forward=False)
     modules = [spec.parallelize(spec.pipeline_stage(model, ranges[i]), mesh, stage_args, param_dtype, device)
                for i in ids]
-    for m in modules:
-        m.to_empty(device=device)
-    with torch.no_grad():  # the whole model's init order; only the weights this rank materialized are written
-        torch.manual_seed(seed)
-        model.init_weights()
-        for m in modules:
-            m.init_buffers()
+    logger.info(f"pipeline: {args.pp_schedule}, {n_stages} stages ({per_rank} per rank); this rank runs stages "
+                f"{ids}, blocks {[list(ranges[i]) for i in ids]}")
+    return ids, n_stages, modules
+
+
+def pipelined_model(modules: list[nn.Module], ids: list[int], n_stages: int, mesh, args: DistributedArgs,
+                    device: torch.device, microbatches: int, stage_kwargs=None) -> PipelinedModel:
+    """The materialized stage modules `ids` of `n_stages`, as torch PipelineStages under their schedule.
+    stage_kwargs(stage id) -> extra PipelineStage arguments (lingua.plan gives the shapes a fake world cannot send)."""
+    from torch.distributed.pipelining import PipelineStage
+
     group = mesh["pp"].get_group()
-    stages = [PipelineStage(m, i, n_stages, device, group=group) for i, m in zip(ids, modules)]
-    logger.info(f"pipeline: {args.pp_schedule}, {n_stages} stages ({per_rank} per rank), {microbatches} microbatches;"
-                f" this rank runs stages {ids}, blocks {[list(ranges[i]) for i in ids]}")
+    stages = [PipelineStage(m, i, n_stages, device, group=group, **(stage_kwargs(i) if stage_kwargs else {}))
+              for i, m in zip(ids, modules)]
     return PipelinedModel(modules, build_schedule(args.pp_schedule, stages, microbatches), group,
                           has_last=n_stages - 1 in ids)

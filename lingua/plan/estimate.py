@@ -3,13 +3,19 @@
 The model, in full (README "Planning a run"):
     compute   = executed FLOPs / (peak x KERNEL_EFFICIENCY); executed = matmuls counted + attention by formula
                 (x 4/3 under full AC, whose backward recomputes the forward), at least the spec's own FLOPs count
-                (FlopCounterMode misses MoE's grouped GEMM)
+                (FlopCounterMode misses MoE's grouped GEMM; not under pipeline parallelism, whose stages the count
+                does not split); under PP the attention formula takes the rank's share of the blocks
     a collective moves bytes x (n-1)/n per rank (all-reduce: twice that; send/recv: bytes) over NVLink when its
                 group sits in one node, else over the GPU's share of the inter-node network
     data-parallel collectives (FSDP all-gather / reduce-scatter, DDP/HSDP all-reduce) overlap with compute;
     tensor-parallel, all-to-all (expert parallel) and send/recv collectives sit on the critical path
     optimizer = 2 x (params + grads + optimizer state bytes) / HBM bandwidth (read and write once)
-    step      = max(compute, data-parallel comm) + exposed comm + optimizer
+    pipeline  = compute x (m + (p - 1) / v) / m: the bubble of p pipeline ranks over m microbatches, v stages per
+                rank (GPipe, 1F1B: v = 1; interleaved 1F1B: v = pp_stages_per_rank); zero-bubble schedules (zbv,
+                dualpipev): (m + (p - 1) / 3) / m, the ZB-H1 rate of Qi et al. ("Zero Bubble Pipeline Parallelism":
+                ZB-V's 0 assumes equal F, B, W times and a post-update validation of the gradient norm that lingua
+                does not do; between 1F1B's bubble and none). Each rank's compute is its own stage's.
+    step      = max(compute x pipeline, data-parallel comm) + exposed comm + optimizer
 """
 
 from dataclasses import dataclass
@@ -25,6 +31,14 @@ KERNEL_EFFICIENCY = 0.4
 EXPOSED_KINDS = ("all_to_all", "send_recv")
 
 
+def pipeline_factor(schedule: str, microbatches: int, pp: int, stages_per_rank: int) -> float:
+    """A pipeline step's time over its ranks' compute (1 without pipeline parallelism); see the module docstring."""
+    if pp == 1:
+        return 1.0
+    idle = (pp - 1) / 3 if schedule in ("zbv", "dualpipev") else (pp - 1) / stages_per_rank
+    return (microbatches + idle) / microbatches
+
+
 @dataclass
 class StepTime:
     executed_flops: float  # per GPU per step
@@ -35,6 +49,7 @@ class StepTime:
     step_s: float
     tok_per_s_gpu: float
     mfu: float
+    bubble: float = 0.0  # the pipeline's idle share of the step's compute time (0 without pipeline parallelism)
 
 
 def comm_seconds(kind: str, ranks: tuple, nbytes: int, gpu: GPU) -> float:
@@ -65,17 +80,21 @@ def matmul_peak(gpu: GPU, dtype: str, float8: bool) -> float:
 
 
 def estimate_time(measure, gpu: GPU, *, attn_flops_per_token: float, model_flops_per_token: float, tp_ranks: tuple,
-                  split: int, tokens_per_gpu: float, full_ac: bool, dtype: str, float8: bool) -> StepTime:
+                  split: int, tokens_per_gpu: float, full_ac: bool, dtype: str, float8: bool,
+                  layer_share: float = 1.0, pipeline: float = 1.0) -> StepTime:
     """`measure` is a StepMeasure; split = tp x cp, the ranks a replica's tokens are shared by; tokens_per_gpu = the
-    global batch's tokens / world size."""
-    attn = attn_flops_per_token * measure.tokens / split * (4 / 3 if full_ac else 1)
-    # the spec's own count is a floor: FlopCounterMode does not see every kernel (MoE's grouped GEMM)
-    matmuls = max(measure.matmul_flops, model_flops_per_token * measure.tokens / split - attn)
+    global batch's tokens / world size; layer_share: the share of the blocks this rank runs (a pipeline stage's);
+    pipeline = `pipeline_factor`."""
+    attn = attn_flops_per_token * measure.tokens * layer_share / split * (4 / 3 if full_ac else 1)
+    # the spec's own count is a floor: FlopCounterMode does not see every kernel (MoE's grouped GEMM); not for a
+    # pipeline stage (the count does not split by stage: the output projection is the last stage's alone)
+    floor = model_flops_per_token * measure.tokens / split - attn if layer_share == 1 else 0.0
+    matmuls = max(measure.matmul_flops, floor)
     compute = (matmuls / matmul_peak(gpu, dtype, float8) + attn / gpu.bf16_flops) / KERNEL_EFFICIENCY
     dp, exposed = split_comm(measure.comm, tp_ranks, gpu)
     m = measure.memory
     optimizer = 2 * sum(m.get(k, 0) for k in ("params", "grads", "optimizer")) / gpu.hbm_bw
-    step = max(compute, dp) + exposed + optimizer
+    step = max(compute * pipeline, dp) + exposed + optimizer
     tok_s = tokens_per_gpu / step
     return StepTime(matmuls + attn, compute, dp, exposed, optimizer, step, tok_s,
-                    model_flops_per_token * tok_s / gpu.bf16_flops)
+                    model_flops_per_token * tok_s / gpu.bf16_flops, 1 - 1 / pipeline)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from lingua.distributed.mesh import resolve_mesh_shape
 from lingua.errors import ConfigError, LinguaError
 from lingua.models.spec import ModelSpec
-from lingua.plan.estimate import StepTime, estimate_time
+from lingua.distributed.pipeline import layer_ranges, local_stage_ids, n_microbatches, stages_per_rank
+from lingua.plan.estimate import StepTime, estimate_time, pipeline_factor
 from lingua.plan.gpus import GPU, get_gpu
-from lingua.plan.simulate import StepMeasure, simulate_step
+from lingua.plan.pipeline import pipeline_roles, pipeline_stages
+from lingua.plan.simulate import StepMeasure, simulate_step, whole_model
 from lingua.plan.suggest import suggestions
 
 # The share of a GPU's memory the tracked peak may take: the CUDA context, NCCL's buffers and the caching allocator's
@@ -50,14 +52,35 @@ class Plan:
         return max(r.measure.peak_bytes for r in self.roles) / 2**30
 
     @property
+    def slowest(self) -> RolePlan:
+        """The role whose step is the longest: a pipeline's step (every stage waits for the slowest)."""
+        return max(self.roles, key=lambda r: r.time.step_s)
+
+    @property
     def fits(self) -> bool:
         return self.peak_gib <= USABLE * self.gpu.hbm_gib
 
 
 def roles(args, world_size: int) -> list[tuple[str, int]]:
-    """(description, rank to simulate) per distinct rank role. Data, tensor and expert parallelism give every rank
-    the same work (rank 0 holds the largest shard when a dim does not divide evenly)."""
+    """(description, rank to simulate) per distinct rank role. Data, tensor, context and expert parallelism give
+    every rank the same work (rank 0 holds the largest shard when a dim does not divide evenly); pipeline
+    parallelism gives each stage kind its own (lingua.plan.pipeline.pipeline_roles: first, middle, last)."""
+    if args.distributed.pp_size > 1:
+        return pipeline_roles(args, world_size)
     return [("every rank", 0)]
+
+
+def pipeline_layout(args, rank: int, world_size: int) -> tuple[float, float]:
+    """(the share of the blocks rank `rank` runs, lingua.plan.estimate.pipeline_factor): (1, 1) without a pipeline."""
+    d = args.distributed
+    if d.pp_size == 1:
+        return 1.0, 1.0
+    per_rank = stages_per_rank(d)
+    ranges = layer_ranges(args.model.n_layers, d.pp_size * per_rank)
+    ids = local_stage_ids(rank // (world_size // d.pp_size), d.pp_size, per_rank, d.pp_schedule)
+    share = sum(len(ranges[i]) for i in ids) / args.model.n_layers
+    m = n_microbatches(d, args.data.batch_size, args.grad_acc_steps)
+    return share, pipeline_factor(d.pp_schedule, m, d.pp_size, per_rank)
 
 
 def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> float:
@@ -69,7 +92,9 @@ def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> floa
 
 
 def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank: int) -> RolePlan:
-    return price(args, spec, world_size, gpu, RolePlan(role, rank, simulate_step(args, spec, world_size, rank), None))
+    build = pipeline_stages if args.distributed.pp_size > 1 else whole_model
+    measure = simulate_step(args, spec, world_size, rank, build=build)
+    return price(args, spec, world_size, gpu, RolePlan(role, rank, measure, None))
 
 
 def price(args, spec: ModelSpec, world_size: int, gpu: GPU, role: RolePlan) -> RolePlan:
@@ -78,12 +103,13 @@ def price(args, spec: ModelSpec, world_size: int, gpu: GPU, role: RolePlan) -> R
     shape = resolve_mesh_shape(args.distributed, world_size)
     tp, split = shape.tp, shape.tp * shape.cp  # the ranks one data-parallel replica's tokens are split over
     d = args.distributed
+    share, pipeline = pipeline_layout(args, rank, world_size)
     time = estimate_time(
         measure, gpu, attn_flops_per_token=attention_flops_per_token(spec, args.model, args.data.seq_len),
         model_flops_per_token=spec.flops_per_token(args.model, args.data.seq_len),
         tp_ranks=tuple(range(rank - rank % tp, rank - rank % tp + tp)), split=split,
         tokens_per_gpu=measure.tokens * shape.dp_replicate * shape.dp_shard / world_size, full_ac=d.ac == "full",
-        dtype=d.model_dtype, float8=bool(d.float8_recipe))
+        dtype=d.model_dtype, float8=bool(d.float8_recipe), layer_share=share, pipeline=pipeline)
     return RolePlan(role.role, rank, measure, time)
 
 
@@ -100,9 +126,6 @@ def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: boo
     target = get_gpu(gpu)
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    if args.distributed.pp_size > 1:
-        raise ConfigError(f"distributed.pp_size={args.distributed.pp_size}: pipeline parallelism is not planned yet "
-                          "(lingua.plan simulates one stage-less step); plan with pp_size=1")
     mesh = resolve_mesh_shape(args.distributed, world_size)
     args = with_vocab(args)
     result = Plan(spec.name, world_size, gpu.lower(), mesh, args,

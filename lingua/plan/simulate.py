@@ -109,8 +109,9 @@ def memory_tracker(model: nn.Module, optimizer):
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(model, FSDPModule):
-        return FSDPMemTracker(model, optimizer)
+    stages = getattr(model, "stages", [model])  # a pipelined model: the stage modules it runs
+    if len(stages) == 1 and isinstance(stages[0], FSDPModule):
+        return FSDPMemTracker(stages[0], optimizer)
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
     return tracker
@@ -131,7 +132,15 @@ def peak_by_category(tracker) -> tuple[dict, int]:
 def micro_batches_tracked(model: nn.Module, tracker):
     """FSDPMemTracker refuses a second forward of the root in one tracked region (gradient accumulation): forget its
     per-module stats (its global peak stays) where the train loop starts each micro-batch, at
-    set_requires_gradient_sync (a forward pre-hook would run after FSDP's own, too late)."""
+    set_requires_gradient_sync (a forward pre-hook would run after FSDP's own, too late). A pipelined model
+    (lingua.plan.pipeline) runs each stage once per microbatch: it calls its `before_microbatch` for that."""
+    if hasattr(model, "before_microbatch") and hasattr(tracker, "reset_mod_stats"):
+        model.before_microbatch = tracker.reset_mod_stats
+        try:
+            yield
+        finally:
+            model.before_microbatch = None
+        return
     sync = getattr(model, "set_requires_gradient_sync", None)
     if sync is None or not hasattr(tracker, "reset_mod_stats"):
         yield
@@ -175,20 +184,28 @@ def make_trainer(args, spec: ModelSpec, model: nn.Module, state: DistState, dtyp
                    Probe(ProbeArgs(), "", state.rank), spec.after_optimizer_step)
 
 
-def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0) -> StepMeasure:
-    """Rank `rank`'s training step of `args` (a TrainArgs of `spec`) on `world_size` ranks, measured on fake tensors."""
+def whole_model(args, spec: ModelSpec, state: DistState, dtype: torch.dtype):
+    """(the parallelized meta-device model, how to make it trainable under FakeTensorMode): no pipeline stages."""
+    from lingua.models.decoder import materialize
+
+    # buffers (RoPE tables) and tied weights; no init: values do not matter
+    return build_parallel(args, spec, state, dtype), lambda model: materialize(model, "cpu")
+
+
+def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=whole_model) -> StepMeasure:
+    """Rank `rank`'s training step of `args` (a TrainArgs of `spec`) on `world_size` ranks, measured on fake tensors.
+    build(args, spec, state, dtype) -> (meta model, finish): `whole_model`, or this rank's pipeline stages
+    (lingua.plan.pipeline); finish(model) runs under FakeTensorMode and returns the model the Trainer steps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-
-    from lingua.models.decoder import materialize
 
     args = sim_args(args)
     dtype = torch.float32 if args.distributed.model_dtype == "fp32" else torch.bfloat16
     with fake_world(world_size, rank):
         state = dist_state(args, world_size, rank)
-        model = build_parallel(args, spec, state, dtype)
+        model, finish = build(args, spec, state, dtype)
         with FakeTensorMode(allow_non_fake_inputs=True), step_errors_as_one_line(spec):
-            materialize(model, "cpu")  # buffers (RoPE tables) and tied weights; no init: values do not matter
+            model = finish(model)
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
             trainer.step(1)  # warm-up: FSDP's lazy init, the optimizer's states
