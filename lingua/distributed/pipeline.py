@@ -158,6 +158,9 @@ def stage_modules(spec, model: nn.Module, mesh, pp_rank: int, args: DistributedA
     if model.args.weight_tying:
         raise ConfigError("model.weight_tying=true cannot be combined with distributed.pp_size > 1 (the embeddings "
                           "and the output projection live on different stages)")
+    if mesh["cp"].size() > 1:
+        raise ConfigError("distributed.cp_size > 1 cannot be combined with distributed.pp_size > 1 yet (the "
+                          "context-parallel hook cuts a whole model's tokens, not a pipeline stage's inputs)")
     per_rank = stages_per_rank(args)
     n_stages = args.pp_size * per_rank
     ranges = layer_ranges(len(model.layers), n_stages)

@@ -8,8 +8,9 @@ then runs one step under torch's profiler with memory profiling on: the peak is 
 (every distinct storage of the parameters, buffers, gradients and optimizer states) plus the highest running sum of
 the CPU allocator's allocations minus frees during the step. FLOPs come from FlopCounterMode, collectives from the
 same counter the plan uses (lingua.plan.comm: the c10d and functional collective ops torch's CommDebugMode counts;
-CommDebugMode itself fails in torch 2.13 on the attention kernel module every layer shares). Rank 0 prints one JSON
-line: {"world_size", "peak_bytes", "matmul_flops", "comm": {kind: bytes}, "calls": {kind: count}}.
+CommDebugMode itself fails in torch 2.13 on the attention kernel module every layer shares). Every rank prints one
+JSON line: {"world_size", "rank", "peak_bytes", "matmul_flops", "comm": {kind: bytes}, "calls": {kind: count}} (a
+pipeline's ranks differ: one line per stage).
 """
 
 import json
@@ -75,8 +76,7 @@ def main(argv: list[str]) -> None:
         model = build_model(args, spec, state, dtype)
         model.train()
         result = measure_step(make_trainer(args, spec, model, state, dtype), model)
-        if state.is_main:
-            print(json.dumps({"world_size": state.world_size, **result}), flush=True)
+        print(json.dumps({"world_size": state.world_size, "rank": state.rank, **result}), flush=True)
     finally:
         state.close()
 

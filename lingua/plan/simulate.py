@@ -42,6 +42,7 @@ class StepMeasure:
     matmul_flops: float
     comm: CommCounts
     tokens: int  # tokens this rank's data-parallel group consumes per step (batch x seq x grad_acc)
+    params: int = 0  # parameters this rank holds (its shards; a pipeline rank: its stages')
 
 
 @contextlib.contextmanager
@@ -61,6 +62,18 @@ def fake_world(world_size: int, rank: int):
         yield
     finally:
         dist.destroy_process_group()
+        forget_meshes()
+
+
+def forget_meshes() -> None:
+    """Empty DTensor's caches of sharding decisions: they hold the meshes of the world just destroyed, and a mesh of
+    another rank's world compares equal to them (same layout), so the next simulation would use a dead group."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()  # its C++ fast path's copy
+    clear_redistribute_planner_cache()
 
 
 def sim_args(args):
@@ -166,6 +179,8 @@ def step_errors_as_one_line(spec: ModelSpec):
     except LinguaError:
         raise
     except Exception as e:  # noqa: BLE001 (whatever fake tensors cannot run)
+        while e.__cause__ is not None:  # torch's pipelining wraps a stage's error: name the error itself
+            e = e.__cause__
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise LinguaError(f"the {spec.name} training step cannot be simulated on fake tensors "
                           f"({type(e).__name__}: {first[:200]})") from None
@@ -214,5 +229,6 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
             with tracker, flops, comm, micro_batches_tracked(model, tracker):
                 trainer.step(2)
             memory, peak = peak_by_category(tracker)
+            params = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     tokens = args.data.batch_size * args.data.seq_len * args.grad_acc_steps
-    return StepMeasure(memory, peak, float(flops.get_total_flops()), comm.counts, tokens)
+    return StepMeasure(memory, peak, float(flops.get_total_flops()), comm.counts, tokens, params)

@@ -1,8 +1,9 @@
 """When a plan does not fit: the smallest config changes that would make it fit, each re-planned on the fake world
 (never a guess from a formula). Tried in order of what they cost: activation checkpointing (selective, then full:
 recompute), a larger tensor-parallel group (collectives on the critical path), a smaller micro-batch with more
-gradient accumulation (the same global batch, smaller matmuls). When no single change fits, they are stacked in that
-order until one does. Pipeline parallelism is not in lingua yet."""
+gradient accumulation (the same global batch, smaller matmuls), then pipeline parallelism (pp_size 2, 4, 8 with
+1F1B: a bubble of (pp - 1) / microbatches idle, and a global batch split into one-sequence microbatches). When no
+single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
 
 from typing import Callable
 
@@ -27,6 +28,24 @@ def larger_tp(args, world_size: int) -> dict:
     return change
 
 
+def pipeline(args, world_size: int, pp: int) -> dict:
+    """The overrides that split the layers over `pp` pipeline ranks under 1F1B, taking the factor from the
+    data-parallel dims and keeping the global batch: the rank's batch grows by `pp` x grad_acc_steps (pipeline
+    microbatches replace gradient accumulation), cut into one-sequence microbatches. {} where that is not valid."""
+    d = args.distributed
+    if d.pp_size != 1 or args.model.n_layers < pp or getattr(args.model, "weight_tying", False):
+        return {}
+    change = {"distributed.pp_size": pp, "distributed.pp_schedule": "1f1b"}
+    if d.dp_shard > 1 and d.dp_shard % pp == 0:
+        change["distributed.dp_shard"] = d.dp_shard // pp
+    elif d.dp_replicate > 1 and d.dp_replicate % pp == 0:
+        change["distributed.dp_replicate"] = d.dp_replicate // pp
+    elif world_size % (pp * d.dp_shard * d.cp_size * d.tp_size):  # dp_replicate left at 1 is inferred
+        return {}
+    batch = args.data.batch_size * args.grad_acc_steps * pp
+    return {**change, "data.batch_size": batch, "grad_acc_steps": 1, "distributed.pp_microbatches": batch}
+
+
 def candidates(args, world_size: int) -> list[dict]:
     """Single changes, cheapest first; each is a dict of dotted config keys."""
     d, out = args.distributed, []
@@ -36,8 +55,9 @@ def candidates(args, world_size: int) -> list[dict]:
         out.append({"distributed.ac": "full"})
     if larger_tp(args, world_size):
         out.append(larger_tp(args, world_size))
-    if args.data.batch_size > 1 and args.data.batch_size % 2 == 0:
+    if args.data.batch_size > 1 and args.data.batch_size % 2 == 0 and d.pp_size == 1:
         out.append({"data.batch_size": args.data.batch_size // 2, "grad_acc_steps": args.grad_acc_steps * 2})
+    out += [c for pp in (2, 4, 8) if (c := pipeline(args, world_size, pp))]
     return out
 
 
@@ -51,7 +71,8 @@ def suggestions(base, spec: ModelSpec, replan: Callable) -> list:
         return singles
     stacked, current = [], base
     for _ in range(6):  # AC, then TP and the micro-batch halved, up to three times each
-        options = [c for c in candidates(current.args, current.world_size) if c.get("distributed.ac") != "selective"]
+        options = [c for c in candidates(current.args, current.world_size)
+                   if c.get("distributed.ac") != "selective" and "distributed.pp_size" not in c]
         step = next(((c, p) for c in options if (p := replan(current, spec, c)) is not None), None)
         if step is None:
             break
