@@ -2,7 +2,7 @@
 (never a guess from a formula). Tried in order of what they cost: activation checkpointing (selective, then full:
 recompute), a larger tensor-parallel group (collectives on the critical path), a smaller micro-batch with more
 gradient accumulation (the same global batch, smaller matmuls), then pipeline parallelism (pp_size 2, 4, 8 with
-1F1B: a bubble of (pp - 1) / microbatches idle, and a global batch split into one-sequence microbatches). When no
+1F1B, the same global batch in up to 4 x pp microbatches: a bubble under 20%). When no
 single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
 
 from typing import Callable
@@ -10,6 +10,9 @@ from typing import Callable
 from lingua.models.spec import ModelSpec
 
 MAX_TP = 8  # a tensor-parallel group stays inside one node (NVLink)
+# Pipeline microbatches per stage at most: 4 x pp keeps 1F1B's bubble, (pp - 1) / (m + pp - 1), under 20%
+# (Megatron-LM's advice: m >= 4 pp) with smaller microbatches than gradient accumulation's
+MICROBATCHES_PER_STAGE = 4
 
 
 def larger_tp(args, world_size: int) -> dict:
@@ -31,7 +34,8 @@ def larger_tp(args, world_size: int) -> dict:
 def pipeline(args, world_size: int, pp: int) -> dict:
     """The overrides that split the layers over `pp` pipeline ranks under 1F1B, taking the factor from the
     data-parallel dims and keeping the global batch: the rank's batch grows by `pp` x grad_acc_steps (pipeline
-    microbatches replace gradient accumulation), cut into one-sequence microbatches. {} where that is not valid."""
+    microbatches replace gradient accumulation), cut into as many microbatches as divide it, up to 4 x pp. {} where
+    that is not valid."""
     d = args.distributed
     if d.pp_size != 1 or args.model.n_layers < pp or getattr(args.model, "weight_tying", False):
         return {}
@@ -43,7 +47,8 @@ def pipeline(args, world_size: int, pp: int) -> dict:
     elif world_size % (pp * d.dp_shard * d.cp_size * d.tp_size):  # dp_replicate left at 1 is inferred
         return {}
     batch = args.data.batch_size * args.grad_acc_steps * pp
-    return {**change, "data.batch_size": batch, "grad_acc_steps": 1, "distributed.pp_microbatches": batch}
+    microbatches = max(m for m in range(1, min(batch, MICROBATCHES_PER_STAGE * pp) + 1) if batch % m == 0)
+    return {**change, "data.batch_size": batch, "grad_acc_steps": 1, "distributed.pp_microbatches": microbatches}
 
 
 def candidates(args, world_size: int) -> list[dict]:
