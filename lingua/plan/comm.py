@@ -1,7 +1,9 @@
 """Bytes per collective kind, counted where the collectives are issued: a dispatch mode that sees the c10d ops FSDP2
 calls and the functional collectives DTensor (TP, loss parallel) and the MoE dispatch call, the same set torch's
 CommDebugMode counts. A collective's size is its full buffer (all-gather: the gathered output; reduce-scatter: the
-unreduced input; all-reduce: the tensor; all-to-all: what this rank sends), with its group's ranks, so the time
+unreduced input; all-reduce: the tensor; all-to-all: what this rank sends; send_recv: each buffer sent plus each one
+received, as batch_isend_irecv issues them for pipeline stages and the context-parallel ring), with its group's ranks,
+so the time
 model (lingua/plan/estimate.py) can apply ring factors and pick NVLink or the inter-node link."""
 
 import contextlib

@@ -1,5 +1,8 @@
 """A run's plan: memory, FLOPs, collectives and time per GPU at any world size, from the app's real code on a fake
-world (lingua.plan.simulate), priced on a GPU (lingua.plan.estimate). For research code:
+world (lingua.plan.simulate; a pipeline rank's own stages and schedule: lingua.plan.pipeline), priced on a GPU
+(lingua.plan.estimate). One simulated rank per role: every rank alike without pipeline parallelism, else one per
+pipeline stage kind; the plan fits when every role's peak does, and a pipeline runs at its slowest stage's speed.
+For research code:
 
     from lingua.plan import plan
     p = plan(train_args, spec, world_size=64, gpu="h100")     # p.fits, p.roles[0].measure.memory, p.suggestions

@@ -1,5 +1,6 @@
 """A plan as text: one table per rank role (memory by category against the GPU, FLOPs, bytes per collective kind, the
-step time and what it gives), then the verdict and the re-planned changes."""
+pipeline bubble, the step time and what it gives), a pipeline's speed (its slowest stage's), then the verdict and the
+re-planned changes."""
 
 from lingua.distributed.pipeline import n_microbatches
 from lingua.plan.comm import KINDS
