@@ -3,8 +3,7 @@ calls and the functional collectives DTensor (TP, loss parallel) and the MoE dis
 CommDebugMode counts. A collective's size is its full buffer (all-gather: the gathered output; reduce-scatter: the
 unreduced input; all-reduce: the tensor; all-to-all: what this rank sends; send_recv: each buffer sent plus each one
 received, as batch_isend_irecv issues them for pipeline stages and the context-parallel ring), with its group's ranks,
-so the time
-model (lingua/plan/estimate.py) can apply ring factors and pick NVLink or the inter-node link."""
+so the time model (lingua/plan/estimate.py) can apply ring factors and pick NVLink or the inter-node link."""
 
 import contextlib
 from collections import defaultdict
