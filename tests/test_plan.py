@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lingua.args import load_config
+from lingua.distributed.pipeline import n_microbatches, stages_per_rank
 from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.plan import format_plan, plan
 from lingua.plan import gpus as gpus_module
@@ -124,6 +125,8 @@ def test_does_not_fit_then_replans_smaller_changes(monkeypatch):
     (["world_size=4", "distributed.pp_size=4", "model.weight_tying=false"], "model.n_layers=2 is below"),
     (["world_size=2", "distributed.pp_size=2", "model.weight_tying=false", "distributed.pp_microbatches=3"],
      "distributed.pp_microbatches=3 does not divide data.batch_size=2"),
+    (["world_size=2", "distributed.pp_size=2", "model.weight_tying=false", "distributed.pp_schedule=zbv",
+      "model.n_layers=4"], "distributed.pp_schedule=zbv is not planned yet"),
 ])
 def test_bad_input_is_one_line(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -182,9 +185,10 @@ def test_pipeline_stages_add_up_to_the_whole_model(world, extra, sends):
     tokens = args.data.batch_size * args.data.seq_len  # the 1-process step's count (test_plan_matches_a_real_step...)
     assert sum(r.measure.matmul_flops for r in stages) * tp == 6 * matmul_params(args.model) * tokens
     # each microbatch's hidden state sent forward and its gradient back, per neighbour, exactly
-    act = hidden_bytes(args, pp, 4 if dp == 1 else 2) // tp
-    assert [r.measure.comm.by_kind()["send_recv"] for r in p.roles] == [2 * pp * act * n for n in sends]
-    bubble = (pp - 1) / (pp + pp - 1)  # 1F1B, one microbatch per stage: compute x (m + p - 1) / m
+    m, v = n_microbatches(args.distributed, args.data.batch_size, 1), stages_per_rank(args.distributed)
+    act = hidden_bytes(args, m, 4 if dp == 1 else 2) // tp
+    assert [r.measure.comm.by_kind()["send_recv"] for r in p.roles] == [2 * m * act * n for n in sends]
+    bubble = 1 - m / (m + (pp - 1) / v)  # compute x (m + (p - 1) / v) / m
     assert all(r.time.bubble == pytest.approx(bubble) for r in p.roles)
     assert f"pipeline bubble: {100 * bubble:.1f}%" in format_plan(p)
 
@@ -202,6 +206,20 @@ def test_gpipe_keeps_every_microbatch_in_flight_1f1b_only_pp():
     # GPipe runs all 8 forwards before any backward; 1F1B at most pp = 2 on stage 0. Measured 4.29 (the peak is
     # not at the same instant of the last microbatch in both): m / p within 10%.
     assert gpipe / one_f_one_b == pytest.approx(8 / 2, rel=0.10)
+
+
+@pytest.mark.slow
+def test_interleaved_stages_of_one_rank_are_tracked_apart():
+    """Rank 0 runs stages 0 and 2 of 4: the tracker forgets a stage's modules before its next microbatch, never the
+    other stage's, whose backward is still to come."""
+    from lingua.plan.pipeline import pipeline_stages
+
+    args = small_args(*UNTIED, "distributed.pp_size=2", "distributed.pp_schedule=interleaved_1f1b", "model.n_layers=4",
+                      "data.batch_size=4", "data.seq_len=64")
+    measure = simulate_step(args, TRANSFORMER_SPEC, 2, 0, build=pipeline_stages)
+    # 4 microbatches; stage 0 talks to stage 1, stage 2 to stages 1 and 3: forward and backward, fp32
+    assert measure.comm.by_kind()["send_recv"] == 2 * 4 * hidden_bytes(args, 4, 4) * 3
+    assert measure.matmul_flops == 6 * (matmul_params(args.model) - args.model.vocab_size * args.model.dim) // 2 * 256
 
 
 def test_pipeline_factor():

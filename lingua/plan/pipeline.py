@@ -12,6 +12,9 @@ Two things a fake world cannot carry, given here instead:
 - the warm-up vote: the ranks agree on static or dynamic shapes by sending an int around the pipe and reading it
   (.item(), which a fake tensor cannot); with every shape given, the real vote is static, and so is this one.
 
+The zero-bubble schedules (zbv, dualpipev) run but are not planned: torch's MemTracker hooks fail when their
+backward takes the input gradients alone (autograd.grad of a received leaf); the plan says so in one line.
+
 Which rank stands for a stage kind (lingua.plan.plan.roles): the first, the last and, with pp > 2, the middle rank
 with the most microbatches in flight (rank 1: in 1F1B rank r keeps pp - r in flight) among the ranks with the most
 blocks.
@@ -24,6 +27,8 @@ from lingua.distributed.pipeline import layer_ranges, local_stage_ids, n_microba
     stage_modules, stages_per_rank
 from lingua.errors import LinguaError
 from lingua.models.spec import ModelSpec
+
+ZERO_BUBBLE = ("zbv", "dualpipev")  # their backward runs as autograd.grad (inputs) then the weights' gradients
 
 
 def pipeline_roles(args, world_size: int) -> list[tuple[str, int]]:
@@ -67,15 +72,15 @@ def static_vote(stages, has_backward, p2p_done) -> None:
 
 
 def watch_microbatches(pipelined) -> None:
-    """Call pipelined.before_microbatch() (when set: lingua.plan.simulate's memory tracker) before every stage's
-    forward of a microbatch: the tracker refuses a module's second forward in one tracked region."""
+    """Call pipelined.before_microbatch(stage module) (when set: lingua.plan.simulate's memory tracker) before every
+    stage's forward of a microbatch: the tracker refuses a module's second forward in one tracked region."""
     pipelined.before_microbatch = None
     for stage in pipelined.schedule._stages if hasattr(pipelined.schedule, "_stages") else [pipelined.schedule._stage]:
         forward = stage.forward_one_chunk
 
-        def forward_one_chunk(*args, _forward=forward, **kwargs):
+        def forward_one_chunk(*args, _forward=forward, _module=stage.submod, **kwargs):
             if pipelined.before_microbatch is not None:
-                pipelined.before_microbatch()
+                pipelined.before_microbatch(_module)
             return _forward(*args, **kwargs)
 
         stage.forward_one_chunk = forward_one_chunk
@@ -87,6 +92,10 @@ def pipeline_stages(args, spec: ModelSpec, state: DistState, dtype: torch.dtype)
     from lingua.train.loop import placed_model
 
     d = args.distributed
+    if d.pp_schedule in ZERO_BUBBLE:
+        raise LinguaError(f"distributed.pp_schedule={d.pp_schedule} is not planned yet: torch's memory tracker cannot "
+                          "follow its split backward (autograd.grad of the received inputs); plan interleaved_1f1b, "
+                          "the same two stages per rank, for an estimate")
     microbatches = n_microbatches(d, args.data.batch_size, args.grad_acc_steps)
     try:
         model = placed_model(args, spec, state, dtype)

@@ -146,9 +146,10 @@ def micro_batches_tracked(model: nn.Module, tracker):
     """FSDPMemTracker refuses a second forward of the root in one tracked region (gradient accumulation): forget its
     per-module stats (its global peak stays) where the train loop starts each micro-batch, at
     set_requires_gradient_sync (a forward pre-hook would run after FSDP's own, too late). A pipelined model
-    (lingua.plan.pipeline) runs each stage once per microbatch: it calls its `before_microbatch` for that."""
-    if hasattr(model, "before_microbatch") and hasattr(tracker, "reset_mod_stats"):
-        model.before_microbatch = tracker.reset_mod_stats
+    (lingua.plan.pipeline) runs each stage once per microbatch and calls its `before_microbatch(stage module)`: that
+    stage's modules are forgotten (not another stage's, whose backward is still to come)."""
+    if hasattr(model, "before_microbatch") and hasattr(tracker, "memory_tracking"):
+        model.before_microbatch = lambda stage: [tracker.memory_tracking.pop(m, None) for m in stage.modules()]
         try:
             yield
         finally:
