@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.moe.args import MoEArgs
-from apps.moe.dispatch import expert_parallel_compute
+from apps.moe.dispatch import balanced_routing, expert_parallel_compute
 from apps.moe.grouped import experts_swiglu
 from apps.moe.hf_lingua_moe import LINGUA_MOE
 from apps.moe.hf_mixtral import MIXTRAL
@@ -275,4 +275,5 @@ def dense_equivalent(args: MoEArgs) -> TransformerArgs:
 
 MOE_SPEC = ModelSpec(name="moe", path="apps.moe.model:MOE_SPEC", args_cls=MoEArgs, build=MoETransformer,
                      flops_per_token=flops_per_token, hf=(MIXTRAL, LINGUA_MOE), describe=describe_attention,
-                     parallelize=parallelize_moe, step_metrics=step_metrics, after_optimizer_step=after_optimizer_step)
+                     parallelize=parallelize_moe, step_metrics=step_metrics, after_optimizer_step=after_optimizer_step,
+                     simulate_context=balanced_routing)

@@ -4,7 +4,8 @@ float8 -> AC -> compile -> FSDP of lingua.distributed.parallelize, with each blo
     ranks (tp_size = 1):  the data-parallel world, viewed as a (dp_mod_ep, ep) mesh
     expert weights:       DTensors [n_experts, ...] Shard(0) over `ep` (a checkpoint holds the whole tensor, so DCP
                           reshards it between EP sizes), then FSDP over `dp_mod_ep` (the ranks that hold the same
-                          experts); every other weight is FSDP over the whole world as in any app
+                          experts; on dim 1 when they outnumber a rank's experts); every other weight is FSDP over
+                          the whole world as in any app
 
 An expert's gradient arrives summed over the tokens of the whole ep group, where every other weight's is a mean over
 data-parallel ranks: the experts' FSDP group divides by the world size instead of its own size, so both are the
@@ -44,8 +45,22 @@ def shard_expert_groups(block: nn.Module, fsdp_mesh, world: int, **fsdp_kwargs) 
     from torch.distributed.fsdp import fully_shard
 
     experts = block.feed_forward.experts
-    fully_shard(experts, mesh=fsdp_mesh, **fsdp_kwargs)
+    fully_shard(experts, mesh=fsdp_mesh, shard_placement_fn=expert_placement(experts, fsdp_mesh.size()),
+                **fsdp_kwargs)
     experts.set_gradient_divide_factor(world)
+
+
+def expert_placement(experts: nn.Module, fsdp_size: int):
+    """FSDP2's shard_placement_fn for a rank's experts: dim 0 (whole experts) when there are at least as many as
+    ranks to shard them over, else dim 1 (torchtitan's choice): FSDP2 pads dim 0 to a multiple of the ranks, so one
+    expert over 8 ranks would be stored and gathered as 8. None (FSDP's Shard(0)) when dim 1 does not divide."""
+    from torch.distributed.tensor import Shard
+
+    local = experts.w1.to_local() if hasattr(experts.w1, "to_local") else experts.w1
+    even = all(p.shape[1] % fsdp_size == 0 for p in experts.parameters())
+    if local.shape[0] >= fsdp_size or not even:
+        return None
+    return lambda param: Shard(1)
 
 
 def data_parallel_group(mesh):

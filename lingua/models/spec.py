@@ -11,6 +11,7 @@ checkpoints, data, parallelism, evaluation and generation are shared. Specs regi
 and Hugging Face directories find theirs without lingua importing any app.
 """
 
+import contextlib
 import dataclasses
 import importlib
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ class ModelSpec:
     # the unwrapped model (it may run collectives); e.g. the MTP app's per-head losses
     step_metrics: Optional[Callable[[nn.Module], dict]] = None
     after_optimizer_step: Optional[Callable[[nn.Module], None]] = None  # called after every optimizer step (MoE: bias update)
+    # () -> a context manager lingua.plan enters around the step it runs on fake tensors, for what a step with no data
+    # must assume (MoE: balanced routing sizes the expert-parallel all-to-all); it must not change a real step
+    simulate_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __post_init__(self):
         object.__setattr__(self, "hf", as_tuple(self.hf))

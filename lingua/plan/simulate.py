@@ -220,7 +220,7 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
     with fake_world(world_size, rank):
         state = dist_state(args, world_size, rank)
         model, finish = build(args, spec, state, dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True), step_errors_as_one_line(spec):
+        with FakeTensorMode(allow_non_fake_inputs=True), spec.simulate_context(), step_errors_as_one_line(spec):
             model = finish(model)
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
