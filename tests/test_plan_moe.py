@@ -79,3 +79,32 @@ def test_balanced_routing_does_not_change_a_real_step():
         dist.destroy_process_group()
     assert MOE_SPEC.simulate_context is balanced_routing
     assert torch.equal(plain, simulated)
+
+
+def test_a_moe_that_does_not_fit_is_offered_a_larger_ep_size():
+    """The MoE spec adds the next ep_size that divides n_experts and the data-parallel ranks to the changes that
+    lingua.plan.suggest re-plans (the dense transformer's list has none). Its plan gathers half the experts, and
+    peaks lower (each rank stores a quarter of the experts either way: FSDP over 4 ranks or EP 2 x FSDP 2)."""
+    from lingua.models.transformer.spec import TRANSFORMER_SPEC
+    from lingua.plan.plan import plan, replan
+    from lingua.plan.suggest import candidates
+
+    args = tiny_args(4, 1, 4)
+    assert {"distributed.ep_size": 2} in candidates(args, 4, MOE_SPEC)
+    assert not any("distributed.ep_size" in c for c in candidates(args, 4, TRANSFORMER_SPEC))
+    assert {"distributed.ep_size": 4} in candidates(tiny_args(4, 2, 4), 4, MOE_SPEC)
+    assert not any("distributed.ep_size" in c for c in candidates(tiny_args(4, 4, 4), 4, MOE_SPEC))
+    base = plan(args, MOE_SPEC, 4, "h100", suggest=False)
+    ep_plan = replan(base, MOE_SPEC, {"distributed.ep_size": 2})
+    assert ep_plan.args.distributed.ep_size == 2
+    m, mb = ep_plan.roles[0].measure, base.roles[0].measure
+    assert m.memory["params"] == mb.memory["params"] and m.peak_bytes < mb.peak_bytes
+    assert m.comm.by_kind()["all_gather"] < mb.comm.by_kind()["all_gather"]
+
+
+def test_ep_size_must_divide_n_experts():
+    from lingua.errors import ConfigError
+    from lingua.plan import plan
+
+    with pytest.raises(ConfigError, match="distributed.ep_size=4 must divide model.n_experts=2"):
+        plan(tiny_args(4, 4, 2), MOE_SPEC, 4, "h100")

@@ -27,7 +27,7 @@ from apps.moe.dispatch import balanced_routing, expert_parallel_compute
 from apps.moe.grouped import experts_swiglu
 from apps.moe.hf_lingua_moe import LINGUA_MOE
 from apps.moe.hf_mixtral import MIXTRAL
-from apps.moe.parallelize import parallelize_moe
+from apps.moe.parallelize import larger_ep, parallelize_moe
 from lingua.models.decoder import next_token
 from lingua.models.init import trunc_normal_
 from lingua.models.layers import FeedForward, init_output_
@@ -276,4 +276,4 @@ def dense_equivalent(args: MoEArgs) -> TransformerArgs:
 MOE_SPEC = ModelSpec(name="moe", path="apps.moe.model:MOE_SPEC", args_cls=MoEArgs, build=MoETransformer,
                      flops_per_token=flops_per_token, hf=(MIXTRAL, LINGUA_MOE), describe=describe_attention,
                      parallelize=parallelize_moe, step_metrics=step_metrics, after_optimizer_step=after_optimizer_step,
-                     simulate_context=balanced_routing)
+                     simulate_context=balanced_routing, plan_candidates=larger_ep)

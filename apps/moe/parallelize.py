@@ -73,6 +73,17 @@ def data_parallel_group(mesh):
     return mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
 
 
+def larger_ep(args, world_size: int) -> list[dict]:
+    """MOE_SPEC.plan_candidates: when a plan does not fit, the next distributed.ep_size that divides both
+    model.n_experts and the data-parallel ranks (each rank then holds fewer experts); none past n_experts."""
+    from lingua.distributed.mesh import resolve_mesh_shape
+
+    shape, n = resolve_mesh_shape(args.distributed, world_size), args.model.n_experts
+    dp = shape.dp_replicate * shape.dp_shard
+    ep = next((k for k in range(args.distributed.ep_size + 1, n + 1) if n % k == 0 and dp % k == 0), None)
+    return [{"distributed.ep_size": ep}] if ep else []
+
+
 def parallelize_moe(model: nn.Module, mesh, args: DistributedArgs, param_dtype: torch.dtype,
                     device: torch.device) -> nn.Module:
     """Routing statistics over the world, experts over `ep`, then float8 -> AC -> compile -> FSDP2 (the experts in
@@ -88,6 +99,9 @@ def parallelize_moe(model: nn.Module, mesh, args: DistributedArgs, param_dtype: 
     shard_inner = None
     if args.ep_size > 1 and dp != mesh.size():
         raise ConfigError(f"distributed.ep_size={args.ep_size} needs every rank data-parallel (pp_size=1, cp_size=1)")
+    n_experts = moe_modules(model)[0].args.n_experts
+    if n_experts % args.ep_size:
+        raise ConfigError(f"distributed.ep_size={args.ep_size} must divide model.n_experts={n_experts}")
     if args.ep_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -52,6 +52,9 @@ class ModelSpec:
     # () -> a context manager lingua.plan enters around the step it runs on fake tensors, for what a step with no data
     # must assume (MoE: balanced routing sizes the expert-parallel all-to-all); it must not change a real step
     simulate_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # (TrainArgs, world size) -> more single config changes (dicts of dotted keys) that lingua.plan re-plans when a
+    # run does not fit, beside AC, TP and the micro-batch (MoE: a larger distributed.ep_size)
+    plan_candidates: Optional[Callable[[Any, int], list[dict]]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "hf", as_tuple(self.hf))

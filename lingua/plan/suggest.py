@@ -1,7 +1,8 @@
 """When a plan does not fit: the smallest config changes that would make it fit, each re-planned on the fake world
 (never a guess from a formula). Tried in order of what they cost: activation checkpointing (selective, then full:
-recompute), a larger tensor-parallel group (collectives on the critical path), a smaller micro-batch with more
-gradient accumulation (the same global batch, smaller matmuls), then pipeline parallelism (pp_size 2, 4, 8 with
+recompute), a larger tensor-parallel group (collectives on the critical path), the model's own (spec.plan_candidates;
+MoE: a larger expert-parallel group), a smaller micro-batch with more gradient accumulation (the same global batch,
+smaller matmuls), then pipeline parallelism (pp_size 2, 4, 8 with
 1F1B, the same global batch in up to 4 x pp microbatches: a bubble under 20%). When no
 single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
 
@@ -51,8 +52,9 @@ def pipeline(args, world_size: int, pp: int) -> dict:
     return {**change, "data.batch_size": batch, "grad_acc_steps": 1, "distributed.pp_microbatches": microbatches}
 
 
-def candidates(args, world_size: int) -> list[dict]:
-    """Single changes, cheapest first; each is a dict of dotted config keys."""
+def candidates(args, world_size: int, spec: ModelSpec) -> list[dict]:
+    """Single changes, cheapest first; each is a dict of dotted config keys. The spec's own (spec.plan_candidates)
+    come after TP, before the smaller micro-batch."""
     d, out = args.distributed, []
     if d.ac == "none":
         out.append({"distributed.ac": "selective"})
@@ -60,6 +62,8 @@ def candidates(args, world_size: int) -> list[dict]:
         out.append({"distributed.ac": "full"})
     if larger_tp(args, world_size):
         out.append(larger_tp(args, world_size))
+    if spec.plan_candidates is not None:
+        out.extend(spec.plan_candidates(args, world_size))
     if args.data.batch_size > 1 and args.data.batch_size % 2 == 0 and d.pp_size == 1:
         out.append({"data.batch_size": args.data.batch_size // 2, "grad_acc_steps": args.grad_acc_steps * 2})
     out += [c for pp in (2, 4, 8) if (c := pipeline(args, world_size, pp))]
@@ -68,15 +72,16 @@ def candidates(args, world_size: int) -> list[dict]:
 
 def suggestions(base, spec: ModelSpec, replan: Callable) -> list:
     """[(overrides, Plan)] for every single change that is a valid config, then, if none of them fits, the changes
-    stacked one more at a time (full AC, larger TP, smaller micro-batch, again) until the plan fits. `replan(plan,
-    spec, overrides)` is lingua.plan.plan.replan: a new Plan, or None when the change is not a valid config."""
-    singles = [(c, replan(base, spec, c)) for c in candidates(base.args, base.world_size)]
+    stacked one more at a time (full AC, larger TP, the spec's, smaller micro-batch, again) until the plan fits.
+    `replan(plan, spec, overrides)` is lingua.plan.plan.replan: a new Plan, or None when the change is not a valid
+    config."""
+    singles = [(c, replan(base, spec, c)) for c in candidates(base.args, base.world_size, spec)]
     singles = [(c, p) for c, p in singles if p is not None]
     if any(p.fits for _, p in singles):
         return singles
     stacked, current = [], base
-    for _ in range(6):  # AC, then TP and the micro-batch halved, up to three times each
-        options = [c for c in candidates(current.args, current.world_size)
+    for _ in range(6):  # AC, then the first valid of TP, the spec's and the micro-batch halved, five more times
+        options = [c for c in candidates(current.args, current.world_size, spec)
                    if c.get("distributed.ac") != "selective" and "distributed.pp_size" not in c]
         step = next(((c, p) for c in options if (p := replan(current, spec, c)) is not None), None)
         if step is None:
