@@ -108,3 +108,17 @@ def test_ep_size_must_divide_n_experts():
 
     with pytest.raises(ConfigError, match="distributed.ep_size=4 must divide model.n_experts=2"):
         plan(tiny_args(4, 4, 2), MOE_SPEC, 4, "h100")
+
+
+def test_selective_ac_with_experts_fsdp_inside_the_block_keeps_the_all_to_alls():
+    """ep = the data-parallel world: the experts' FSDP group (one rank) sits inside each checkpointed block. Torch's
+    selective AC failed its backward on the extra profiler annotation FSDP makes when it recomputes them (in a real
+    2-process run as in the plan). The recomputed forward sends no rows again (their all-to-alls are saved, as in
+    torchtitan); only the counts' exchange is redone: 6 all-to-alls per layer, not 8."""
+    args = tiny_args(2, 2, 4)
+    args.distributed.ac = "selective"
+    m = args.model
+    measure = simulate_step(args, MOE_SPEC, 2)
+    rows = args.data.batch_size * args.data.seq_len * m.top_k
+    assert measure.comm.calls["all_to_all"] == 6 * m.n_layers
+    assert measure.comm.by_kind()["all_to_all"] == m.n_layers * (4 * rows * m.dim * BF16 + 2 * m.n_experts * 8)

@@ -45,7 +45,8 @@ def gather_sequence():
 
 
 def _sac_policy():
-    """Selective AC: keep the outputs of matmuls, attention and TP's reduce-scatters; recompute pointwise ops."""
+    """Selective AC: keep the outputs of matmuls, attention, TP's reduce-scatters and EP's all-to-alls (not sent
+    again); recompute pointwise ops."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     names = ["aten.mm.default", "aten.addmm.default", "aten.bmm.default",
@@ -53,7 +54,8 @@ def _sac_policy():
              "aten._scaled_dot_product_efficient_attention.default",
              "aten._scaled_dot_product_cudnn_attention.default",  # SDPA's choice on H100 for some shapes
              "aten._scaled_dot_product_flash_attention_for_cpu.default",
-             "_c10d_functional.reduce_scatter_tensor.default"]
+             "_c10d_functional.reduce_scatter_tensor.default",
+             "_c10d_functional.all_to_all_single.default"]  # the MoE's dispatch under EP (torchtitan saves it too)
     save = set()
     for name in names:
         ns, op, overload = name.split(".")
@@ -73,6 +75,19 @@ def _sac_policy():
     return policy
 
 
+def _sac_ignore_profiler_ops() -> None:
+    """Selective AC replays a recomputed block op by op, matched by each op's call count, profiler annotations
+    included. FSDP2 annotates one more call when it recomputes a module it wraps inside a checkpointed block (the
+    MoE's experts under expert parallelism: FSDP::root_pre_forward), so the counts differ and the backward fails
+    ("invocation index 2 ... not found in storage"). Annotations compute nothing: SAC skips them here, as
+    pytorch/pytorch#196862 proposes for torch itself."""
+    import torch.utils.checkpoint as checkpoint
+
+    profiler = torch.ops.profiler
+    checkpoint.SAC_IGNORED_OPS.update({profiler._record_function_enter_new.default,
+                                       profiler._record_function_exit._RecordFunction})
+
+
 def apply_ac(model: nn.Module, selective: bool) -> None:
     """Wrap each block: full recomputation, or selective (save matmul outputs, recompute the rest)."""
     from functools import partial
@@ -84,6 +99,7 @@ def apply_ac(model: nn.Module, selective: bool) -> None:
 
     kwargs = {"preserve_rng_state": False}  # no dropout: recomputation needs no RNG replay
     if selective:
+        _sac_ignore_profiler_ops()
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _sac_policy())
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block, **kwargs)
