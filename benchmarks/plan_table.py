@@ -2,6 +2,7 @@
 when the config as written does not fit an H100, the first re-planned change that fits is shown instead.
 
     python benchmarks/plan_table.py [--configs llama_1B llama_7B llama_70B] [--worlds 8 64 512] [--gpus h100 h200]
+        [--set distributed.ep_size=8 ...]   (overrides applied to every config)
 
 Prints one markdown row per (config, world, GPU) and the seconds each plan took on this machine.
 """
@@ -22,21 +23,23 @@ def config_path(config: str) -> str:
     return f"apps/{app or 'main'}/configs/{name}.yaml"
 
 
-def fitting(config: str, world: int, suggest: bool):
-    """(plan, the change it took as key=value text) for the config on `world` H100s."""
+def fitting(config: str, world: int, suggest: bool, overrides: tuple = ()):
+    """(plan, the change it took as key=value text) for the config with `overrides` on `world` H100s."""
     spec = resolve_spec("", config_path(config))
-    p = plan(load_config(train_args_cls(spec), [f"config={config_path(config)}"]), spec, world, "h100", suggest=suggest)
+    args = load_config(train_args_cls(spec), [f"config={config_path(config)}", *overrides])
+    p = plan(args, spec, world, "h100", suggest=suggest)
     if p.fits or not p.suggestions:
-        return p, "as written"
+        return p, " ".join(overrides) or "as written"
     change, q = next(((c, q) for c, q in p.suggestions if q.fits), p.suggestions[-1])
-    return q, " ".join(f"{k}={v}" for k, v in change.items())
+    return q, " ".join([*overrides, *(f"{k}={v}" for k, v in change.items())])
 
 
 def row(config: str, p, change: str, gpu: str) -> str:
     q = on_gpu(p, resolve_spec("", config_path(config)), gpu)
     t = q.roles[0].time
-    m = q.mesh
-    return (f"| {config} | {q.world_size} x {gpu.upper()} | dp {m.dp_replicate * m.dp_shard} x tp {m.tp} ({change}) | "
+    m, ep = q.mesh, q.args.distributed.ep_size
+    return (f"| {config} | {q.world_size} x {gpu.upper()} | dp {m.dp_replicate * m.dp_shard} x tp {m.tp}"
+            f"{f' (ep {ep})' if ep > 1 else ''} ({change}) | "
             f"{q.peak_gib:.1f} / {q.gpu.hbm_gib:.0f}{'' if q.fits else ' (does not fit)'} | "
             f"{t.tok_per_s_gpu:,.0f} | {100 * t.mfu:.1f}% |")
 
@@ -46,13 +49,14 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["llama_1B", "llama_7B", "llama_70B"])
     ap.add_argument("--worlds", nargs="+", type=int, default=[8, 64, 512])
     ap.add_argument("--gpus", nargs="+", default=["h100", "h200"])
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides for every config")
     opts = ap.parse_args()
     print("| config | GPUs | parallelism | GiB per GPU (peak / HBM) | tok/s/GPU | MFU |\n|---|---|---|---|---|---|")
     for config in opts.configs:
         for world in opts.worlds:
             start = time.perf_counter()
             try:
-                p, change = fitting(config, world, suggest="70B" not in config)
+                p, change = fitting(config, world, suggest="70B" not in config, overrides=tuple(opts.set))
             except LinguaError as e:
                 print(f"| {config} | {world} | {e} | | | |", flush=True)
                 continue

@@ -6,7 +6,8 @@ Parallelization runs on the meta device outside FakeTensorMode (fully_shard insi
 DeviceMesh._concatenate reaches aten.nonzero); materialization, the optimizer and the steps run inside it. The step
 runs on device "cpu" with the GPU's dtype policy (bf16 params and autocast): fake CUDA tensors abort in backward on a
 CPU build. One untracked warm-up step first (FSDP's lazy init, the optimizer's states), then the tracked step under
-the memory tracker, torch's FlopCounterMode and lingua.plan.comm.CommCounter.
+the memory tracker, torch's FlopCounterMode and lingua.plan.comm.CommCounter, all inside spec.simulate_context()
+(what a step without data must assume; MoE: balanced routing).
 """
 
 import contextlib
@@ -173,8 +174,8 @@ def micro_batches_tracked(model: nn.Module, tracker):
 
 @contextlib.contextmanager
 def step_errors_as_one_line(spec: ModelSpec):
-    """A step that cannot run on fake tensors (e.g. MoE routing: token counts per expert are data, and a fake tensor
-    has no data) is one line naming the op, not a traceback."""
+    """A step that cannot run on fake tensors (an op whose output size is data, which a fake tensor does not have;
+    the MoE's expert-parallel dispatch avoids it under spec.simulate_context) is one line naming the op."""
     try:
         yield
     except LinguaError:
