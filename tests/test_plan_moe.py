@@ -122,3 +122,19 @@ def test_selective_ac_with_experts_fsdp_inside_the_block_keeps_the_all_to_alls()
     rows = args.data.batch_size * args.data.seq_len * m.top_k
     assert measure.comm.calls["all_to_all"] == 6 * m.n_layers
     assert measure.comm.by_kind()["all_to_all"] == m.n_layers * (4 * rows * m.dim * BF16 + 2 * m.n_experts * 8)
+
+
+@pytest.mark.parametrize("ac", ["none", "selective"])
+def test_the_grouped_gemm_flops_are_counted(ac):
+    """FlopCounterMode has no formula for torch._grouped_mm (lingua/plan/flops.py gives it one): the counted matmul
+    FLOPs are 6 x tokens x (attention, router and output weights + top_k experts' weights), exactly, per EP rank
+    under balanced routing; selective AC recomputes the experts' forward (their GEMMs are not saved): 2 x more."""
+    args = tiny_args(2, 2, 4)
+    args.distributed.ac = ac
+    m = args.model
+    n_heads, n_kv_heads, head_dim = m.heads
+    tokens = args.data.batch_size * args.data.seq_len
+    dense = m.n_layers * (2 * m.dim * (n_heads + n_kv_heads) * head_dim + m.dim * m.n_experts) + m.vocab_size * m.dim
+    experts = m.n_layers * m.top_k * 3 * m.dim * m.expert_dim
+    recomputed = 2 * tokens * experts if ac == "selective" else 0
+    assert simulate_step(args, MOE_SPEC, 2).matmul_flops == 6 * tokens * (dense + experts) + recomputed

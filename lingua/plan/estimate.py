@@ -3,8 +3,9 @@
 The model, in full (README "Planning a run"):
     compute   = executed FLOPs / (peak x KERNEL_EFFICIENCY); executed = matmuls counted + attention by formula
                 (x 4/3 under full AC, whose backward recomputes the forward), at least the spec's own FLOPs count
-                (FlopCounterMode misses MoE's grouped GEMM; not under pipeline parallelism, whose stages the count
-                does not split); under PP the attention formula takes the rank's share of the blocks
+                (for a kernel no formula covers, lingua/plan/flops.py giving FlopCounterMode MoE's grouped GEMM;
+                not under pipeline parallelism, whose stages the count does not split); under PP the attention
+                formula takes the rank's share of the blocks
     a collective moves bytes x (n-1)/n per rank (all-reduce: twice that; send/recv: bytes) over NVLink when its
                 group sits in one node, else over the GPU's share of the inter-node network
     data-parallel collectives (FSDP all-gather / reduce-scatter, DDP/HSDP all-reduce) overlap with compute;
@@ -86,7 +87,7 @@ def estimate_time(measure, gpu: GPU, *, attn_flops_per_token: float, model_flops
     global batch's tokens / world size; layer_share: the share of the blocks this rank runs (a pipeline stage's);
     pipeline = `pipeline_factor`."""
     attn = attn_flops_per_token * measure.tokens * layer_share / split * (4 / 3 if full_ac else 1)
-    # the spec's own count is a floor: FlopCounterMode does not see every kernel (MoE's grouped GEMM); not for a
+    # the spec's own count is a floor: FlopCounterMode sees only the kernels it has formulas for; not for a
     # pipeline stage (the count does not split by stage: the output projection is the last stage's alone)
     floor = model_flops_per_token * measure.tokens / split - attn if layer_share == 1 else 0.0
     matmuls = max(measure.matmul_flops, floor)

@@ -50,9 +50,11 @@ def measure_step(trainer, model) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lingua.plan.flops import extra_flop_formulas
+
     trainer.step(1)
     before = live_bytes(model, trainer.optimizer)
-    flops, comm = FlopCounterMode(display=False), CommCounter()
+    flops, comm = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()), CommCounter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, flops, comm:
         trainer.step(2)
     return {"peak_bytes": before + allocation_peak(prof), "matmul_flops": float(flops.get_total_flops()),

@@ -216,6 +216,8 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lingua.plan.flops import extra_flop_formulas
+
     args = sim_args(args)
     dtype = torch.float32 if args.distributed.model_dtype == "fp32" else torch.bfloat16
     with fake_world(world_size, rank):
@@ -226,8 +228,8 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
             trainer.step(1)  # warm-up: FSDP's lazy init, the optimizer's states
-            tracker, flops, comm = memory_tracker(model, trainer.optimizer), FlopCounterMode(display=False), \
-                CommCounter()
+            tracker, comm = memory_tracker(model, trainer.optimizer), CommCounter()
+            flops = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
             with tracker, flops, comm, micro_batches_tracked(model, tracker):
                 trainer.step(2)
             memory, peak = peak_by_category(tracker)
