@@ -6,7 +6,7 @@ smaller matmuls), then pipeline parallelism (pp_size 2, 4, 8 with
 1F1B, the same global batch in up to 4 x pp microbatches: a bubble under 20%). When no
 single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
 
-from typing import Callable
+from typing import Callable, Optional
 
 from lingua.models.spec import ModelSpec
 
@@ -52,7 +52,7 @@ def pipeline(args, world_size: int, pp: int) -> dict:
     return {**change, "data.batch_size": batch, "grad_acc_steps": 1, "distributed.pp_microbatches": microbatches}
 
 
-def candidates(args, world_size: int, spec: ModelSpec) -> list[dict]:
+def candidates(args, world_size: int, spec: Optional[ModelSpec] = None) -> list[dict]:
     """Single changes, cheapest first; each is a dict of dotted config keys. The spec's own (spec.plan_candidates)
     come after TP, before the smaller micro-batch."""
     d, out = args.distributed, []
@@ -62,7 +62,7 @@ def candidates(args, world_size: int, spec: ModelSpec) -> list[dict]:
         out.append({"distributed.ac": "full"})
     if larger_tp(args, world_size):
         out.append(larger_tp(args, world_size))
-    if spec.plan_candidates is not None:
+    if spec is not None and spec.plan_candidates is not None:
         out.extend(spec.plan_candidates(args, world_size))
     if args.data.batch_size > 1 and args.data.batch_size % 2 == 0 and d.pp_size == 1:
         out.append({"data.batch_size": args.data.batch_size // 2, "grad_acc_steps": args.grad_acc_steps * 2})
