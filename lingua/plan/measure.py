@@ -19,6 +19,7 @@ import sys
 import torch
 
 from lingua.plan.comm import CommCounter
+from lingua.plan.tracker import flop_counter
 
 
 def live_bytes(model, optimizer) -> int:
@@ -48,13 +49,10 @@ def allocation_peak(prof) -> int:
 def measure_step(trainer, model) -> dict:
     """Step 2 of `trainer` (step 1 is the warm-up), measured."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lingua.plan.flops import extra_flop_formulas
 
     trainer.step(1)
     before = live_bytes(model, trainer.optimizer)
-    flops, comm = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()), CommCounter()
+    flops, comm = flop_counter(), CommCounter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, flops, comm:
         trainer.step(2)
     return {"peak_bytes": before + allocation_peak(prof), "matmul_flops": float(flops.get_total_flops()),

@@ -12,7 +12,7 @@ the memory tracker, torch's FlopCounterMode and lingua.plan.comm.CommCounter, al
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from lingua.distributed.mesh import DistState, init_distributed
 from lingua.errors import LinguaError
 from lingua.models.spec import ModelSpec
 from lingua.plan.comm import CommCounter, CommCounts
+from lingua.plan.tracker import flop_counter, memory_tracker
 
 # the memory tracker's categories -> the plan's (FSDPMemTracker's, then MemTracker's names for a one-process run)
 CATEGORIES = {
@@ -44,6 +45,7 @@ class StepMeasure:
     comm: CommCounts
     tokens: int  # tokens this rank's data-parallel group consumes per step (batch x seq x grad_acc)
     params: int = 0  # parameters this rank holds (its shards; a pipeline rank: its stages')
+    phases: dict = field(default_factory=dict)  # {phase: (memory, total)} at each phase's peak (lingua.plan.tracker)
 
 
 @contextlib.contextmanager
@@ -118,28 +120,24 @@ def build_parallel(args, spec: ModelSpec, state: DistState, dtype: torch.dtype) 
                           f"({type(e).__name__}: {first[:200]})") from None
 
 
-def memory_tracker(model: nn.Module, optimizer):
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.fsdp import FSDPModule
-
-    stages = getattr(model, "stages", [model])  # a pipelined model: the stage modules it runs
-    if len(stages) == 1 and isinstance(stages[0], FSDPModule):
-        return FSDPMemTracker(stages[0], optimizer)
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    return tracker
-
-
-def peak_by_category(tracker) -> tuple[dict, int]:
-    """The tracker's breakdown at its peak, in the plan's categories (bytes), and the peak itself."""
-    snap = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
+def in_categories(snap: dict) -> tuple[dict, int]:
+    """A tracker snapshot ({reference type: bytes, "Total": bytes}) in the plan's categories, and its total."""
     out = {}
     for key, n in snap.items():
         name = getattr(key, "value", key)
         if name != "Total":
             out[CATEGORIES.get(name, "temporaries")] = out.get(CATEGORIES.get(name, "temporaries"), 0) + n
     return out, snap.get("Total", sum(out.values()))
+
+
+def peak_by_category(tracker) -> tuple[dict, int]:
+    """The tracker's breakdown at its peak, in the plan's categories (bytes), and the peak itself."""
+    return in_categories(next(iter(tracker.get_tracker_snapshot("peak").values()), {}))
+
+
+def phase_peaks(tracker) -> dict:
+    """{phase: (memory by category, total)} at each phase's own peak (lingua.plan.tracker)."""
+    return {phase: in_categories(next(iter(snaps.values()), {})) for phase, snaps in tracker.phase_peaks.items()}
 
 
 @contextlib.contextmanager
@@ -214,9 +212,6 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
     build(args, spec, state, dtype) -> (meta model, finish): `whole_model`, or this rank's pipeline stages
     (lingua.plan.pipeline); finish(model) runs under FakeTensorMode and returns the model the Trainer steps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lingua.plan.flops import extra_flop_formulas
 
     args = sim_args(args)
     dtype = torch.float32 if args.distributed.model_dtype == "fp32" else torch.bfloat16
@@ -228,11 +223,10 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
             trainer.step(1)  # warm-up: FSDP's lazy init, the optimizer's states
-            tracker, comm = memory_tracker(model, trainer.optimizer), CommCounter()
-            flops = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+            tracker, flops, comm = memory_tracker(model, trainer.optimizer), flop_counter(), CommCounter()
             with tracker, flops, comm, micro_batches_tracked(model, tracker):
                 trainer.step(2)
             memory, peak = peak_by_category(tracker)
             params = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     tokens = args.data.batch_size * args.data.seq_len * args.grad_acc_steps
-    return StepMeasure(memory, peak, float(flops.get_total_flops()), comm.counts, tokens, params)
+    return StepMeasure(memory, peak, float(flops.get_total_flops()), comm.counts, tokens, params, phase_peaks(tracker))
