@@ -12,6 +12,7 @@ from lingua.models.transformer.spec import TRANSFORMER_SPEC
 from lingua.plan import format_plan, plan
 from lingua.plan import gpus as gpus_module
 from lingua.plan.__main__ import main as plan_main
+from lingua.plan.extrapolate import measure_step
 from lingua.plan.gpus import GPU
 from lingua.plan.simulate import simulate_step
 from lingua.plan.suggest import candidates
@@ -76,6 +77,20 @@ def test_plan_matches_two_gloo_processes():
     assert real["comm"]["reduce_scatter"] == pytest.approx(4 * n, rel=0.01)
 
 
+def test_extrapolated_from_4_and_6_blocks_is_the_direct_simulation_of_8():
+    """Full AC on 4 FSDP ranks: with depth the peak moves from the loss into the backward (block 1's: every later
+    block's gradient held, block 0's parameters prefetched), which only a per-phase extrapolation follows. Measured
+    equal to the byte (this config, and no AC, selective AC, TP 2, 1 process, gradient accumulation, the 7B)."""
+    args = small_args("model.n_layers=8", "distributed.ac=full")
+    direct = simulate_step(args, TRANSFORMER_SPEC, 4)
+    extra = measure_step(args, TRANSFORMER_SPEC, 4, extrapolate=True)
+    assert extra.extrapolated_from == (4, 6) and direct.extrapolated_from is None
+    assert max(direct.phases, key=lambda phase: direct.phases[phase][1])[1:] == ("backward", "block 1")
+    assert extra.peak_bytes == direct.peak_bytes and extra.memory == direct.memory
+    assert extra.matmul_flops == direct.matmul_flops
+    assert dict(extra.comm.bytes) == dict(direct.comm.bytes) and dict(extra.comm.calls) == dict(direct.comm.calls)
+
+
 def add_gpu(monkeypatch, usable_gib: float) -> str:
     """An H100 with `usable_gib` of usable memory, as gpu=tiny."""
     h100 = gpus_module.GPUS["h100"]
@@ -127,6 +142,8 @@ def test_does_not_fit_then_replans_smaller_changes(monkeypatch):
      "distributed.pp_microbatches=3 does not divide data.batch_size=2"),
     (["world_size=2", "distributed.pp_size=2", "model.weight_tying=false", "distributed.pp_schedule=zbv",
       "model.n_layers=4"], "distributed.pp_schedule=zbv is not planned yet"),
+    (["extrapolate=maybe"], "extrapolate='maybe' is not one of auto, true, false"),
+    (["extrapolate=true"], "extrapolate=true needs model.n_layers > 6 (got 2)"),
 ])
 def test_bad_input_is_one_line(extra, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -5,7 +5,9 @@ for N GPUs, from the app's real build and parallelization on a fake world of N r
 
 Plan keys: world_size (default 8), gpu (h100 | h200 | a100 | b200 | mi300x; default h100), spec (a registered
 model name such as moe, or module:attr; default: the app of apps/<app>/configs/, else the transformer), suggest
-(true: when it does not fit, re-plan the smallest changes that would), out (also write the plan to this file).
+(true: when it does not fit, re-plan the smallest changes that would), extrapolate (auto | true | false; auto:
+a model of more than 12 blocks is simulated with 4 and 6 and extrapolated, lingua/plan/extrapolate.py), out (also
+write the plan to this file).
 Every other key=value is a training override, as `python -m apps.<app>.train` takes it. Exit code 0 when it fits,
 3 when it does not, 2 for bad input.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from lingua.errors import ConfigError, exit_on_error
 from lingua.models.spec import ModelSpec, get_spec
 
-PLAN_KEYS = ("world_size", "gpu", "spec", "suggest", "out")
+PLAN_KEYS = ("world_size", "gpu", "spec", "suggest", "extrapolate", "out")
 DOES_NOT_FIT = 3
 
 
@@ -53,6 +55,7 @@ def world_size(value: str) -> int:
 @exit_on_error
 def main(argv: list[str]) -> int:
     from lingua.args import load_config
+    from lingua.plan.extrapolate import parse_extrapolate
     from lingua.plan.plan import plan
     from lingua.plan.report import format_plan
     from lingua.train.loop import train_args_cls
@@ -65,7 +68,8 @@ def main(argv: list[str]) -> int:
     spec = resolve_spec(ours.get("spec", ""), config)
     args = load_config(train_args_cls(spec), rest)
     p = plan(args, spec, world_size(ours.get("world_size", "8")), ours.get("gpu", "h100"),
-             suggest=ours.get("suggest", "true").lower() != "false")
+             suggest=ours.get("suggest", "true").lower() != "false",
+             extrapolate=parse_extrapolate(ours.get("extrapolate", "auto")))
     text = format_plan(p, config or "")
     print(text)
     if ours.get("out"):

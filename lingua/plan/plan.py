@@ -12,6 +12,7 @@ For research code:
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from lingua.distributed.mesh import resolve_mesh_shape
 from lingua.errors import ConfigError, LinguaError
@@ -19,8 +20,9 @@ from lingua.models.spec import ModelSpec
 from lingua.distributed.pipeline import layer_ranges, local_stage_ids, n_microbatches, stages_per_rank
 from lingua.plan.estimate import StepTime, estimate_time, pipeline_factor
 from lingua.plan.gpus import GPU, get_gpu
+from lingua.plan.extrapolate import measure_step
 from lingua.plan.pipeline import pipeline_roles, pipeline_stages
-from lingua.plan.simulate import StepMeasure, simulate_step, whole_model
+from lingua.plan.simulate import StepMeasure, whole_model
 from lingua.plan.suggest import suggestions
 
 # The share of a GPU's memory the tracked peak may take: the CUDA context, NCCL's buffers and the caching allocator's
@@ -45,6 +47,7 @@ class Plan:
     args: object  # the TrainArgs planned
     roles: list
     suggestions: list = field(default_factory=list)  # [(overrides, Plan)], smallest change first
+    extrapolate: Optional[bool] = None  # lingua.plan.extrapolate: None = when the model is deep
 
     @property
     def gpu(self) -> GPU:
@@ -94,9 +97,10 @@ def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> floa
         return 0.0
 
 
-def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank: int) -> RolePlan:
+def plan_role(args, spec: ModelSpec, world_size: int, gpu: GPU, role: str, rank: int,
+              extrapolate: Optional[bool] = None) -> RolePlan:
     build = pipeline_stages if args.distributed.pp_size > 1 else whole_model
-    measure = simulate_step(args, spec, world_size, rank, build=build)
+    measure = measure_step(args, spec, world_size, rank, extrapolate, build=build)
     return price(args, spec, world_size, gpu, RolePlan(role, rank, measure, None))
 
 
@@ -120,19 +124,22 @@ def on_gpu(p: Plan, spec: ModelSpec, gpu: str) -> Plan:
     """The same simulated steps priced on another GPU (the memory does not depend on it; whether it fits does)."""
     target = get_gpu(gpu)
     roles = [price(p.args, spec, p.world_size, target, r) for r in p.roles]
-    return Plan(p.spec, p.world_size, gpu.lower(), p.mesh, p.args, roles)
+    return Plan(p.spec, p.world_size, gpu.lower(), p.mesh, p.args, roles, extrapolate=p.extrapolate)
 
 
-def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: bool = True) -> Plan:
+def plan(args, spec: ModelSpec, world_size: int, gpu: str = "h100", suggest: bool = True,
+         extrapolate: Optional[bool] = None) -> Plan:
     """Plan `args` (a TrainArgs of `spec`) on `world_size` GPUs of kind `gpu`; when it does not fit and `suggest`,
-    re-plan the smallest changes that would make it fit (lingua.plan.suggest)."""
+    re-plan the smallest changes that would make it fit (lingua.plan.suggest). `extrapolate`: simulate 4 and 6 blocks
+    and extrapolate to the model's (lingua.plan.extrapolate); None: when it has more than 12."""
     target = get_gpu(gpu)
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
     mesh = resolve_mesh_shape(args.distributed, world_size)
     args = with_vocab(args)
     result = Plan(spec.name, world_size, gpu.lower(), mesh, args,
-                  [plan_role(args, spec, world_size, target, role, rank) for role, rank in roles(args, world_size)])
+                  [plan_role(args, spec, world_size, target, role, rank, extrapolate)
+                   for role, rank in roles(args, world_size)], extrapolate=extrapolate)
     if suggest and not result.fits:
         result.suggestions = suggestions(result, spec, replan)
     return result
@@ -165,7 +172,8 @@ def with_overrides(args, overrides: dict):
 def replan(base: Plan, spec: ModelSpec, overrides: dict) -> Plan | None:
     """`base` re-planned with `overrides`; None when the change itself is not a valid config."""
     try:
-        return plan(with_overrides(base.args, overrides), spec, base.world_size, base.gpu_key, suggest=False)
+        return plan(with_overrides(base.args, overrides), spec, base.world_size, base.gpu_key, suggest=False,
+                    extrapolate=base.extrapolate)
     except LinguaError:
         return None
 

@@ -27,7 +27,9 @@ def layout(p: Plan) -> str:
 
 def role_table(p: Plan, r) -> list[str]:
     m, t, gpu = r.measure, r.time, p.gpu
-    lines = [f"  role: {r.role} (rank {r.rank} simulated)", "    memory at the step's peak            GiB"]
+    how = (f"rank {r.rank} simulated with {' and '.join(map(str, m.extrapolated_from))} blocks, extrapolated to "
+           f"{p.args.model.n_layers}" if m.extrapolated_from else f"rank {r.rank} simulated")
+    lines = [f"  role: {r.role} ({how})", "    memory at the step's peak            GiB"]
     lines += [f"      {k:<32}{m.memory.get(k, 0) / GiB:8.2f}" for k in MEMORY_ROWS]
     lines.append(f"      {'total':<32}{m.peak_bytes / GiB:8.2f}  of {gpu.hbm_gib:.1f} "
                  f"({USABLE * gpu.hbm_gib:.1f} usable)")

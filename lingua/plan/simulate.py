@@ -13,6 +13,7 @@ the memory tracker, torch's FlopCounterMode and lingua.plan.comm.CommCounter, al
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ class StepMeasure:
     tokens: int  # tokens this rank's data-parallel group consumes per step (batch x seq x grad_acc)
     params: int = 0  # parameters this rank holds (its shards; a pipeline rank: its stages')
     phases: dict = field(default_factory=dict)  # {phase: (memory, total)} at each phase's peak (lingua.plan.tracker)
+    extrapolated_from: Optional[tuple] = None  # the block counts simulated, when extrapolated (lingua.plan.extrapolate)
 
 
 @contextlib.contextmanager

@@ -8,15 +8,29 @@ number of blocks: it was most of a 70B plan's time. Here the per-op update compa
 
 A phase is where the step is when the memory is counted: (segment, pass, place). A segment is a stretch of ops in
 one pass (forward, backward, optimizer), counted from the tracked region's start (micro-batch 2's backward is another
-segment than micro-batch 1's); the place is the block being run, named by its position (first, middle, last), or
-before or after the blocks. A phase's peak is then a line in the number of blocks (a middle block's peak is at most
-the first's or the last's), which is what lets lingua.plan.extrapolate simulate 2 and 4 blocks for 80.
+segment than micro-batch 1's); the place is the block being run, named by its position from the nearer end (block 0,
+block 1, middle, block -2, block -1), or before or after the blocks. A phase's peak is then a line in the number of
+blocks (a middle block's peak lies between those of blocks 1 and -2), which is what lets lingua.plan.extrapolate
+simulate 4 and 6 blocks for 80.
 """
 
 import torch
 from torch import nn
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+
+# Blocks this close to either end of the stack are phases of their own: the first block has no input gradient to
+# compute, the last is not resharded after the forward, FSDP prefetches the next block's parameters (none after
+# the last in the pass). Beyond them, a block's peak is a line in its index.
+EDGE = 2
+
+
+def block_place(i: int, n: int) -> str:
+    """Block i of n by its position: "block 0", "block 1", ..., "middle", ..., "block -2", "block -1" (the last)."""
+    if i < EDGE:
+        return f"block {i}"
+    return f"block {i - n}" if i >= n - EDGE else "middle"
 
 
 class StepPeaks:
@@ -26,9 +40,8 @@ class StepPeaks:
     def watch_blocks(self, model: nn.Module) -> None:
         layers = getattr(model, "layers", None) or []
         root = type(model).__name__  # how the tracker's ModTracker names the root (and so its blocks' fqns)
-        last = len(layers) - 1
-        self.block_place = {f"{root}.layers.{i}": "first" if i == 0 else "last" if i == last else "middle"
-                            for i in range(len(layers))}
+        n = len(layers)
+        self.block_place = {f"{root}.layers.{i}": block_place(i, n) for i in range(n)}
         self.phase_peaks, self.segment, self.seen_block = {}, (-1, ""), False
 
     def phase(self) -> tuple:
