@@ -23,7 +23,7 @@ from lingua.distributed.mesh import DistState, init_distributed
 from lingua.errors import LinguaError
 from lingua.models.spec import ModelSpec
 from lingua.plan.comm import CommCounter, CommCounts
-from lingua.plan.tracker import flop_counter, memory_tracker
+from lingua.plan.tracker import flop_counter, memory_tracker, sharding_propagation_apart
 
 # the memory tracker's categories -> the plan's (FSDPMemTracker's, then MemTracker's names for a one-process run)
 CATEGORIES = {
@@ -220,7 +220,8 @@ def simulate_step(args, spec: ModelSpec, world_size: int, rank: int = 0, build=w
     with fake_world(world_size, rank):
         state = dist_state(args, world_size, rank)
         model, finish = build(args, spec, state, dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True), spec.simulate_context(), step_errors_as_one_line(spec):
+        with FakeTensorMode(allow_non_fake_inputs=True), spec.simulate_context(), step_errors_as_one_line(spec), \
+                sharding_propagation_apart():
             model = finish(model)
             trainer = make_trainer(args, spec, model, state, dtype)
             model.train()
