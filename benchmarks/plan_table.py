@@ -1,13 +1,16 @@
 """The README's published plans: each config at each world size, simulated once (lingua.plan) and priced on each GPU;
 when the config as written does not fit an H100, the first re-planned change that fits is shown instead.
 
-    python benchmarks/plan_table.py [--configs llama_1B llama_7B llama_70B] [--worlds 8 64 512] [--gpus h100 h200]
-        [--set distributed.ep_size=8 ...]   (overrides applied to every config)
+    python benchmarks/plan_table.py [--configs llama_1B llama_7B llama_70B moe/moe_8x1B] [--worlds 8 64 512]
+        [--gpus h100 h200] [--set distributed.ep_size=8 ...]   (overrides applied to every config)
 
-Prints one markdown row per (config, world, GPU) and the seconds each plan took on this machine.
+Prints the CPU it ran on, then one markdown row per (config, world, GPU) and the seconds each plan took (wall and
+this process's CPU, the re-planned changes included).
 """
 
 import argparse
+import platform
+import subprocess
 import time
 
 from lingua.args import load_config
@@ -44,25 +47,37 @@ def row(config: str, p, change: str, gpu: str) -> str:
             f"{t.tok_per_s_gpu:,.0f} | {100 * t.mfu:.1f}% |")
 
 
+def cpu_name() -> str:
+    """lscpu's model name, else what Python knows."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+    return name or platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["llama_1B", "llama_7B", "llama_70B"])
+    ap.add_argument("--configs", nargs="+", default=["llama_1B", "llama_7B", "llama_70B", "moe/moe_8x1B"])
     ap.add_argument("--worlds", nargs="+", type=int, default=[8, 64, 512])
     ap.add_argument("--gpus", nargs="+", default=["h100", "h200"])
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides for every config")
     opts = ap.parse_args()
+    print(f"<!-- planned on: {cpu_name()} -->")
     print("| config | GPUs | parallelism | GiB per GPU (peak / HBM) | tok/s/GPU | MFU |\n|---|---|---|---|---|---|")
     for config in opts.configs:
         for world in opts.worlds:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
-                p, change = fitting(config, world, suggest="70B" not in config, overrides=tuple(opts.set))
+                p, change = fitting(config, world, suggest=True, overrides=tuple(opts.set))
             except LinguaError as e:
                 print(f"| {config} | {world} | {e} | | | |", flush=True)
                 continue
             for gpu in opts.gpus:
                 print(row(config, p, change, gpu), flush=True)
-            print(f"<!-- {config} @ {world}: planned in {time.perf_counter() - start:.0f} s -->", flush=True)
+            print(f"<!-- {config} @ {world}: planned in {time.perf_counter() - start:.1f} s "
+                  f"({time.process_time() - cpu:.1f} s of CPU) -->", flush=True)
 
 
 if __name__ == "__main__":
