@@ -7,8 +7,8 @@ is a line in the number of blocks n for blocks that are all alike: the FLOPs, th
 at one place: the two blocks at either end of the stack, before or after the blocks; in a pass the blocks run in
 order, so a middle block's memory lies between those of the second and the second-to-last). The step's peak is the
 largest extrapolated phase peak, so a peak that moves with depth (full AC: from the loss at a few blocks into the
-backward at many, where every later block's gradient is held) moves with it. tests/test_plan.py checks the debug model's 8 blocks against the direct
-simulation; README "Planning a run" gives the 7B's numbers both ways.
+backward at many, where every later block's gradient is held) moves with it. tests/test_plan.py checks the debug
+model's 8 blocks against the direct simulation; README "Planning a run" gives the 7B's and the 70B's both ways.
 
     measure = measure_step(args, spec, world_size, rank)          # extrapolated above AUTO_ABOVE blocks
     measure = measure_step(args, spec, world_size, rank, extrapolate=False)
