@@ -2,6 +2,7 @@
 under torchrun), the FLOPs against the analytic count, the verdict's re-planned changes, and bad input."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lingua.plan.__main__ import main as plan_main
 from lingua.plan.extrapolate import measure_step
 from lingua.plan.gpus import GPU
 from lingua.plan.simulate import simulate_step
-from lingua.plan.suggest import candidates
+from lingua.plan.suggest import candidates, suggestions
 from lingua.train.loop import TrainArgs
 from tests.dist_helpers import torchrun
 
@@ -122,11 +123,12 @@ def test_does_not_fit_then_replans_smaller_changes(monkeypatch):
     tp = changes[("distributed.tp_size=2",)]
     half = changes[("data.batch_size=4", "grad_acc_steps=2")]
     assert full.peak_bytes < sac.peak_bytes < base.peak_bytes and half.peak_bytes < base.peak_bytes
-    # pipeline parallelism last: 2 stages under 1F1B, the same global batch in 4 x pp microbatches
-    pp = changes[("data.batch_size=16", "distributed.pp_microbatches=8", "distributed.pp_schedule=1f1b",
-                  "distributed.pp_size=2", "grad_acc_steps=1")]
-    assert pp.peak_bytes < base.peak_bytes and list(p.suggestions[-1][0]) == list(candidates(args, 4)[-1])
-    assert any(q.fits for _, q in p.suggestions)
+    # pipeline parallelism is the last candidate (2 stages under 1F1B, the same global batch in 4 x pp
+    # microbatches), planned only when no cheaper change fits: here full AC does
+    assert candidates(args, 4)[-1] == {"distributed.pp_size": 2, "distributed.pp_schedule": "1f1b",
+                                       "data.batch_size": 16, "grad_acc_steps": 1, "distributed.pp_microbatches": 8}
+    assert full.peak_bytes <= 0.8 * roomy.peak_gib * 2**30 and any(q.fits for _, q in p.suggestions)
+    assert not any("distributed.pp_size" in c for c, _ in p.suggestions)
     # full AC recomputes the blocks' forward: a third more of their matmul FLOPs (the output projection is not redone)
     assert base.matmul_flops < full.matmul_flops < 4 / 3 * base.matmul_flops == 4 / 3 * sac.matmul_flops
     # TP halves every matmul of this rank and the block weights it gathers; its collectives sit on the critical path
@@ -270,3 +272,20 @@ def test_context_parallel_plan_splits_the_step_over_cp():
     m = args.model
     kv = 2 * args.data.batch_size * m.n_kv_heads * args.data.seq_len // 2 * (m.dim // m.n_heads)
     assert cp.roles[0].measure.comm.by_kind()["send_recv"] == m.n_layers * 2 * (kv * 2 + kv * 2 + 2 * kv * 4)
+
+
+@pytest.mark.parametrize("fitting, planned", [
+    ("distributed.ac", ["distributed.ac"] * 2 + ["distributed.tp_size", "data.batch_size"]),
+    ("distributed.pp_size", ["distributed.ac"] * 2 + ["distributed.tp_size", "data.batch_size", "distributed.pp_size"]),
+])
+def test_pipeline_changes_are_planned_only_when_no_cheaper_one_fits(fitting, planned):
+    """suggestions() re-plans the cheap changes first and the pipeline ones (slow to simulate) only when none fits."""
+    args = small_args("data.batch_size=8", "model.qk_norm=false", "model.weight_tying=false")
+    seen = []
+
+    def replan(base, spec, change):
+        seen.append(next(iter(change)))
+        return SimpleNamespace(fits=fitting in change)
+
+    out = suggestions(SimpleNamespace(args=args, world_size=4), TRANSFORMER_SPEC, replan)
+    assert seen == planned and [next(iter(c)) for c, _ in out] == planned

@@ -2,9 +2,8 @@
 (never a guess from a formula). Tried in order of what they cost: activation checkpointing (selective, then full:
 recompute), a larger tensor-parallel group (collectives on the critical path), the model's own (spec.plan_candidates;
 MoE: a larger expert-parallel group), a smaller micro-batch with more gradient accumulation (the same global batch,
-smaller matmuls), then pipeline parallelism (pp_size 2, 4, 8 with
-1F1B, the same global batch in up to 4 x pp microbatches: a bubble under 20%). When no
-single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
+smaller matmuls), then, only when none of those fits, pipeline parallelism (pp_size 2, 4, 8 with 1F1B, the same
+global batch in up to 4 x pp microbatches: a bubble under 20%). When no single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
 
 from typing import Callable, Optional
 
@@ -75,10 +74,15 @@ def suggestions(base, spec: ModelSpec, replan: Callable) -> list:
     stacked one more at a time (full AC, larger TP, the spec's, smaller micro-batch, again) until the plan fits.
     `replan(plan, spec, overrides)` is lingua.plan.plan.replan: a new Plan, or None when the change is not a valid
     config."""
-    singles = [(c, replan(base, spec, c)) for c in candidates(base.args, base.world_size, spec)]
-    singles = [(c, p) for c, p in singles if p is not None]
-    if any(p.fits for _, p in singles):
-        return singles
+    options = candidates(base.args, base.world_size, spec)
+    # pipeline parallelism, the costliest change (and the slowest to plan: a stage is simulated block by block), is
+    # planned only when no cheaper change fits
+    singles = []
+    for cheap in (True, False):
+        planned = [(c, replan(base, spec, c)) for c in options if ("distributed.pp_size" in c) != cheap]
+        singles += [(c, p) for c, p in planned if p is not None]
+        if any(p.fits for _, p in singles):
+            return singles
     stacked, current = [], base
     for _ in range(6):  # AC, then the first valid of TP, the spec's and the micro-batch halved, five more times
         options = [c for c in candidates(current.args, current.world_size, spec)
