@@ -178,3 +178,17 @@ def assert_bits_per_byte(row: dict, corpus: Path, source: str, max_docs: int):
     assert row[f"{source}/bytes"] == n_bytes
     bits = row[f"{source}/nll"] * row[f"{source}/tokens"] / math.log(2)
     assert row[f"{source}/bpb"] == pytest.approx(bits / n_bytes, rel=1e-9)  # float64 sums, rounded differently
+
+
+def greedy_ids(model, tok, prompt: str, max_gen_len: int) -> list[int]:
+    """What a greedy Generator samples for `prompt` (BOS first), found by re-running the plain forward over the whole
+    sequence, argmax over the tokenizer's ids: the sampled ids, the EOS included when it ends the row early. Its
+    length is what GenerationStats.generated_tokens counts; the ids without the EOS decode to the completion."""
+    ids, out = tok.encode(prompt, add_bos=True, add_eos=False), []
+    with torch.no_grad():
+        for _ in range(max_gen_len):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1, : tok.n_words].argmax())
+            out.append(nxt)
+            if nxt == tok.eos_id:
+                break
+    return out
