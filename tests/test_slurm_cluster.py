@@ -5,11 +5,13 @@ Swapping SCRIPT (and the config/overrides) for apps.main.train is all it takes t
 """
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.slurm_fake_train import loss_at
 from tests.slurm_helpers import (
@@ -49,17 +51,42 @@ def rank_file(dump_dir: Path, restart: int, rank: int) -> dict:
     return json.loads((dump_dir / "ranks" / f"restart{restart}_rank{rank}.json").read_text())
 
 
+def sbatch_directives(script: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
 def test_two_task_cpu_job_writes_where_stool_said(tmp_path, config):
     dump_dir = tmp_path / f"run {NASTY}"
-    job = submit_and_wait(SCRIPT, config, dump_dir, *CPU_JOB, f"name=job {NASTY}", timeout=60)
-    # stool told us where the logs go; they are there, with both tasks' output.
+    job = submit_and_wait(SCRIPT, config, dump_dir, *CPU_JOB, "time=5", f"name=job {NASTY}", timeout=60,
+                          overrides=["step_time=0.01"])
+    # The batch script: every directive, in sbatch's quoting (double quotes, \" inside; % doubled in file names,
+    # where SLURM reads it as a pattern), and the job step: srun with the job's shape, the config stool wrote.
+    quoted = lambda v: '"' + v.replace('"', '\\"') + '"'  # noqa: E731  (NASTY holds no backslash)
+    logs = f"{dump_dir}/logs".replace("%", "%%")
+    script = (dump_dir / "submit.slurm").read_text()
+    assert sbatch_directives(script) == [
+        f"--job-name={quoted(f'job {NASTY}')}", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+        "--time=5", f"--output={quoted(logs + '/%j.stdout')}", f"--error={quoted(logs + '/%j.stderr')}",
+        "--open-mode=append", "--signal=USR2@120", "--requeue"]
+    assert ("  srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 \"$PYTHON\" -u -m "
+            'tests.slurm_fake_train config="$DUMP_DIR/base_config.yaml" &') in script.splitlines()
+    # SLURM read those directives as meant: what the controller recorded for the job
+    assert (job.info["NumNodes"], job.info["NumTasks"], job.info["TimeLimit"]) == ("1", "2", "00:05:00"), job.info
+    assert (job.info["Requeue"], job.info["ExitCode"]) == ("1", "0:0"), job.info
+    # The config the job ran with: the file given, name and dump_dir from stool, the override after `--`.
+    assert OmegaConf.to_container(OmegaConf.load(dump_dir / "base_config.yaml")) == {
+        "name": f"job {NASTY}", "dump_dir": str(dump_dir), "steps": 10, "step_time": 0.01}
+    # stool told us where the logs go; they are there, with both tasks' output and nothing else.
     assert f"logs: {dump_dir}/logs/{job.job_id}.stdout" in job.stool_output
-    log = job.stdout_path.read_text()
-    assert "[fake_train] rank 0 done" in log and "[fake_train] rank 1 done" in log, job.logs()
-    # The job wrote its results into dump_dir, with two ranks and every step.
+    log = job.stdout_path.read_text().splitlines()
+    assert re.fullmatch(rf"\[stool\] job {job.job_id} restart 0 on \S+ at \S+: {re.escape(str(dump_dir))}/code",
+                        log[0]), job.logs()
+    assert sorted(log[1:]) == sorted([f"[fake_train] rank {r}/2 restart 0 job {job.job_id}: steps 0..9"
+                                      for r in (0, 1)] + [f"[fake_train] rank {r} done" for r in (0, 1)]), job.logs()
+    # The job wrote its results into dump_dir, with two ranks and every step's loss.
     done = json.loads((dump_dir / "done.json").read_text())
-    assert done["world_size"] == 2 and done["final_step"] == 9 and done["job_id"] == job.job_id
-    assert [m["step"] for m in read_metrics(dump_dir)] == list(range(10))
+    assert done == {"final_step": 9, "final_loss": loss_at(9), "restart": 0, "job_id": job.job_id, "world_size": 2}
+    assert [(m["step"], m["loss"]) for m in read_metrics(dump_dir)] == [(s, loss_at(s)) for s in range(10)]
     for rank in (0, 1):
         seen = rank_file(dump_dir, 0, rank)
         assert seen["env"]["SLURM_JOB_NAME"] == f"job {NASTY}"  # the #SBATCH quoting survived sbatch's parser
@@ -127,10 +154,16 @@ def test_dry_run_writes_the_script_without_submitting_and_it_runs_by_hand(tmp_pa
     squeue = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=10)
     assert squeue.stdout.strip() == "" and not (dump_dir / "done.json").exists()
     script = (dump_dir / "submit.slurm").read_text()
-    assert f"#SBATCH --job-name={name}" in script and "#SBATCH --ntasks-per-node=2" in script
+    assert sbatch_directives(script) == [
+        f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+        f"--output={dump_dir}/logs/%j.stdout", f"--error={dump_dir}/logs/%j.stderr", "--open-mode=append",
+        "--signal=USR2@120", "--requeue"]
+    assert OmegaConf.to_container(OmegaConf.load(dump_dir / "base_config.yaml")) == {
+        "name": name, "dump_dir": str(dump_dir), "steps": 10, "step_time": 0.02}
     # The written script is self-contained: sbatch it from elsewhere, as a user resubmitting by hand would.
     out = subprocess.run(["sbatch", "--parsable", str(dump_dir / "submit.slurm")], cwd="/", capture_output=True,
                          text=True, check=True, timeout=10)
     job = wait_job(Job(out.stdout.strip().split(";")[0], dump_dir, ""), timeout=60)
     done = json.loads((dump_dir / "done.json").read_text())
-    assert done["world_size"] == 2 and done["job_id"] == job.job_id, job.logs()
+    assert done == {"final_step": 9, "final_loss": loss_at(9), "restart": 0, "job_id": job.job_id,
+                    "world_size": 2}, job.logs()
