@@ -3,11 +3,15 @@
 Needs `bash setup/slurm_local.sh start` (CI starts it); skipped without sbatch except in CI, where that fails.
 """
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from lingua.args import load_config
+from lingua.checkpoint.integrity import verify
+from lingua.train.loop import TrainArgs
 from tests.conftest import ROOT, read_jsonl, tiny_overrides
 from tests.dist_helpers import free_port
 from tests.slurm_helpers import (
@@ -55,13 +59,27 @@ def torchrun(config, dump_dir, *overrides):
 def test_two_task_training_job_equals_torchrun(tmp_path, tiny_corpus):
     config = write_config(tmp_path, tiny_corpus, steps=6, checkpoint__dump__every=3)
     job = submit_and_wait("apps.main.train", config, tmp_path / "slurm", *CPU_JOB, timeout=300)
-    log = job.stdout_path.read_text()
+    dump, log = tmp_path / "slurm", job.stdout_path.read_text()
+    metrics = read_metrics(dump)
     assert "world: 2 process(es) via slurm" in log, job.logs()
-    assert [m["step"] for m in read_metrics(tmp_path / "slurm")] == list(range(1, 7)), job.logs()
-    assert (tmp_path / "slurm" / "checkpoints" / "0000000006" / "COMPLETE").is_file()
-    assert (tmp_path / "slurm" / "checkpoints" / "0000000006" / "train_state_00001.json").is_file()
+    assert [m["step"] for m in metrics] == list(range(1, 7)), job.logs()
+    assert f"done at step 6, loss {metrics[-1]['loss']:.4f}" in log, job.logs()  # the loop's last line
+    # The config the job ran with (written by the job) is the file given plus what stool set: name, dump_dir.
+    given = load_config(TrainArgs, [f"config={config}", f"dump_dir={dump}", "name=slurm"])
+    assert load_config(TrainArgs, [f"config={dump / 'config.yaml'}"]) == given
+    # Both ranks saved step 6 into one checkpoint whose checksums cover every file and hold.
+    ckpt = dump / "checkpoints" / "0000000006"
+    complete = json.loads((ckpt / "COMPLETE").read_text())
+    assert complete["step"] == 6 and verify(ckpt) is True
+    assert sorted(complete["sha256"]) == sorted(p.name for p in ckpt.iterdir() if p.name != "COMPLETE")
+    rank_files = {"__0_0.distcp", "__1_0.distcp", "train_state_00000.json", "train_state_00001.json"}
+    assert rank_files <= complete["sha256"].keys()
+    for rank in (0, 1):
+        state = json.loads((ckpt / f"train_state_{rank:05d}.json").read_text())
+        # 6 steps x 2 ranks x batch_size 4 x seq_len 32 tokens
+        assert (state["step"], state["tokens_seen"], state["world_size"]) == (6, 6 * 2 * 4 * 32, 2)
     reference = torchrun(config, tmp_path / "torchrun")
-    assert {m["step"]: m["loss"] for m in read_metrics(tmp_path / "slurm")} == reference
+    assert {m["step"]: m["loss"] for m in metrics} == reference
     assert job.state == "COMPLETED"
 
 

@@ -35,7 +35,8 @@ def run(corpus, dump_dir, **extra):
 
 
 def test_loss_decreases_and_metrics_are_logged(tiny_corpus, tmp_path):
-    result = run(tiny_corpus, tmp_path, steps=40, checkpoint__dump__every=0, optim__lr=1e-2)
+    extra = dict(steps=40, checkpoint__dump__every=0, optim__lr=1e-2)
+    result = run(tiny_corpus, tmp_path, **extra)
     assert result["status"] == "done" and result["step"] == 40
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     for key in ("step", "tokens_seen", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "data_ms", "mem_gb"):
@@ -46,7 +47,9 @@ def test_loss_decreases_and_metrics_are_logged(tiny_corpus, tmp_path):
     evals = read_jsonl(tmp_path / "metrics.eval.jsonl")
     assert evals[-1]["step"] == 40
     assert_bits_per_byte(evals[-1], tiny_corpus, "alpha", max_docs=4)
-    assert (tmp_path / "config.yaml").is_file()
+    # the run's config.yaml is the config it ran with: loaded back, the same TrainArgs as the overrides give
+    given = load_config(TrainArgs, tiny_overrides(tiny_corpus, tmp_path, **extra))
+    assert load_config(TrainArgs, [f"config={tmp_path / 'config.yaml'}"]) == given
     # the last step always leaves a checkpoint, even with dump.every=0
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["0000000040"]
 
