@@ -171,7 +171,9 @@ def test_stool_plans_a_gpu_job_writes_it_and_refuses_one_that_does_not_fit(tmp_p
     job = SMALL + ["nodes=1", "ngpu=2", "dry_run=true"]
     assert stool.main(job + [f"dump_dir={tmp_path / 'fits'}"]) == 0
     text = (tmp_path / "fits" / "plan.txt").read_text()
-    assert "on 2 x H100" in text and "verdict: fits" in text
+    # the plan of this config on 1 node x 2 GPUs, as `python -m lingua.plan` computes it (fake tensors: no timing)
+    want = format_plan(plan(small_args(), TRANSFORMER_SPEC, 2, "h100", suggest=False), "apps/main/configs/debug.yaml")
+    assert text == want + "\n" and "on 2 x H100" in text and "verdict: fits" in text
     capsys.readouterr()
     assert stool.main(job + [f"dump_dir={tmp_path / 'big'}", f"gpu={add_gpu(monkeypatch, 0.01)}"]) == 1
     err = capsys.readouterr().err.strip()
