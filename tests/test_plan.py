@@ -291,3 +291,51 @@ def test_pipeline_changes_are_planned_only_when_no_cheaper_one_fits(fitting, pla
 
     out = suggestions(SimpleNamespace(args=args, world_size=4), TRANSFORMER_SPEC, replan)
     assert seen == planned and [next(iter(c)) for c, _ in out] == planned
+
+
+def test_collectives_are_counted_at_their_full_buffer_with_their_group():
+    """The plan's counter (the same one lingua.plan.measure uses on the real step): one call per collective, sized as
+    lingua/plan/comm.py defines it, on a 4-rank fake world (nothing is sent)."""
+    import torch.distributed as dist
+
+    from lingua.plan.comm import CommCounter
+    from lingua.plan.simulate import fake_world
+
+    with fake_world(4, 0):
+        with CommCounter() as c:
+            dist.all_gather_single(torch.empty(4 * 10), torch.ones(10))  # the gathered output: 160 bytes
+            dist.reduce_scatter_single(torch.empty(10), torch.ones(4 * 10))  # the unreduced input: 160 bytes
+            dist.all_reduce(torch.ones(6, dtype=torch.bfloat16))  # the tensor: 12 bytes
+        pair = dist.new_group([0, 1])
+        with CommCounter() as p:
+            dist.all_reduce(torch.ones(3), group=pair)
+    assert c.counts.by_kind() == {"all_gather": 160, "reduce_scatter": 160, "all_reduce": 12, "all_to_all": 0,
+                                  "send_recv": 0}
+    assert dict(c.counts.calls) == {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 1}
+    assert dict(p.counts.bytes) == {("all_reduce", (0, 1)): 12}  # the group's global ranks, for the link
+
+
+def test_collective_seconds_are_bytes_times_the_ring_factor_over_the_link():
+    from lingua.plan.comm import CommCounts
+    from lingua.plan.estimate import comm_seconds, split_comm
+
+    gpu, nbytes = gpus_module.GPUS["h100"], 8e9
+    node, across = (0, 1, 2, 3), (0, gpu.per_node)  # 4 ranks of one node; 2 ranks on two nodes
+    # README "Planning a run": bytes x (n-1)/n per rank (all-reduce twice that, send/recv the bytes) over NVLink
+    # inside a node, else the inter-node link; the same products in another order, so 1e-12
+    want = {("all_gather", node): nbytes * 3 / 4 / gpu.intra_bw,
+            ("reduce_scatter", node): nbytes * 3 / 4 / gpu.intra_bw,
+            ("all_reduce", node): nbytes * 2 * 3 / 4 / gpu.intra_bw,
+            ("send_recv", (0, 1)): nbytes / gpu.intra_bw,
+            ("all_gather", across): nbytes / 2 / gpu.inter_bw,
+            ("all_reduce", (5,)): 0.0}
+    for (kind, ranks), seconds in want.items():
+        assert comm_seconds(kind, ranks, nbytes, gpu) == pytest.approx(seconds, rel=1e-12), (kind, ranks)
+    # data-parallel collectives overlap with compute; the TP group's, all-to-all and send/recv are exposed
+    counts = CommCounts()
+    for key in (("all_gather", node), ("all_reduce", (0, 1)), ("all_to_all", node), ("send_recv", (0, 1))):
+        counts.bytes[key] = nbytes
+    dp, exposed = split_comm(counts, (0, 1), gpu)
+    ring4, ar2, p2p = nbytes * 3 / 4 / gpu.intra_bw, nbytes * 2 * 1 / 2 / gpu.intra_bw, nbytes / gpu.intra_bw
+    assert dp == pytest.approx(ring4, rel=1e-12)  # the all-gather
+    assert exposed == pytest.approx(ar2 + ring4 + p2p, rel=1e-12)  # TP all-reduce, all-to-all, send/recv
