@@ -170,6 +170,21 @@ MUTATIONS = [
     M("top_k_off_by_one", "lingua/eval/generate.py", "values[:, -1:]", "values[:, -2:-1]", [T + "test_generate.py"]),
     M("top_p_includes_boundary", "lingua/eval/generate.py", "probs.cumsum(-1) - probs >= top_p",
       "probs.cumsum(-1) >= top_p", [T + "test_generate.py"]),
+    M("generate_one_token_short", "lingua/eval/generate.py", "for cur in range(longest, longest + max_gen_len):",
+      "for cur in range(longest, longest + max_gen_len - 1):",
+      [T + "test_mtp.py -k generate_app", T + "test_mamba.py -k generate_app"]),
+    # ---- plan vs measured: what the counter counts, what the time model makes of it
+    M("plan_allgather_counts_the_shard", "lingua/plan/comm.py", "\"_allgather_base_\": (\"all_gather\", 0)",
+      "\"_allgather_base_\": (\"all_gather\", 1)", [T + "test_plan.py -k counted"],
+      [T + "test_plan.py -k two_gloo"]),
+    M("plan_allreduce_one_pass", "lingua/plan/estimate.py", "(2 if kind == \"all_reduce\" else 1)", "1",
+      [T + "test_plan.py -k ring_factor"]),
+    M("plan_tp_comm_overlapped", "lingua/plan/estimate.py", "(len(tp_ranks) > 1 and ranks == tp_ranks)", "False",
+      [T + "test_plan.py -k ring_factor"], [T + "test_plan.py -k replans"]),
+    # ---- stool: the job runs the config given plus the overrides
+    M("stool_overrides_dropped", "lingua/tools/stool.py", "OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))",
+      "OmegaConf.merge(cfg, OmegaConf.from_dotlist([]))",
+      [T + "test_stool.py", T + "test_slurm_cluster.py -k writes_where"]),
     # ---- Muon
     M("muon_ns_coefficient", "lingua/train/muon.py", "(3.4445, -4.7750, 2.0315)", "(3.4445, -4.7750, 2.315)",
       [T + "test_muon.py -k matches_torch"]),
@@ -182,6 +197,8 @@ MUTATIONS = [
       [T + "test_moe.py -k switch_loss or aux_losses"]),
     M("moe_z_uses_aux_coef", "apps/moe/model.py", "+ self.args.z_loss_coef * z", "+ self.args.aux_loss_coef * z",
       [T + "test_moe.py -k switch_loss or aux_losses"]),
+    M("moe_aux_metric_last_layer", "apps/moe/model.py", "\"moe/aux_loss\": sum(aux) / len(aux)",
+      "\"moe/aux_loss\": aux[-1]", [T + "test_moe.py -k trains_through"]),
     # ---- HF mapping: the RoPE permutation
     M("hf_permutation_inverse", "lingua/models/transformer/hf.py",
       "w.reshape(n_heads, head_dim // 2, 2, dim).transpose(1, 2)",
