@@ -278,13 +278,18 @@ def overrides(corpus, dump_dir, cell, **extra) -> list[str]:
 
 
 
-def bpb_of(tmp_path, ckpt, *extra) -> float:
+def eval_row(tmp_path, ckpt, *extra) -> dict:
+    """The eval app's alpha results as an eval row ({"alpha/bpb": ...}), checked against results.json."""
     args = load_config(EvalAppArgs, [f"ckpt_dir={ckpt}", f"dump_dir={tmp_path / 'eval'}", "validation.max_docs=4",
                                      *extra])
     results = eval_main(args)
     on_disk = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert on_disk["validation"]["alpha"]["bpb"] == results["validation"]["alpha"]["bpb"]
-    return results["validation"]["alpha"]["bpb"]
+    assert on_disk["validation"] == results["validation"]
+    return {f"alpha/{k}": v for k, v in results["validation"]["alpha"].items()}
+
+
+def bpb_of(tmp_path, ckpt, *extra) -> float:
+    return eval_row(tmp_path, ckpt, *extra)["alpha/bpb"]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -327,4 +332,4 @@ def test_fsdp_two_processes_train_resume_and_evaluate(cell, tiny_corpus, tmp_pat
     torchrun(2, overrides(tiny_corpus, cut, cell, **common), module="apps.fastRNN.train")
     assert [r["loss"] for r in read_jsonl(cut / "metrics.jsonl")] == [r["loss"] for r in rows]
     assert_same_weights(final_weights(full), final_weights(cut))
-    assert 0 < bpb_of(tmp_path, full / "checkpoints" / "0000000006") < 8
+    assert_bits_per_byte(eval_row(tmp_path, full / "checkpoints" / "0000000006"), tiny_corpus, "alpha", max_docs=4)
