@@ -13,6 +13,7 @@ from lingua.args import load_config
 from lingua.checkpoint.integrity import (
     CorruptCheckpoint,
     file_sha256,
+    gather_checksums,
     verify,
     write_complete,
 )
@@ -94,6 +95,7 @@ def test_a_missing_or_garbage_train_state_is_one_line(tiny_corpus, tmp_path):
     ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
     marker = json.loads((ckpt / "COMPLETE").read_text())
     (ckpt / "COMPLETE").write_text("2\n")  # a checkpoint from before checksums: loads unverified ...
+    assert verify(ckpt) is False
     state = ckpt / "train_state_00000.json"
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "scheduler"}))
     with pytest.raises(LinguaError, match=r"train state '.*train_state_00000.json' has no 'scheduler'"):
@@ -125,6 +127,9 @@ def _verify_on(rank: int, size: int, port: int, folder: str, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
+        # rank 1's shard was hashed already (as the async save's hashing thread does): its value is taken as given
+        known = {"__1_0.distcp": "hashed-off-thread"} if rank == 1 else None
+        out[f"gathered by {rank}"] = gather_checksums(Path(folder) / "saved", rank, known)
         verify(Path(folder))
         out[rank] = "verified"
     except CorruptCheckpoint as e:
@@ -140,7 +145,16 @@ def test_every_rank_refuses_a_file_that_only_another_rank_hashed(tmp_path):
         (tmp_path / n).write_bytes(n.encode() * 100)
     write_complete(tmp_path, 5, {n: file_sha256(tmp_path / n) for n in names})
     (tmp_path / "b.distcp").write_bytes(b"garbage")  # names[1::2] = b, d: rank 1's share
+    # a save's files: each rank hashes its own shards and train state (rank 0 also .metadata), rank 0 gets them all
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "train_state_00000.json", "train_state_00001.json",
+                 ".metadata", "params.json"):  # params.json: rank 0's, hashed by write_complete, not here
+        (saved / name).write_bytes(name.encode())
     out = mp.Manager().dict()
     mp.spawn(_verify_on, args=(2, free_port(), str(tmp_path), out), nprocs=2)
     msg = f"corrupt checkpoint: {tmp_path / 'b.distcp'} does not match the checksum recorded when it was saved"
-    assert dict(out) == {0: msg, 1: msg}
+    sha = {n: file_sha256(saved / n) for n in ("__0_0.distcp", "__0_1.distcp", "train_state_00000.json",
+                                                "train_state_00001.json", ".metadata")}
+    assert dict(out) == {0: msg, 1: msg, "gathered by 0": {**sha, "__1_0.distcp": "hashed-off-thread"},
+                         "gathered by 1": {}}
