@@ -1,6 +1,7 @@
 """The loader (lingua/data/loader.py, lingua/data/streams.py, lingua/data/jsonl.py) on small corpora written by the tests, with the bytes
 tokenizer: packing, the world-size-invariant data order, exact resume on any layout, the async process, bad input."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -127,7 +128,7 @@ def test_bos_eos_options(corpus):
 def test_global_batch_is_the_same_on_1_2_4_ranks_and_with_grad_accumulation(corpus, n_views):
     args = args_for(corpus, sources={"a": 1.0, "b": 2.0}, n_views=n_views, batch_size=8)
     reference, _ = global_batches(args, 1, 20)
-    for dp_size, grad_acc in [(2, 1), (4, 1), (1, 2), (2, 2), (8, 1)]:
+    for dp_size, grad_acc in [(2, 1), (4, 1), (1, 2), (2, 2), (8, 1), (1, 4)]:  # (1, 4): 4 micro-batches, in order
         b = 8 // dp_size // grad_acc
         got, _ = global_batches(args_for(corpus, sources={"a": 1.0, "b": 2.0}, n_views=n_views, batch_size=b),
                                 dp_size, 20, grad_acc)
@@ -294,6 +295,16 @@ def test_exact_resume_async_matches_sync(corpus):
         assert same(take(loader, 8), reference[6:])
 
 
+def test_async_child_tokenizes_with_the_configured_model(corpus, sp_model):
+    """The child process builds its own tokenizer from data.tokenizer (name and path): the same batches as in-process."""
+    args = args_for(corpus, tokenizer=TokenizerArgs(name="sp", path=str(sp_model)))
+    with DataLoader(args) as loader:
+        reference = take(loader, 3)
+    assert reference[0]["input"].max() >= 258  # sentencepiece ids (400 pieces), not the bytes tokenizer's
+    with DataLoader(dataclasses.replace(args, load_async=True)) as loader:
+        assert same(take(loader, 3), reference)
+
+
 @pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (4, 1)), ((4, 1), (2, 1)),
                                      ((1, 1), (4, 1)), ((2, 1), (1, 2)), ((1, 2), (4, 1)),
                                      # several ranks AND several micro-batches on the new side (and the old)
@@ -347,6 +358,17 @@ def test_resume_refuses_states_it_cannot_continue(corpus, caplog):
     _, earlier = global_batches(args_for(corpus, batch_size=1), 2, 3)
     with DataLoader(args) as loader, pytest.raises(LinguaError, match="do not describe one position"):
         loader.load_state_dicts([earlier[0], later[1]])
+    # the two streams of one micro-batch's rows written at different positions (a state edited by hand): both have
+    # yielded 4 rows, at the end of fill 0 (fill 0, next 4 = prefetch_size) and at the start of fill 1: refused
+    _, at_fill_end = global_batches(args, 1, 4)
+    edited = json.loads(json.dumps(at_fill_end[0]))
+    assert [(v["fill"], v["next"]) for v in edited["streams"].values()] == [(1, 0), (1, 0)]
+    edited["streams"]["0"].update(fill=0, next=4)
+    with DataLoader(args) as loader:
+        loader.load_state_dicts([edited])
+        with pytest.raises(LinguaError, match=r"^data loader state: streams \[0, 1\] of one micro-batch row group "
+                                              r"stand at different positions \(a state edited by hand"):
+            next(loader)
     with DataLoader(args, 0, 1) as loader, pytest.raises(LinguaError, match="no data loader states given"):
         loader.load_state_dicts([])
 
