@@ -26,7 +26,7 @@ from apps.moe.model import (
     step_metrics,
 )
 from lingua.args import load_config
-from lingua.checkpoint.manager import consolidate
+from lingua.checkpoint.weights import consolidate
 from lingua.data.loader import DataLoader
 from lingua.errors import ConfigError, LinguaError
 from lingua.eval.generate import Generator, GeneratorArgs
