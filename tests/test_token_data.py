@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from lingua.data.loader import DataLoader
+from lingua.data.loader import DataLoader, traced_batches
 from lingua.data.tokenizer import ByteTokenizer, TokenizerArgs
 from lingua.data.tokens import MANIFEST, read_manifest, shard_paths, token_folder
 from lingua.data.validation import val_iterator
@@ -187,6 +187,11 @@ def test_jsonl_and_tokens_give_the_same_batches(corpus, layout):
         first, states = global_batches(args("jsonl", n_views), dp, 12, acc)
         rest, _ = global_batches(args("tokens", n_views), dp, 18, acc, states=states)
         assert same(first + rest, reference)
+        # the documents behind each row, as the probe and the data tests trace them: the same, by source name
+        if layout == (1, 1):
+            traced = {f: [refs for _, (_, refs, _) in zip(range(10), traced_batches(args(f, n_views)))]
+                      for f in ("jsonl", "tokens")}
+            assert traced["tokens"] == traced["jsonl"] and traced["jsonl"][0][0][0][0] in ("a", "b")
         for source in ("a", "b"):
             shutil.rmtree(token_folder(str(root), source))
 
