@@ -130,6 +130,7 @@ def _verify_on(rank: int, size: int, port: int, folder: str, out) -> None:
         # rank 1's shard was hashed already (as the async save's hashing thread does): its value is taken as given
         known = {"__1_0.distcp": "hashed-off-thread"} if rank == 1 else None
         out[f"gathered by {rank}"] = gather_checksums(Path(folder) / "saved", rank, known)
+        out[f"whole, by {rank}"] = verify(Path(folder) / "whole")  # every rank: nothing bad in any share
         verify(Path(folder))
         out[rank] = "verified"
     except CorruptCheckpoint as e:
@@ -151,10 +152,15 @@ def test_every_rank_refuses_a_file_that_only_another_rank_hashed(tmp_path):
     for name in ("__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "train_state_00000.json", "train_state_00001.json",
                  ".metadata", "params.json"):  # params.json: rank 0's, hashed by write_complete, not here
         (saved / name).write_bytes(name.encode())
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for n in names:
+        (whole / n).write_bytes(n.encode())
+    write_complete(whole, 5, {n: file_sha256(whole / n) for n in names})
     out = mp.Manager().dict()
     mp.spawn(_verify_on, args=(2, free_port(), str(tmp_path), out), nprocs=2)
     msg = f"corrupt checkpoint: {tmp_path / 'b.distcp'} does not match the checksum recorded when it was saved"
     sha = {n: file_sha256(saved / n) for n in ("__0_0.distcp", "__0_1.distcp", "train_state_00000.json",
                                                 "train_state_00001.json", ".metadata")}
     assert dict(out) == {0: msg, 1: msg, "gathered by 0": {**sha, "__1_0.distcp": "hashed-off-thread"},
-                         "gathered by 1": {}}
+                         "gathered by 1": {}, "whole, by 0": True, "whole, by 1": True}
