@@ -80,6 +80,22 @@ def single_process_init(overrides: list[str]) -> dict:
 
 
 
+def two_node_launch(overrides: list[str], helper_flags: list[str]) -> None:
+    """The job as two torchrun invocations (--nnodes 2, --node_rank 0 and 1, one process each) on the loopback."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen(torchrun_cmd(1, overrides, helper_flags, nnodes=2, node_rank=n, port=port),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+
+
 def records(rec_dir) -> list[dict]:
     files = sorted(Path(rec_dir).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
     return [json.loads(p.read_text()) for p in files]
@@ -128,9 +144,9 @@ def runs(tiny_corpus, tmp_path_factory):
             train(load_config(TrainArgs, cfg(tiny_corpus, d, data__batch_size=BATCH, **tied)), TRANSFORMER_SPEC)
         elif name == "ref":
             train(load_config(TrainArgs, cfg(tiny_corpus, d, data__batch_size=BATCH)), TRANSFORMER_SPEC)
-        elif name == "full_shard":
-            torchrun(2, cfg(tiny_corpus, d, data__batch_size=BATCH // 2, distributed__dp_shard=2, **tied),
-                     ["--global-batch", "--record", str(d / "rec")])
+        elif name == "full_shard":  # launched as two nodes: test_two_node_launch_on_one_machine_agrees
+            two_node_launch(cfg(tiny_corpus, d, data__batch_size=BATCH // 2, distributed__dp_shard=2, **tied),
+                            ["--global-batch", "--record", str(d / "rec")])
         elif name == "no_shard":
             torchrun(2, cfg(tiny_corpus, d, data__batch_size=BATCH // 2, distributed__fsdp_type="no_shard", **tied),
                      ["--global-batch", "--record", str(d / "rec")])
@@ -293,20 +309,13 @@ def test_weight_tying_stays_tied_under_fsdp(runs, tmp_path):
     assert not torch.equal(emb, init["tok_embeddings.weight"])  # it did train
 
 
-def test_two_node_launch_on_one_machine_agrees(tiny_corpus, tmp_path, runs):
-    """Two torchrun invocations (--nnodes 2 --node_rank 0/1, one process each) rendezvous on the loopback."""
-    d = tmp_path / "two_node"
-    port = free_port()
-    overrides = cfg(tiny_corpus, d, data__batch_size=BATCH // 2, distributed__dp_shard=2, model__weight_tying=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(torchrun_cmd(1, overrides, ["--global-batch", "--record", str(d / "rec")], nnodes=2,
-                                           node_rank=n, port=port),
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n in (0, 1)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+def test_two_node_launch_on_one_machine_agrees(runs):
+    """Two torchrun invocations (--nnodes 2 --node_rank 0/1, one process each) rendezvous on the loopback: the
+    full_shard run every FSDP test here compares is launched that way (runs, two_node_launch)."""
+    d = runs("full_shard")
     recs = records(d / "rec")
     assert [(r["rank"], r["world_size"], r["dp_rank"], r["dp_size"]) for r in recs] == [(0, 2, 0, 2), (1, 2, 1, 2)]
+    assert len({r["pid"] for r in recs}) == 2
     assert_same_curve(curve(runs("ref_tied")), curve(d))
 
 

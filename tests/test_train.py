@@ -286,13 +286,25 @@ def _wait_for(pred, timeout=120.0):
     return False
 
 
+# One uninterrupted reference for the three interrupted runs below: checkpoint saves and the loader's thread or
+# process change no number (test_async_loader_resume_is_bit_identical and the resumes here check that), so every
+# interrupted run must end with this run's loss at step 400, bit for bit.
+PREEMPT_STEPS = dict(steps=400, optim__warmup=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_corpus, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    subprocess.run(_cli(tiny_corpus, ref, checkpoint__dump__every=0, **PREEMPT_STEPS), check=True, capture_output=True,
+                   cwd=ROOT, timeout=600)
+    return losses(ref)[400]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, load_async", [(signal.SIGUSR2, False), (signal.SIGTERM, True)])
-def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path, sig, load_async):
+def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path, uninterrupted, sig, load_async):
     # with the async loader the exit must also stop its child process without hanging (communicate's timeout)
-    steps = dict(steps=400, checkpoint__dump__every=0, optim__warmup=0, data__load_async=load_async)
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(tiny_corpus, ref, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    steps = dict(checkpoint__dump__every=0, data__load_async=load_async, **PREEMPT_STEPS)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cli(tiny_corpus, run_dir, **steps), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 5)
@@ -302,21 +314,19 @@ def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, tmp_path
     saved = list_checkpoints(run_dir / "checkpoints")
     assert len(saved) == 1 and 5 <= int(saved[0].name) < 400, out
     subprocess.run(_cli(tiny_corpus, run_dir, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
-    assert losses(ref)[400] == losses(run_dir)[400]
+    assert losses(run_dir)[400] == uninterrupted
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_resumes_from_last_complete(tiny_corpus, tmp_path):
-    steps = dict(steps=300, checkpoint__dump__every=20, optim__warmup=0)
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(tiny_corpus, ref, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
+def test_kill_9_then_rerun_resumes_from_last_complete(tiny_corpus, tmp_path, uninterrupted):
+    steps = dict(checkpoint__dump__every=20, **PREEMPT_STEPS)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cli(tiny_corpus, run_dir, **steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _wait_for(lambda: len(list_checkpoints(run_dir / "checkpoints")) >= 2)
     proc.kill()
     proc.wait()
     subprocess.run(_cli(tiny_corpus, run_dir, **steps), check=True, capture_output=True, cwd=ROOT, timeout=600)
-    assert losses(ref)[300] == losses(run_dir)[300]
+    assert losses(run_dir)[400] == uninterrupted
 
 
 def test_probe_runs_inside_the_train_loop(tiny_corpus, tmp_path):
