@@ -89,12 +89,11 @@ def test_resume_on_another_layout_ends_with_the_uninterrupted_weights(tiny_corpu
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_a_checkpoint_of_the_older_loader_is_refused_in_one_line_or_restarted(tiny_corpus, tmp_path):
-    args = overrides(tiny_corpus, tmp_path, "one")
-    cmd = [sys.executable, "-m", "apps.main.train"] + args
+def test_a_checkpoint_of_the_older_loader_is_refused_in_one_line_or_restarted(tiny_corpus, runs, tmp_path):
+    d = cut_at(runs("one"), tmp_path / "cut", 3)  # a 1-process run stopped right after its checkpoint of step 3
+    cmd = [sys.executable, "-m", "apps.main.train"] + overrides(tiny_corpus, d, "one")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd + ["steps=3"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    state_file = tmp_path / "checkpoints" / f"{3:010d}" / "train_state_00000.json"
+    state_file = d / "checkpoints" / f"{3:010d}" / "train_state_00000.json"
     state = json.loads(state_file.read_text())
     state["data"] = {"version": 1, "dp_rank": 0, "dp_size": 1, "gen": 0, "fill": 0, "next": 3,  # lingua's old loader
                      "seqs": {"docs": {"n": 0, "sources": {}}, "offset": 0, "doc": None}}
@@ -107,4 +106,4 @@ def test_a_checkpoint_of_the_older_loader_is_refused_in_one_line_or_restarted(ti
         "rank), which this one cannot continue; set data.reset_state=true to restart the data order from the "
         "beginning")
     subprocess.run(cmd + ["data.reset_state=true"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_jsonl(d / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
