@@ -10,7 +10,7 @@
 # output) on the shakespeare corpus with its 4k vocabulary: lingua's default against the plain loop's bf16 +
 # compile, both causal, tok/s, MFU against the GPU's table peak, where the step time goes; then lingua with the
 # shipped block-causal mask (flex_attention) against the same plain loop, labelled as what document masking costs. STEPS=n changes the step count;
-# SMOKE=1 shrinks the model to 2 layers of 256 (a CPU dry run of this script).
+# SMOKE=1 shrinks the model to 1 layer of 256 (a CPU dry run of this script: every mode compiles, one layer halves that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lingua_gpu_check}
@@ -24,7 +24,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 
 DIM=2048 LAYERS=25 HEADS=16 SEQ=4096 BATCH=4
-if [ "${SMOKE:-0}" = 1 ]; then DIM=256 LAYERS=2 HEADS=4 SEQ=256 BATCH=2; fi
+if [ "${SMOKE:-0}" = 1 ]; then DIM=256 LAYERS=1 HEADS=4 SEQ=256 BATCH=2; fi
 MODEL=(model.dim=$DIM model.n_layers=$LAYERS model.n_heads=$HEADS model.rope_theta=100000.0 model.max_seqlen=$SEQ
        model.mlp=swiglu model.weight_tying=false model.qk_norm=false model.init_std_factor=disabled)
 DATA=(data.seq_len=$SEQ data.batch_size=$BATCH)
