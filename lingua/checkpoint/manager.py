@@ -359,3 +359,11 @@ def _same_param_groups(meta, optim_sd: dict) -> bool:
 
     want = set(flatten_state_dict({"optim": {"param_groups": optim_sd["param_groups"]}})[0])
     return want == {k for k in meta.state_dict_metadata if k.startswith("optim.param_groups.")}
+
+
+if __name__ == "__main__":  # `python -m lingua.checkpoint.manager consolidate ...`, the command's older spelling
+    import sys
+
+    from lingua.checkpoint.weights import main
+
+    main(sys.argv[1:])
