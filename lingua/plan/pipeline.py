@@ -23,8 +23,14 @@ blocks.
 import torch
 
 from lingua.distributed.mesh import DistState
-from lingua.distributed.pipeline import layer_ranges, local_stage_ids, n_microbatches, pipelined_model, \
-    stage_modules, stages_per_rank
+from lingua.distributed.pipeline import (
+    layer_ranges,
+    local_stage_ids,
+    n_microbatches,
+    pipelined_model,
+    stage_modules,
+    stages_per_rank,
+)
 from lingua.errors import LinguaError
 from lingua.models.spec import ModelSpec
 
@@ -41,14 +47,18 @@ def pipeline_roles(args, world_size: int) -> list[tuple[str, int]]:
              f"pp stage {p} ({kind}; rank {p})", p * per) for kind, p in kinds]
 
 
-def middle_rank(args) -> int:
-    """The middle pp rank (neither first nor last) with the most blocks, the earliest of those: the most
-    microbatches in flight under 1F1B."""
+def blocks_run(args, pp_rank: int) -> int:
+    """How many blocks pipeline rank `pp_rank` runs (its stages', as lingua.distributed.pipeline splits them)."""
     d = args.distributed
     per_rank = stages_per_rank(d)
     ranges = layer_ranges(args.model.n_layers, d.pp_size * per_rank)
-    blocks = {p: sum(len(ranges[i]) for i in local_stage_ids(p, d.pp_size, per_rank, d.pp_schedule))
-              for p in range(1, d.pp_size - 1)}
+    return sum(len(ranges[i]) for i in local_stage_ids(pp_rank, d.pp_size, per_rank, d.pp_schedule))
+
+
+def middle_rank(args) -> int:
+    """The middle pp rank (neither first nor last) with the most blocks, the earliest of those: the most
+    microbatches in flight under 1F1B."""
+    blocks = {p: blocks_run(args, p) for p in range(1, args.distributed.pp_size - 1)}
     return max(blocks, key=lambda p: (blocks[p], -p))
 
 

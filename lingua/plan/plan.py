@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lingua.distributed.mesh import resolve_mesh_shape
+from lingua.distributed.pipeline import n_microbatches, stages_per_rank
 from lingua.errors import ConfigError, LinguaError
 from lingua.models.spec import ModelSpec
-from lingua.distributed.pipeline import layer_ranges, local_stage_ids, n_microbatches, stages_per_rank
 from lingua.plan.estimate import StepTime, estimate_time, pipeline_factor
-from lingua.plan.gpus import GPU, get_gpu
 from lingua.plan.extrapolate import measure_step
-from lingua.plan.pipeline import pipeline_roles, pipeline_stages
+from lingua.plan.gpus import GPU, get_gpu
+from lingua.plan.pipeline import blocks_run, pipeline_roles, pipeline_stages
 from lingua.plan.simulate import StepMeasure, whole_model
 from lingua.plan.suggest import suggestions
 
@@ -81,12 +81,9 @@ def pipeline_layout(args, rank: int, world_size: int) -> tuple[float, float]:
     d = args.distributed
     if d.pp_size == 1:
         return 1.0, 1.0
-    per_rank = stages_per_rank(d)
-    ranges = layer_ranges(args.model.n_layers, d.pp_size * per_rank)
-    ids = local_stage_ids(rank // (world_size // d.pp_size), d.pp_size, per_rank, d.pp_schedule)
-    share = sum(len(ranges[i]) for i in ids) / args.model.n_layers
+    share = blocks_run(args, rank // (world_size // d.pp_size)) / args.model.n_layers
     m = n_microbatches(d, args.data.batch_size, args.grad_acc_steps)
-    return share, pipeline_factor(d.pp_schedule, m, d.pp_size, per_rank)
+    return share, pipeline_factor(d.pp_schedule, m, d.pp_size, stages_per_rank(d))
 
 
 def attention_flops_per_token(spec: ModelSpec, model_args, seq_len: int) -> float:

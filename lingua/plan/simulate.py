@@ -192,9 +192,9 @@ def make_trainer(args, spec: ModelSpec, model: nn.Module, state: DistState, dtyp
     """The train loop's own Trainer (forward/backward per micro-batch, the loss all-reduce, clipping, the optimizer
     step, the spec's after-step hook) over fake batches."""
     from lingua.distributed.precision import autocast_context
-    from lingua.train.step import Trainer
     from lingua.train.optim import build_optimizer
     from lingua.train.probe import Probe, ProbeArgs
+    from lingua.train.step import Trainer
 
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     return Trainer(args, model, optimizer, scheduler, fake_batches(args), state, autocast_context("cpu", dtype),
