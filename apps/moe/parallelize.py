@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lingua.distributed.mesh import DistributedArgs
+from lingua.distributed.mesh import DistributedArgs, resolve_mesh_shape
 from lingua.distributed.parallelize import parallelize_decoder
 from lingua.errors import ConfigError
 
@@ -76,8 +76,6 @@ def data_parallel_group(mesh):
 def larger_ep(args, world_size: int) -> list[dict]:
     """MOE_SPEC.plan_candidates: when a plan does not fit, the next distributed.ep_size that divides both
     model.n_experts and the data-parallel ranks (each rank then holds fewer experts); none past n_experts."""
-    from lingua.distributed.mesh import resolve_mesh_shape
-
     shape, n = resolve_mesh_shape(args.distributed, world_size), args.model.n_experts
     dp = shape.dp_replicate * shape.dp_shard
     ep = next((k for k in range(args.distributed.ep_size + 1, n + 1) if n % k == 0 and dp % k == 0), None)

@@ -3,7 +3,8 @@
 recompute), a larger tensor-parallel group (collectives on the critical path), the model's own (spec.plan_candidates;
 MoE: a larger expert-parallel group), a smaller micro-batch with more gradient accumulation (the same global batch,
 smaller matmuls), then, only when none of those fits, pipeline parallelism (pp_size 2, 4, 8 with 1F1B, the same
-global batch in up to 4 x pp microbatches: a bubble under 20%). When no single change fits, they are stacked in that order (pipeline parallelism last, never stacked) until one does."""
+global batch in up to 4 x pp microbatches: a bubble under 20%). When no single change fits, they are stacked in that
+order (pipeline parallelism last, never stacked) until one does."""
 
 from typing import Callable, Optional
 
