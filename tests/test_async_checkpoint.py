@@ -69,6 +69,15 @@ def test_kill_9_during_an_async_save_then_resume(tiny_corpus, tmp_path):
     assert losses(ref)[30] == losses(run)[30]
 
 
+def stepped_linear(width: int):
+    """A (width, width) Linear and its AdamW after one step: optimizer state to save."""
+    model = torch.nn.Linear(width, width)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    return model, opt
+
+
 def test_async_save_hashes_its_shards_off_the_training_thread(tmp_path):
     """The save returns once the state is staged (through DCP's DefaultStager: pinned memory on CUDA); the shards'
     checksums come from the hashing thread with the write, so wait() on the loop's thread hashes only the small
@@ -78,10 +87,7 @@ def test_async_save_hashes_its_shards_off_the_training_thread(tmp_path):
     from lingua.checkpoint.integrity import file_sha256
     from lingua.checkpoint.manager import CheckpointArgs, CheckpointManager
 
-    model = torch.nn.Linear(64, 64)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 64)).sum().backward()
-    opt.step()
+    model, opt = stepped_linear(64)
     mgr = CheckpointManager(CheckpointArgs(async_save=True), str(tmp_path))
     mgr.save(1, model, opt, {"step": 1}, {}, wait=False)
     pending = mgr._pending
@@ -102,10 +108,7 @@ def test_a_second_async_save_completes_the_first_before_it_starts(tmp_path):
     """At most one save in flight: a save while another is written first finishes that one (its COMPLETE)."""
     from lingua.checkpoint.manager import CheckpointArgs, CheckpointManager
 
-    model = torch.nn.Linear(8, 8)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 8)).sum().backward()
-    opt.step()
+    model, opt = stepped_linear(8)
     mgr = CheckpointManager(CheckpointArgs(async_save=True), str(tmp_path))
     mgr.save(1, model, opt, {"step": 1}, {}, wait=False)
     mgr.save(2, model, opt, {"step": 2}, {}, wait=False)
